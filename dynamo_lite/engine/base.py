@@ -1,0 +1,55 @@
+"""The Engine interface: what the worker shell needs from an inference engine.
+
+Invariants:
+- `start()` returns once the engine can serve; `info` is valid from then on.
+- `generate()` yields GenerateFrames for one request; the first frame carries prompt_tokens and
+  cached_tokens, the final one finish_reason and last=True. If the consumer stops iterating
+  (aclose / task cancellation), the engine aborts the request and frees its KV blocks.
+- A request the engine rejects raises protocol.errors.EngineError (or InvalidRequestError) before
+  or while yielding; the shell turns it into an ErrorFrame.
+- `kv_events()` yields lists of KV events (content-hashed, protocol.messages) in the order the
+  engine produced them, until shutdown. Engines without prefix-cache events yield nothing.
+- `shutdown()` is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, KvEvent
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_name: str  # served model name
+    model_path: str  # folder holding config.json and tokenizer files
+    context_length: int
+    kv_block_size: int
+    total_kv_blocks: int
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    active_blocks: int
+    total_blocks: int
+    running_requests: int
+    waiting_requests: int
+
+
+class Engine(abc.ABC):
+    @abc.abstractmethod
+    async def start(self) -> EngineInfo: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]: ...
+
+    @abc.abstractmethod
+    def kv_events(self) -> AsyncIterator[list[KvEvent]]: ...
+
+    @abc.abstractmethod
+    def load(self) -> EngineLoad: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Event plane: KV events and load reports. NATS in production, memory in unit tests."""

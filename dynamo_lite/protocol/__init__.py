@@ -1,0 +1,1 @@
+"""Wire types shared by every process. Imports nothing of the project."""

@@ -1,0 +1,76 @@
+"""The project's error hierarchy.
+
+Every error carries structured fields so the frontend (the only place that renders errors to
+clients) can map it to an OpenAI error body without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class DynamoLiteError(Exception):
+    """Base class. `status` is the HTTP status the frontend should answer with."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequestError(DynamoLiteError):
+    """The client sent something we cannot serve (bad field, too long, ...)."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(DynamoLiteError):
+    status = 404
+    error_type = "not_found_error"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist or has no live worker.", param="model",
+                         code="model_not_found")
+        self.model = model
+
+
+class NoWorkerAvailableError(DynamoLiteError):
+    """A model is known but no instance can take the request right now."""
+
+    status = 503
+    error_type = "service_unavailable"
+
+
+class WorkerFailedError(DynamoLiteError):
+    """A worker connection broke or a stream ended without its last frame (migratable)."""
+
+    status = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, message: str, *, instance_id: int | None = None):
+        super().__init__(message)
+        self.instance_id = instance_id
+
+
+class EngineError(DynamoLiteError):
+    """The engine rejected or failed a request; the message comes from the worker."""
+
+    status = 500
+    error_type = "engine_error"
+
+
+class ConfigError(DynamoLiteError):
+    """An invalid flag or flag combination (raised at start-up, names the flags)."""
+
+    status = 500
+    error_type = "config_error"
+
+
+class TransportError(DynamoLiteError):
+    """Framing or connection problem on the request plane."""
+
+    status = 503
+    error_type = "service_unavailable"

@@ -1,0 +1,170 @@
+"""Messages between processes: msgspec Structs, encoded as msgpack on the request plane and the
+event plane, and as JSON in etcd.
+
+Request plane: the client sends exactly one `Request` (a tagged union); the worker answers with a
+stream of `Reply` frames, the final one with `last=True`. A stream that ends without a last frame
+is a worker failure. Closing the connection cancels the request on the worker.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# --------------------------------------------------------------------------- discovery (etcd)
+
+
+class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One serving endpoint, stored under the worker's lease at instance_key()."""
+
+    instance_id: int
+    component: str  # protocol.keys.COMPONENT_BACKEND or COMPONENT_PREFILL
+    address: str  # "host:port" of the request-plane TCP server, reachable from other hosts
+    model: str  # served model name
+    host: str  # the host name / address the worker advertises
+    pid: int
+    role: str = "aggregated"  # "aggregated" | "decode" | "prefill"
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    """What a frontend needs to serve a model: stored per instance under model_card_key()."""
+
+    name: str  # served model name (what clients put in "model")
+    path: str  # model folder on the worker (the frontend reads the tokenizer from it if it can)
+    context_length: int
+    kv_block_size: int
+    total_kv_blocks: int = 0
+    migration_limit: int = 0
+    engine: str = "vllm"  # "vllm" | "mocker"
+
+
+# --------------------------------------------------------------------------- request plane
+
+
+class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Engine-side sampling. Stop strings are not here: the frontend applies them on text."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: list[int] = []
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingOptions
+    # Disaggregation: {"do_remote_decode": True} on a prefill request; the prefill's returned params
+    # on the decode request. Passed through to vLLM's KVTransferParams untouched.
+    kv_transfer_params: dict | None = None
+
+
+class TokenizerFilesRequest(msgspec.Struct, frozen=True, tag="tokenizer_files"):
+    """Ask a worker for its tokenizer files (frontend cannot read the model folder)."""
+
+
+class WorkerStatsRequest(msgspec.Struct, frozen=True, tag="worker_stats"):
+    """Ask a worker for its request counters (operators and tests)."""
+
+
+Request = GenerateRequest | TokenizerFilesRequest | WorkerStatsRequest
+
+
+class GenerateFrame(msgspec.Struct, kw_only=True, omit_defaults=True, tag="gen"):
+    """A piece of a generation stream. token_ids are the new tokens since the previous frame."""
+
+    token_ids: list[int] = []
+    finish_reason: str | None = None  # "stop" | "length" | "abort" (set on the last frame)
+    prompt_tokens: int | None = None  # on the first frame
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (first frame)
+    kv_transfer_params: dict | None = None  # prefill result for the decode worker (last frame)
+    last: bool = False
+
+
+class TokenizerFiles(msgspec.Struct, kw_only=True, tag="tokenizer_files"):
+    files: dict[str, bytes]  # file name -> contents (tokenizer.json, tokenizer_config.json, ...)
+    last: bool = True
+
+
+class WorkerStats(msgspec.Struct, kw_only=True, tag="worker_stats"):
+    active_requests: int  # generate streams currently running
+    completed_requests: int  # streams that ended with a last frame
+    aborted_requests: int  # streams cancelled because the client closed the connection
+    generated_tokens: int
+    last: bool = True
+
+
+class ErrorFrame(msgspec.Struct, kw_only=True, tag="error"):
+    """The worker could not serve the request. Always last."""
+
+    message: str
+    status: int = 500  # HTTP-like status: 4xx means the request itself is at fault
+    last: bool = True
+
+
+Reply = GenerateFrame | TokenizerFiles | WorkerStats | ErrorFrame
+
+# --------------------------------------------------------------------------- event plane (NATS)
+
+
+class BlockStored(msgspec.Struct, frozen=True, kw_only=True, tag="stored"):
+    """Blocks added to a worker's prefix cache, in chain order.
+
+    Field names follow vLLM's KV events. block_hashes are content hashes (protocol.hashing) computed
+    by the worker from token_ids, not the engine's internal hashes, so routers never depend on them.
+    """
+
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+
+
+class BlockRemoved(msgspec.Struct, frozen=True, kw_only=True, tag="removed"):
+    block_hashes: list[int]  # content hashes, as in BlockStored
+
+
+class AllBlocksCleared(msgspec.Struct, frozen=True, tag="cleared"):
+    pass
+
+
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KvEventBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """One relayed batch. seq increases by one per batch per worker, so routers detect gaps."""
+
+    worker_id: int
+    seq: int
+    events: list[KvEvent]
+    timestamp: float = 0.0  # time.time() at the engine, for event-lag metrics
+
+
+class KvResyncRequest(msgspec.Struct, frozen=True):
+    """Request-reply on resync_subject(): the answer is a KvEventBatch holding a clear followed by
+    one BlockStored per cached chain, with the worker's current seq."""
+
+
+class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: int
+    active_blocks: int
+    total_blocks: int
+    running_requests: int
+    waiting_requests: int
+    timestamp: float = 0.0
+
+
+# Shared encoders/decoders: building them once is much cheaper than per message.
+msgpack_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+kv_batch_decoder = msgspec.msgpack.Decoder(KvEventBatch)
+load_decoder = msgspec.msgpack.Decoder(LoadReport)
+json_encoder = msgspec.json.Encoder()
+instance_json_decoder = msgspec.json.Decoder(InstanceRecord)
+card_json_decoder = msgspec.json.Decoder(ModelCard)

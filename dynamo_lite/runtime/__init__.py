@@ -1,0 +1,1 @@
+"""Component lifecycle: config (flag + environment twin), logging, signals, graceful shutdown."""
