@@ -1,0 +1,412 @@
+"""The worker shell shared by every engine: serve the request plane, register in discovery under a
+lease, relay the engine's KV events and load to the event bus, answer resync requests, and shut
+down gracefully (deregister, drain, cancel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynamo_lite.discovery.base import Discovery, Lease
+from dynamo_lite.engine.base import Engine, EngineInfo
+from dynamo_lite.events.base import EventBus, Subscription
+from dynamo_lite.protocol import keys
+from dynamo_lite.protocol.messages import (
+    AllBlocksCleared, BlockRemoved, BlockStored, GenerateRequest, InstanceRecord, KvEvent, KvEventBatch,
+    LoadReport, ModelCard, Reply, Request, TokenizerFiles, TokenizerFilesRequest, WorkerStats,
+    WorkerStatsRequest, json_encoder, msgpack_encoder)
+from dynamo_lite.protocol.errors import InvalidRequestError
+from dynamo_lite.runtime.config import option
+from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
+from dynamo_lite.transport.server import RequestServer
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "generation_config.json", "config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class WorkerShellConfig:
+    namespace: str = option("dynamo", "Namespace of every etcd key and NATS subject.")
+    component: str = option(keys.COMPONENT_BACKEND, "Component the instance registers under.",
+                            choices=[keys.COMPONENT_BACKEND, keys.COMPONENT_PREFILL])
+    role: str = option("aggregated", "What this worker does in the pipeline.",
+                       choices=["aggregated", "decode", "prefill"])
+    advertise_host: str = option("127.0.0.1", "Host other machines reach this worker at (never localhost "
+                                 "across hosts).")
+    host: str = option("0.0.0.0", "Interface the request-plane server binds.")
+    port: int = option(0, "Request-plane port (0 = any free port).")
+    lease_ttl: float = option(10.0, "etcd lease TTL in seconds: how long a dead worker stays listed.")
+    drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown.")
+    migration_limit: int = option(0, "How many times the frontend may migrate a request of this model.")
+    load_report_interval: float = option(0.25, "Seconds between load reports on the event plane.")
+    engine_kind: str = option("vllm", "Engine name recorded in the model card.", choices=["vllm", "mocker"])
+
+
+class _BlockSet:
+    """The worker's cached blocks as announced by its relayed events, to rebuild them on resync."""
+
+    def __init__(self) -> None:
+        # content hash -> (parent hash, token ids of the block, block size); insertion = chain order
+        self.blocks: dict[int, tuple[int | None, list[int], int]] = {}
+
+    def apply(self, events: list[KvEvent]) -> None:
+        for event in events:
+            if isinstance(event, BlockStored):
+                parent, size = event.parent_block_hash, event.block_size
+                for i, block_hash in enumerate(event.block_hashes):
+                    self.blocks[block_hash] = (parent, event.token_ids[i * size:(i + 1) * size], size)
+                    parent = block_hash
+            elif isinstance(event, BlockRemoved):
+                for block_hash in event.block_hashes:
+                    self.blocks.pop(block_hash, None)
+            elif isinstance(event, AllBlocksCleared):
+                self.blocks.clear()
+
+    def snapshot(self) -> list[KvEvent]:
+        """A clear, then one BlockStored per linear run of every chain, parents before children."""
+        children: dict[int, list[int]] = {}
+        roots: list[int] = []
+        for block_hash, (parent, _, _) in self.blocks.items():
+            if parent is not None and parent in self.blocks:
+                children.setdefault(parent, []).append(block_hash)
+            else:
+                roots.append(block_hash)
+        events: list[KvEvent] = [AllBlocksCleared()]
+        stack = list(reversed(roots))
+        while stack:
+            start = stack.pop()
+            parent, tokens, size = self.blocks[start]
+            run, token_ids, node = [start], list(tokens), start
+            while kids := children.get(node):
+                # Follow the first child; the others start their own runs after this one is out.
+                stack.extend(reversed(kids[1:]))
+                node = kids[0]
+                _, tokens, node_size = self.blocks[node]
+                if node_size != size:
+                    stack.append(node)
+                    break
+                run.append(node)
+                token_ids.extend(tokens)
+            events.append(BlockStored(block_hashes=run, parent_block_hash=parent, token_ids=token_ids,
+                                      block_size=size))
+        return events
+
+
+class WorkerShell:
+    """Wraps one Engine into a discoverable worker. `owns_clients`: close discovery and events on
+    shutdown (when nobody else shares them)."""
+
+    def __init__(self, engine: Engine, discovery: Discovery, events: EventBus | None,
+                 config: WorkerShellConfig, *, owns_clients: bool = False):
+        self._engine = engine
+        self._discovery = discovery
+        self._events = events
+        self._config = config
+        self._owns_clients = owns_clients
+        self._info: EngineInfo | None = None
+        self._server: RequestServer | None = None
+        self._address = ""
+        self._lease: Lease | None = None
+        self._record: InstanceRecord | None = None
+        self._resync_sub: Subscription | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._blocks = _BlockSet()
+        self._seq = 0
+        self._publish_lock = asyncio.Lock()
+        self._publish_failing = False
+        self._active = self._completed = self._aborted = self._generated_tokens = 0
+        self._shutdown_started = False
+        self._shutdown_done = asyncio.Event()
+
+    @property
+    def instance_id(self) -> int:
+        return self._record.instance_id if self._record else 0
+
+    @property
+    def record(self) -> InstanceRecord | None:
+        return self._record
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def stats(self) -> WorkerStats:
+        return WorkerStats(active_requests=self._active, completed_requests=self._completed,
+                           aborted_requests=self._aborted, generated_tokens=self._generated_tokens)
+
+    async def start(self) -> InstanceRecord:
+        self._info = await self._engine.start()
+        self._server = RequestServer(self._handle, self._config.host, self._config.port)
+        port = await self._server.start()
+        self._address = f"{self._config.advertise_host}:{port}"
+        await self._register()
+        if self._events is not None:
+            await self._serve_resync()
+            self._tasks.append(asyncio.create_task(self._relay_kv_events(), name="kv-event-relay"))
+            self._tasks.append(asyncio.create_task(self._report_load(), name="load-report"))
+        self._tasks.append(asyncio.create_task(self._keep_registered(), name="lease-monitor"))
+        assert self._record is not None
+        logger.info("worker %x serving %s at %s (%s)", self.instance_id, self._info.model_name,
+                    self._address, self._config.role)
+        return self._record
+
+    async def shutdown(self) -> None:
+        """Deregister, stop accepting, drain, cancel the rest, stop the engine. Safe to call twice."""
+        if self._shutdown_started:
+            await self._shutdown_done.wait()
+            return
+        self._shutdown_started = True
+        try:
+            for task in self._tasks:
+                if task.get_name() == "lease-monitor":
+                    task.cancel()
+            if self._lease is not None:
+                try:
+                    await asyncio.wait_for(self._lease.revoke(), timeout=5.0)
+                except Exception as e:  # the lease then expires on its own after its ttl
+                    logger.warning("could not revoke lease %x: %r", self._lease.id, e)
+            if self._server is not None:
+                self._server.stop_accepting()
+                cancelled = await drain(self._server.stream_tasks(), self._config.drain_timeout)
+                if cancelled:
+                    logger.warning("cancelled %d request(s) still running after %.1f s", cancelled,
+                                   self._config.drain_timeout)
+                await self._server.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._stop_resync()
+            await self._engine.shutdown()
+            if self._owns_clients:
+                if self._events is not None:
+                    await self._events.close()
+                await self._discovery.close()
+            logger.info("worker %x shut down", self.instance_id)
+        finally:
+            self._shutdown_done.set()
+
+    # ------------------------------------------------------------------ request plane
+
+    def _handle(self, request: Request) -> AsyncIterator[Reply]:
+        if isinstance(request, GenerateRequest):
+            return self._generate(request)
+        if isinstance(request, TokenizerFilesRequest):
+            return self._tokenizer_files()
+        if isinstance(request, WorkerStatsRequest):
+            return self._single(self.stats)
+        raise InvalidRequestError(f"unsupported request {type(request).__name__}")
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
+        self._active += 1
+        finished = False
+        frames = self._engine.generate(request)
+        try:
+            async for frame in frames:
+                self._generated_tokens += len(frame.token_ids)
+                if frame.last:
+                    finished = True
+                    # Let the engine's generator end on its own: closing it at its last yield would
+                    # look like an abort to an engine that aborts on GeneratorExit.
+                    await anext(frames, None)
+                    yield frame
+                    return
+                yield frame
+        except (asyncio.CancelledError, GeneratorExit):
+            if not finished:
+                self._aborted += 1
+                logger.debug("request %s aborted", request.request_id)
+            raise
+        finally:
+            self._active -= 1
+            if finished:
+                self._completed += 1
+            aclose = getattr(frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _tokenizer_files(self) -> AsyncIterator[Reply]:
+        assert self._info is not None
+        folder = Path(self._info.model_path)
+
+        def read_all() -> dict[str, bytes]:
+            return {name: (folder / name).read_bytes() for name in TOKENIZER_FILE_NAMES
+                    if (folder / name).is_file()}
+
+        yield TokenizerFiles(files=await asyncio.to_thread(read_all))
+
+    @staticmethod
+    async def _single(reply: Reply) -> AsyncIterator[Reply]:
+        yield reply
+
+    # ------------------------------------------------------------------ discovery
+
+    async def _register(self) -> None:
+        info, config = self._info, self._config
+        assert info is not None
+        lease = await self._discovery.grant_lease(config.lease_ttl)
+        record = InstanceRecord(instance_id=lease.id, component=config.component, address=self._address,
+                                model=info.model_name, host=config.advertise_host, pid=os.getpid(),
+                                role=config.role)
+        card = ModelCard(name=info.model_name, path=info.model_path, context_length=info.context_length,
+                         kv_block_size=info.kv_block_size, total_kv_blocks=info.total_kv_blocks,
+                         migration_limit=config.migration_limit, engine=config.engine_kind)
+        # The card goes first, so whoever sees the instance can already read its card.
+        await self._discovery.put(keys.model_card_key(config.namespace, info.model_name, lease.id),
+                                  json_encoder.encode(card), lease)
+        await self._discovery.put(keys.instance_key(config.namespace, config.component, lease.id),
+                                  json_encoder.encode(record), lease)
+        self._lease, self._record = lease, record
+
+    async def _keep_registered(self) -> None:
+        """Re-register under a new lease if the store lost ours (e.g. etcd restarted meanwhile)."""
+        interval = min(1.0, self._config.lease_ttl / 4)
+        while True:
+            await asyncio.sleep(interval)
+            if self._lease is None or not self._lease.lost:
+                continue
+            old_id = self._lease.id
+            try:
+                # Under the publish lock no batch goes out between the id change and the new
+                # sequence: a new instance id is a new worker to every router, so its sequence
+                # starts afresh with the whole block set (a router that missed nothing still
+                # learns every block).
+                async with self._publish_lock:
+                    await self._register()
+                    self._seq = 0
+                    if self._events is not None:
+                        await self._publish_batch_locked(None)
+            except Exception as e:
+                logger.warning("lease %x lost and re-registration failed (retrying): %r", old_id, e)
+                continue
+            logger.warning("lease %x was lost: re-registered as instance %x", old_id, self.instance_id)
+            if self._events is not None:
+                await self._stop_resync()
+                await self._serve_resync()
+
+    # ------------------------------------------------------------------ event plane
+
+    async def _relay_kv_events(self) -> None:
+        try:
+            async for events in self._engine.kv_events():
+                await self._publish_batch(events)
+        except Exception:
+            # Routers notice the silence only as stale routing; make the cause visible.
+            logger.exception("KV event relay stopped")
+
+    async def _publish_batch(self, events: list[KvEvent]) -> None:
+        async with self._publish_lock:
+            await self._publish_batch_locked(events)
+
+    async def _publish_batch_locked(self, events: list[KvEvent] | None) -> None:
+        """Publish the next batch (events=None: a snapshot of every block) with the next seq."""
+        assert self._events is not None and self._info is not None
+        if events is None:
+            events = self._blocks.snapshot()
+        else:
+            self._blocks.apply(events)
+        self._seq += 1
+        batch = KvEventBatch(worker_id=self.instance_id, seq=self._seq, events=events, timestamp=time.time())
+        subject = keys.kv_events_subject(self._config.namespace, self._info.model_name)
+        await self._publish(subject, msgpack_encoder.encode(batch))
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        """Publish; an event-plane outage is logged (once per outage) and never stops serving."""
+        assert self._events is not None
+        try:
+            await self._events.publish(subject, data)
+        except Exception as e:
+            if not self._publish_failing:
+                logger.warning("event bus publish failed, continuing without it: %r", e)
+            self._publish_failing = True
+            return
+        if self._publish_failing:
+            logger.info("event bus publishing works again")
+            self._publish_failing = False
+
+    async def _report_load(self) -> None:
+        assert self._info is not None
+        subject = keys.load_subject(self._config.namespace, self._info.model_name)
+        while True:
+            try:
+                load = self._engine.load()
+            except Exception:
+                logger.exception("engine.load() failed; skipping this load report")
+            else:
+                report = LoadReport(worker_id=self.instance_id, active_blocks=load.active_blocks,
+                                    total_blocks=load.total_blocks, running_requests=load.running_requests,
+                                    waiting_requests=load.waiting_requests, timestamp=time.time())
+                await self._publish(subject, msgpack_encoder.encode(report))
+            await asyncio.sleep(self._config.load_report_interval)
+
+    async def _answer_resync(self, _request: bytes) -> bytes:
+        # No await between reading seq and the block set: the snapshot is exactly the state after
+        # batch `seq` (a batch being published now has already been applied and numbered).
+        batch = KvEventBatch(worker_id=self.instance_id, seq=self._seq, events=self._blocks.snapshot(),
+                             timestamp=time.time())
+        return msgpack_encoder.encode(batch)
+
+    async def _serve_resync(self) -> None:
+        assert self._events is not None
+        subject = keys.resync_subject(self._config.namespace, self.instance_id)
+        try:
+            self._resync_sub = await self._events.serve(subject, self._answer_resync)
+        except Exception as e:
+            logger.warning("cannot serve resync on %s (routers will not resync from us): %r", subject, e)
+
+    async def _stop_resync(self) -> None:
+        if self._resync_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._resync_sub.close()
+            self._resync_sub = None
+
+
+async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], etcd_endpoints: str,
+                      nats_server: str | None, *, nats_connect_timeout: float = 5.0) -> None:
+    """Serve every engine until SIGTERM/SIGINT, sharing one etcd and one NATS connection.
+
+    NATS is optional: without it (empty, or unreachable within nats_connect_timeout) workers serve
+    without KV events and load reports, and routers fall back to approximate routing.
+    """
+    from dynamo_lite.discovery.etcd import EtcdDiscovery
+    from dynamo_lite.events.nats import NatsEventBus
+
+    if len(engines) != len(configs):
+        raise ValueError("run_workers needs one WorkerShellConfig per engine")
+    shutdown = asyncio.Event()
+    install_shutdown_signals(shutdown)
+    discovery = await EtcdDiscovery.connect(etcd_endpoints)
+    events: EventBus | None = None
+    if nats_server:
+        try:
+            events = await asyncio.wait_for(NatsEventBus.connect(nats_server), nats_connect_timeout)
+        except Exception as e:
+            logger.warning("NATS at %s unreachable (%r): serving without KV events or load reports",
+                           nats_server, e)
+    shells = [WorkerShell(engine, discovery, events, config) for engine, config in zip(engines, configs)]
+    starting = asyncio.ensure_future(asyncio.gather(*(shell.start() for shell in shells)))
+    stopping = asyncio.ensure_future(shutdown.wait())
+    try:
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            logger.info("shutdown requested while starting")
+        else:
+            starting.result()  # raises if an engine failed to start
+            await stopping
+    finally:
+        for task in (starting, stopping):
+            task.cancel()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
+        await asyncio.gather(*(shell.shutdown() for shell in shells), return_exceptions=True)
+        if events is not None:
+            await events.close()
+        await discovery.close()

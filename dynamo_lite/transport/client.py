@@ -1,0 +1,167 @@
+"""The caller side of the request plane: send one request, iterate its reply frames.
+
+Connections are pooled per address and reused once a stream has ended with its last frame. A stream
+the caller abandons early closes its connection (never pooled), which makes the worker abort the
+request. Everything that means "this worker did not answer properly" is a WorkerFailedError, which
+the frontend may answer by migrating the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from dynamo_lite.protocol.errors import TransportError, WorkerFailedError
+from dynamo_lite.protocol.messages import Reply, Request
+from dynamo_lite.transport.framing import decode_reply, encode_frame, read_frame, set_nodelay
+
+logger = logging.getLogger(__name__)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise WorkerFailedError(f"bad worker address {address!r} (want host:port)")
+    return host.strip("[]"), int(port)
+
+
+class _Connection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    def looks_alive(self) -> bool:
+        return not self.reader.at_eof() and not self.writer.is_closing()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _StaleConnection(Exception):
+    """A pooled connection was closed by the worker before it answered: retry on a fresh one."""
+
+
+class RequestClient:
+    def __init__(self, *, connect_timeout: float = 5.0, max_idle_per_address: int = 32):
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle_per_address
+        self._idle: dict[str, list[_Connection]] = {}
+        self._closed = False
+
+    async def stream(self, address: str, request: Request) -> AsyncIterator[Reply]:
+        """Send `request` to the worker at `address` and yield its reply frames up to the last one.
+
+        ErrorFrame replies are yielded like any other frame. Raises WorkerFailedError on connect
+        failure, on EOF before a last frame and on a frame that cannot be decoded.
+        """
+        frame = encode_frame(request)
+        conn = self._take_idle(address)
+        finished = False
+        try:
+            if conn is not None:
+                try:
+                    payload = await self._send(conn, frame, address, may_be_stale=True)
+                except _StaleConnection:
+                    logger.debug("pooled connection to %s was closed by the worker: reconnecting", address)
+                    conn.close()
+                    conn = None
+            if conn is None:
+                conn = await self._connect(address)
+                payload = await self._send(conn, frame, address, may_be_stale=False)
+            while True:
+                try:
+                    reply = decode_reply(payload)
+                except TransportError as e:
+                    raise WorkerFailedError(f"worker {address}: {e.message}") from e
+                if reply.last:
+                    finished = True  # set before yielding: a caller that stops now still read it all
+                    yield reply
+                    return
+                yield reply
+                payload = await self._read(conn, address)
+        finally:
+            if conn is not None:
+                if finished:
+                    self._release(address, conn)
+                else:
+                    conn.close()
+
+    async def call(self, address: str, request: Request, timeout: float) -> Reply:
+        """Send a request that is answered with one frame (tokenizer files, stats) and return it.
+
+        Raises WorkerFailedError also when no last frame arrives within `timeout` seconds.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                async with aclosing(self.stream(address, request)) as replies:
+                    async for reply in replies:
+                        if reply.last:
+                            return reply
+        except TimeoutError as e:
+            raise WorkerFailedError(f"worker {address} gave no reply within {timeout} s") from e
+        raise AssertionError("stream() ends with a last frame or raises")
+
+    async def close(self) -> None:
+        """Close idle connections; streams running now close theirs when they end. Safe twice."""
+        self._closed = True
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    # ------------------------------------------------------------------ internals
+
+    def _take_idle(self, address: str) -> _Connection | None:
+        conns = self._idle.get(address)
+        while conns:
+            conn = conns.pop()
+            if conn.looks_alive():
+                return conn
+            conn.close()
+        return None
+
+    def _release(self, address: str, conn: _Connection) -> None:
+        conns = self._idle.setdefault(address, [])
+        if self._closed or len(conns) >= self._max_idle or not conn.looks_alive():
+            conn.close()
+        else:
+            conns.append(conn)
+
+    async def _connect(self, address: str) -> _Connection:
+        host, port = split_address(address)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                    timeout=self._connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise WorkerFailedError(f"cannot connect to worker {address}: {e!r}") from e
+        set_nodelay(writer)
+        return _Connection(reader, writer)
+
+    async def _send(self, conn: _Connection, frame: bytearray, address: str, *, may_be_stale: bool) -> bytes:
+        """Write the request and read the first reply frame."""
+        try:
+            conn.writer.write(frame)
+            payload = await read_frame(conn.reader)
+        except (ConnectionError, OSError, TransportError) as e:
+            if may_be_stale and isinstance(e, ConnectionError):
+                raise _StaleConnection() from e
+            raise WorkerFailedError(f"worker {address}: connection broke before a reply: {e}") from e
+        if payload is None:
+            if may_be_stale:
+                raise _StaleConnection()
+            raise WorkerFailedError(f"worker {address} closed the connection before replying")
+        return payload
+
+    async def _read(self, conn: _Connection, address: str) -> bytes:
+        try:
+            payload = await read_frame(conn.reader)
+        except (ConnectionError, OSError, TransportError) as e:
+            raise WorkerFailedError(f"worker {address}: connection broke mid-stream: {e}") from e
+        if payload is None:
+            raise WorkerFailedError(f"worker {address} closed the stream before its last frame")
+        return payload
