@@ -1,0 +1,250 @@
+"""InstanceWatcher: the frontend's live view of workers (instance records) and model cards.
+
+It reads everything under /{ns}/ once, then watches from the next revision, so a frontend that
+starts after its workers sees them at once and never misses or repeats a change. On a watch
+reset it re-reads the prefix and reports the difference. A connection failure seen by the
+request plane (`mark_failed`) hides an instance at once: it comes back after `failed_cooldown`
+seconds only if its key is still in the store (its lease still alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from dynamo_lite.discovery.base import Discovery, WatchEvent
+from dynamo_lite.protocol import keys
+from dynamo_lite.protocol.messages import InstanceRecord, ModelCard, card_json_decoder, instance_json_decoder
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[str, InstanceRecord], None]
+MAX_RELIST_BACKOFF = 2.0
+
+
+class InstanceWatcher:
+    def __init__(self, discovery: Discovery, namespace: str, failed_cooldown: float = 10.0):
+        self._discovery = discovery
+        self._root = f"/{namespace}/"
+        self._instances_prefix = keys.instances_prefix(namespace)
+        self._models_prefix = keys.models_prefix(namespace)
+        self._failed_cooldown = failed_cooldown
+        self._instances: dict[str, InstanceRecord] = {}  # etcd key -> record
+        self._cards: dict[str, ModelCard] = {}  # etcd key -> card
+        self._failed_until: dict[int, float] = {}  # instance id -> time.monotonic() its exclusion ends
+        self._cooldown_timers: dict[int, asyncio.TimerHandle] = {}
+        self._listeners: list[Listener] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Read the snapshot (errors propagate), then follow changes in a background task."""
+        revision = await self._relist()
+        self._task = asyncio.get_running_loop().create_task(self._follow(revision), name="instance-watcher")
+
+    async def close(self) -> None:
+        self._closed = True
+        for timer in self._cooldown_timers.values():
+            timer.cancel()
+        self._cooldown_timers.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # ------------------------------------------------------------------ queries
+
+    def instances(self, model: str | None = None, component: str | None = None) -> list[InstanceRecord]:
+        """Live instances (present and not marked failed), sorted by id."""
+        found = [r for r in self._instances.values()
+                 if (model is None or r.model == model) and (component is None or r.component == component)
+                 and self._is_live(r.instance_id)]
+        return sorted(found, key=lambda r: (r.instance_id, r.component))
+
+    def card(self, model: str) -> ModelCard | None:
+        """A card for model: from the lowest-id live instance, else from any instance still registered."""
+        cards = sorted((keys.parse_instance_id(k), c) for k, c in self._cards.items() if c.name == model)
+        for instance_id, card in cards:
+            if self._is_live(instance_id):
+                return card
+        return cards[0][1] if cards else None
+
+    def models(self) -> list[str]:
+        return sorted({r.model for r in self._instances.values() if self._is_live(r.instance_id)})
+
+    def add_listener(self, callback: Listener) -> None:
+        self._listeners.append(callback)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until predicate() holds, re-checking on each change; False after timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return predicate()
+        return True
+
+    # ------------------------------------------------------------------ failures
+
+    def mark_failed(self, instance_id: int) -> None:
+        """Exclude an instance at once; it returns after failed_cooldown if its key is still there."""
+        records = self._records_of(instance_id)
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        was_live = self._is_live(instance_id)
+        self._failed_until[instance_id] = time.monotonic() + self._failed_cooldown
+        old_timer = self._cooldown_timers.pop(instance_id, None)
+        if old_timer is not None:
+            old_timer.cancel()
+        self._cooldown_timers[instance_id] = loop.call_later(self._failed_cooldown, self._cooldown_over,
+                                                              instance_id)
+        if was_live:
+            logger.warning("instance %x marked failed: excluded for %ss", instance_id, self._failed_cooldown)
+            for record in records:
+                self._notify("removed", record)
+        self._signal_change()
+
+    def _cooldown_over(self, instance_id: int) -> None:
+        self._cooldown_timers.pop(instance_id, None)
+        if self._failed_until.pop(instance_id, None) is None:
+            return
+        records = self._records_of(instance_id)
+        if records:
+            logger.info("instance %x is back after its failure cooldown", instance_id)
+        for record in records:
+            self._notify("added", record)
+        self._signal_change()
+
+    def _is_live(self, instance_id: int) -> bool:
+        until = self._failed_until.get(instance_id)
+        # The timer normally clears the entry; comparing the time also covers a late timer.
+        return until is None or until <= time.monotonic()
+
+    def _records_of(self, instance_id: int) -> list[InstanceRecord]:
+        return [r for r in self._instances.values() if r.instance_id == instance_id]
+
+    def _forget_failure_if_gone(self, instance_id: int) -> None:
+        if instance_id in self._failed_until and not self._records_of(instance_id):
+            del self._failed_until[instance_id]
+            timer = self._cooldown_timers.pop(instance_id, None)
+            if timer is not None:
+                timer.cancel()
+
+    # ------------------------------------------------------------------ store changes
+
+    async def _follow(self, revision: int) -> None:
+        while not self._closed:
+            reset = False
+            try:
+                async with contextlib.aclosing(self._discovery.watch_prefix(self._root, revision)) as events:
+                    async for event in events:
+                        if event.kind == "reset":
+                            reset = True
+                            break
+                        self._apply(event)
+                        revision = event.revision + 1
+            except Exception:  # a Discovery should not raise here; re-reading is the safe answer
+                logger.exception("watch of %s failed; re-reading the snapshot", self._root)
+                reset = True
+            if not reset:
+                logger.info("watch of %s ended (discovery closed)", self._root)
+                return
+            logger.warning("watch of %s was reset; re-reading the snapshot", self._root)
+            revision = await self._relist_until_done()
+
+    async def _relist_until_done(self) -> int:
+        attempt = 0
+        while True:
+            try:
+                return await self._relist()
+            except Exception as e:
+                attempt += 1
+                delay = min(MAX_RELIST_BACKOFF, 0.1 * 2 ** min(attempt, 5))
+                logger.warning("re-reading %s failed (attempt %s), retrying in %.1fs: %s",
+                               self._root, attempt, delay, e)
+                await asyncio.sleep(delay)
+
+    async def _relist(self) -> int:
+        """Replace the view with a snapshot, notifying the differences. Returns the next revision."""
+        items, revision = await self._discovery.get_prefix(self._root)
+        present = {key for key, _ in items}
+        for key in [k for k in (*self._instances, *self._cards) if k not in present]:
+            self._apply(WatchEvent("delete", key, b"", revision))
+        for key, value in items:
+            self._apply(WatchEvent("put", key, value, revision))
+        self._signal_change()
+        return revision + 1
+
+    def _apply(self, event: WatchEvent) -> None:
+        if event.key.startswith(self._instances_prefix):
+            self._apply_instance(event)
+        elif event.key.startswith(self._models_prefix):
+            self._apply_card(event)
+        else:
+            return
+        self._signal_change()
+
+    def _apply_instance(self, event: WatchEvent) -> None:
+        old = self._instances.get(event.key)
+        new = None
+        if event.kind == "put":
+            try:
+                new = instance_json_decoder.decode(event.value)
+            except msgspec.DecodeError as e:
+                logger.warning("skipping undecodable instance record at %s: %s", event.key, e)
+        if new == old:
+            return
+        if new is None:
+            del self._instances[event.key]
+        else:
+            self._instances[event.key] = new
+        if old is not None:
+            if self._is_live(old.instance_id):
+                logger.info("instance %x removed (%s %s at %s)", old.instance_id, old.component, old.model,
+                            old.address)
+                self._notify("removed", old)
+            if new is None:
+                self._forget_failure_if_gone(old.instance_id)
+        if new is not None and self._is_live(new.instance_id):
+            logger.info("instance %x added (%s %s at %s)", new.instance_id, new.component, new.model,
+                        new.address)
+            self._notify("added", new)
+
+    def _apply_card(self, event: WatchEvent) -> None:
+        if event.kind == "put":
+            try:
+                keys.parse_instance_id(event.key)  # card keys end with the instance id
+                self._cards[event.key] = card_json_decoder.decode(event.value)
+                return
+            except (msgspec.DecodeError, ValueError) as e:
+                logger.warning("skipping undecodable model card at %s: %s", event.key, e)
+        self._cards.pop(event.key, None)
+
+    def _notify(self, kind: str, record: InstanceRecord) -> None:
+        for listener in self._listeners:
+            try:
+                listener(kind, record)
+            except Exception:
+                logger.exception("instance listener %r failed on %s of %x", listener, kind,
+                                 record.instance_id)
+
+    def _signal_change(self) -> None:
+        # Waiters hold the old event; a fresh one is armed for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()

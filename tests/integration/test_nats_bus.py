@@ -1,0 +1,137 @@
+"""NatsEventBus against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import pytest
+
+from dynamo_lite.events.nats import NatsEventBus
+from dynamo_lite.protocol.errors import TransportError
+from tests.services import free_port, start_nats
+
+
+def unique_subject(name: str) -> str:
+    return f"t{uuid.uuid4().hex[:8]}.{name}"
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str):
+    bus = await NatsEventBus.connect(url)
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def receive(subscription, count: int, timeout: float) -> list[bytes]:
+    received = []
+    async with asyncio.timeout(timeout):
+        async for data in subscription:
+            received.append(data)
+            if len(received) == count:
+                break
+    return received
+
+
+async def test_publish_subscribe_keeps_order(nats_url):
+    subject = unique_subject("kv_events.m")
+    async with connected(nats_url) as publisher, connected(nats_url) as consumer:
+        sub = await consumer.subscribe(subject)
+        wildcard = await consumer.subscribe(subject.split(".")[0] + ".kv_events.*")
+        try:
+            for i in range(200):
+                await publisher.publish(subject, b"%d" % i)
+            assert await receive(sub, 200, timeout=5) == [b"%d" % i for i in range(200)]
+            assert await receive(wildcard, 200, timeout=5) == [b"%d" % i for i in range(200)]
+        finally:
+            await sub.close()
+            await sub.close()  # safe twice
+            await wildcard.close()
+
+
+async def test_subscription_iterator_ends_when_closed(nats_url):
+    async with connected(nats_url) as bus:
+        sub = await bus.subscribe(unique_subject("x"))
+        reader = asyncio.create_task(receive(sub, 1, timeout=5))
+        await asyncio.sleep(0.1)
+        await sub.close()
+        assert await reader == []
+
+
+async def test_request_reply(nats_url):
+    subject = unique_subject("resync.1")
+
+    async def answer(data: bytes) -> bytes:
+        return b"blocks for " + data
+
+    async with connected(nats_url) as server, connected(nats_url) as client:
+        served = await server.serve(subject, answer)
+        try:
+            replies = await asyncio.gather(*(client.request(subject, b"%d" % i, timeout=5)
+                                             for i in range(10)))
+            assert replies == [b"blocks for %d" % i for i in range(10)]
+        finally:
+            await served.close()
+
+
+async def test_request_times_out(nats_url):
+    subject = unique_subject("slow")
+
+    async def too_slow(data: bytes) -> bytes:
+        await asyncio.sleep(5)
+        return b"late"
+
+    async with connected(nats_url) as server, connected(nats_url) as client:
+        with pytest.raises(TimeoutError):  # nobody serves the subject
+            await client.request(subject, b"?", timeout=0.5)
+        served = await server.serve(subject, too_slow)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await client.request(subject, b"?", timeout=0.5)
+            assert loop.time() - started < 3
+        finally:
+            await served.close()
+
+
+async def test_unreachable_server_raises_a_clear_error():
+    dead = f"nats://127.0.0.1:{free_port()}"
+    with pytest.raises(TransportError, match=dead):
+        await NatsEventBus.connect(dead, connect_timeout=2)
+
+
+async def test_bus_survives_a_nats_server_restart():
+    with start_nats() as nats:
+        subject = unique_subject("load.m")
+        async with connected(nats.url) as publisher, connected(nats.url) as consumer:
+            sub = await consumer.subscribe(subject)
+            served = await consumer.serve(subject + ".echo", lambda data: asyncio.sleep(0, data))
+            try:
+                await publisher.publish(subject, b"before")
+                assert await receive(sub, 1, timeout=5) == [b"before"]
+
+                nats.stop()
+                await publisher.publish(subject, b"while down")  # never raises
+                await asyncio.to_thread(nats.start)
+
+                # Messages flow again once both clients reconnected (the subscription is replayed).
+                async def flows_again() -> None:
+                    while True:
+                        await publisher.publish(subject, b"after")
+                        try:
+                            async with asyncio.timeout(0.5):
+                                async for data in sub:
+                                    if data == b"after":
+                                        return
+                        except TimeoutError:
+                            continue
+
+                await asyncio.wait_for(flows_again(), timeout=15)
+                assert await publisher.request(subject + ".echo", b"ping", timeout=5) == b"ping"
+            finally:
+                await sub.close()
+                await served.close()
