@@ -1,0 +1,115 @@
+"""`python -m dynamo_lite.frontend`: the OpenAI-compatible HTTP edge.
+
+Connects to etcd, watches the workers, and serves HTTP with uvicorn (uvloop + httptools, one
+process, no access log). SIGTERM/SIGINT stop accepting, let in-flight requests finish (bounded by
+uvicorn's graceful timeout), then close the watcher, the worker connections and etcd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+import uvicorn
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from dynamo_lite.discovery.etcd import EtcdDiscovery
+from dynamo_lite.discovery.watcher import InstanceWatcher
+from dynamo_lite.frontend.app import FrontendDeps, create_app
+from dynamo_lite.frontend.config import FrontendConfig
+from dynamo_lite.frontend.routing import build_router
+from dynamo_lite.protocol.errors import ConfigError
+from dynamo_lite.runtime.config import add_config_arguments, config_from_args
+from dynamo_lite.runtime.lifecycle import install_shutdown_signals
+from dynamo_lite.runtime.logging import configure_logging
+from dynamo_lite.transport.client import RequestClient
+
+logger = logging.getLogger("dynamo_lite.frontend")
+
+ETCD_CONNECT_TIMEOUT = 10.0
+GRACEFUL_TIMEOUT = 30  # seconds uvicorn waits for in-flight requests on shutdown
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: runtime.lifecycle owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class EtcdUnreachable(Exception):
+    pass
+
+
+async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExitStack) -> InstanceWatcher:
+    try:
+        async with asyncio.timeout(ETCD_CONNECT_TIMEOUT):
+            discovery = await EtcdDiscovery.connect(config.etcd_endpoints)
+            stack.push_async_callback(discovery.close)
+            watcher = InstanceWatcher(discovery, config.namespace, failed_cooldown=config.failed_cooldown)
+            await watcher.start()
+            stack.push_async_callback(watcher.close)
+            return watcher
+    except Exception as e:  # whatever the client raises, the operator needs the same hint
+        raise EtcdUnreachable(f"cannot reach etcd at {config.etcd_endpoints} (--etcd-endpoints / "
+                              f"ETCD_ENDPOINTS): {type(e).__name__}: {e}") from e
+
+
+async def serve(config: FrontendConfig) -> None:
+    shutdown = asyncio.Event()
+    install_shutdown_signals(shutdown)
+    async with contextlib.AsyncExitStack() as stack:
+        watcher = await _connect_discovery(config, stack)
+        client = RequestClient(connect_timeout=config.connect_timeout)
+        stack.push_async_callback(client.close)
+        router = await build_router(config, watcher, stack)
+        app = create_app(FrontendDeps(watcher=watcher, client=client, router=router,
+                                      registry=CollectorRegistry(), config=config))
+        server = _Server(uvicorn.Config(app, host=config.http_host, port=config.http_port, loop="uvloop",
+                                        http="httptools", access_log=False, lifespan="off",
+                                        log_level=config.log_level.lower(),
+                                        timeout_graceful_shutdown=GRACEFUL_TIMEOUT))
+        serving = asyncio.create_task(server.serve())
+        stopping = asyncio.create_task(shutdown.wait())
+        await asyncio.wait((serving, stopping), return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        stopping.cancel()
+        await serving  # re-raises if uvicorn failed (e.g. the port is taken)
+        if not server.started and not shutdown.is_set():
+            raise ConfigError(f"HTTP server could not start on {config.http_host}:{config.http_port}",
+                              param="--http-port")
+    logger.info("frontend stopped")
+
+
+def parse_config(argv: list[str] | None = None) -> FrontendConfig:
+    parser = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend",
+                                     description="dynamo_lite OpenAI-compatible frontend")
+    add_config_arguments(parser, FrontendConfig)
+    return config_from_args(FrontendConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ConfigError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    configure_logging("frontend", config.log_level)
+    try:
+        uvloop.run(serve(config))
+    except EtcdUnreachable as e:
+        logger.error("%s", e)
+        return 1
+    except ConfigError as e:
+        logger.error("%s", e.message)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The OpenAI-compatible HTTP app: create_app(deps) -> FastAPI.
+
+All state lives in the objects built here from `deps` (no module-level state), so tests can build
+an app around MemoryDiscovery and loopback workers, and main() around etcd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+import pydantic
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from dynamo_lite.discovery.watcher import InstanceWatcher
+from dynamo_lite.frontend import errors, responses
+from dynamo_lite.frontend.config import FrontendConfig
+from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from dynamo_lite.frontend.models import ModelRegistry
+from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
+from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
+from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
+from dynamo_lite.protocol.errors import DynamoLiteError
+from dynamo_lite.protocol.messages import InstanceRecord, json_encoder
+from dynamo_lite.router.base import Router
+from dynamo_lite.transport.client import RequestClient
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_MODEL = "unknown"  # metrics label for requests that never resolved to a served model
+
+
+@dataclass
+class FrontendDeps:
+    """What the app needs; main() builds these from etcd, tests from in-memory parts."""
+
+    watcher: InstanceWatcher  # started by the caller
+    client: RequestClient
+    router: Router
+    registry: CollectorRegistry
+    config: FrontendConfig = field(default_factory=FrontendConfig)
+
+
+def _json(body, status: int = 200) -> Response:
+    return Response(json_encoder.encode(body), status_code=status, media_type="application/json")
+
+
+class OpenAIService:
+    """The request handlers, holding the per-app state."""
+
+    def __init__(self, deps: FrontendDeps):
+        self.deps = deps
+        self.metrics = FrontendMetrics(deps.registry)
+        self.models = ModelRegistry(deps.watcher, deps.client, deps.config.tokenizer_timeout)
+        self.pipeline = PipelineDeps(watcher=deps.watcher, client=deps.client, router=deps.router,
+                                     metrics=self.metrics, request_timeout=deps.config.request_timeout)
+        self.started = int(time.time())
+        deps.watcher.add_listener(self._on_instance_change)
+
+    def _on_instance_change(self, kind: str, record: InstanceRecord) -> None:
+        if kind == "removed":
+            self.deps.router.worker_removed(record.instance_id)
+
+    # ------------------------------------------------------------------ generation endpoints
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, ChatCompletionRequest, "chat_completions", chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, CompletionRequest, "completions", chat=False)
+
+    async def _generate(self, http_request: Request, schema: type[pydantic.BaseModel], endpoint: str,
+                        chat: bool) -> Response:
+        arrival = time.monotonic()
+        model = UNKNOWN_MODEL
+        try:
+            body = schema.model_validate_json(await http_request.body())
+            served = await self.models.get(body.model)
+            model = served.name
+            plan = await (plan_chat(served, body) if chat else plan_completion(served, body))
+            generation = Generation(self.pipeline, plan, arrival)
+            if body.stream:
+                return await self._stream(generation, endpoint, chat, body.include_usage, arrival)
+            return await self._complete(generation, endpoint, chat, arrival)
+        except pydantic.ValidationError as e:
+            response = errors.pydantic_error_response(e)
+        except DynamoLiteError as e:
+            if e.status >= 500:
+                logger.warning("%s request for %s failed: %s", endpoint, model, e.message)
+            response = errors.dynamo_error_response(e)
+        self._count(model, endpoint, response.status_code, arrival)
+        return response
+
+    def _count(self, model: str, endpoint: str, status: int, arrival: float) -> None:
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+        self.metrics.request_duration.labels(model, endpoint).observe(time.monotonic() - arrival)
+
+    def _count_tokens(self, generation: Generation) -> None:
+        model = generation.plan.model.name
+        self.metrics.input_tokens.labels(model).inc(generation.prompt_tokens)
+        self.metrics.output_tokens.labels(model).inc(generation.completion_tokens)
+
+    async def _complete(self, generation: Generation, endpoint: str, chat: bool, arrival: float) -> Response:
+        model = generation.plan.model.name
+        inflight = self.metrics.inflight.labels(model)
+        inflight.inc()
+        try:
+            parts = []
+            async with contextlib.aclosing(generation.text()) as deltas:
+                async for delta in deltas:
+                    parts.append(delta)
+        finally:
+            inflight.dec()
+            self._count_tokens(generation)
+        usage = responses.usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
+        encode = responses.chat_completion if chat else responses.text_completion
+        body = encode(generation.plan.request_id, model, "".join(parts), generation.finish_reason, usage)
+        self._count(model, endpoint, 200, arrival)
+        return Response(body, media_type="application/json")
+
+    async def _stream(self, generation: Generation, endpoint: str, chat: bool, include_usage: bool,
+                      arrival: float) -> Response:
+        """SSE. The first text is awaited before answering, so a request that cannot start (no
+        worker, every worker failing) still gets a proper status code instead of a broken stream."""
+        model = generation.plan.model.name
+        deltas = generation.text()
+        inflight = self.metrics.inflight.labels(model)
+        inflight.inc()
+        try:
+            first: str | None = await anext(deltas)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            inflight.dec()
+            await deltas.aclose()
+            self._count_tokens(generation)
+            raise
+        encoder = responses.ChunkEncoder(generation.plan.request_id, model, chat, include_usage)
+        return StreamingResponse(self._sse(generation, deltas, first, encoder, endpoint, arrival),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, generation: Generation, deltas: AsyncIterator[str], first: str | None,
+                   encoder: responses.ChunkEncoder, endpoint: str, arrival: float) -> AsyncIterator[bytes]:
+        model = generation.plan.model.name
+        status = 499  # client closed the connection, unless the stream completes
+        try:
+            if encoder.chat:
+                yield encoder.role()
+            if first is not None:
+                yield encoder.text(first)
+                async for delta in deltas:
+                    yield encoder.text(delta)
+            yield encoder.finish(generation.finish_reason)
+            if encoder.include_usage:
+                yield encoder.usage(responses.usage(generation.prompt_tokens, generation.completion_tokens,
+                                                    generation.cached_tokens))
+            yield responses.DONE
+            status = 200
+        except DynamoLiteError as e:
+            # Headers are out: report the failure in-band, as OpenAI-compatible servers do.
+            logger.warning("stream %s failed: %s", generation.plan.request_id, e.message)
+            status = e.status
+            yield encoder.error(e.status, e.message, e.error_type)
+            yield responses.DONE
+        finally:
+            # On a client disconnect this runs inside a cancelled scope: shield the cleanup so
+            # closing the worker stream (which aborts the request there) cannot be interrupted.
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()
+            self.metrics.inflight.labels(model).dec()
+            self._count_tokens(generation)
+            self._count(model, endpoint, status, arrival)
+
+    # ------------------------------------------------------------------ other endpoints
+
+    async def list_models(self, request: Request) -> Response:
+        data = [{"id": name, "object": "model", "created": self.started, "owned_by": "dynamo_lite"}
+                for name in self.deps.watcher.models()]
+        return _json({"object": "list", "data": data})
+
+    async def health(self, request: Request) -> Response:
+        records = self.deps.watcher.instances()
+        models = self.deps.watcher.models()
+        body = {"status": "healthy" if models else "unhealthy", "models": models,
+                "instances": msgspec.to_builtins(records)}
+        if not models:
+            body["message"] = "no worker is serving a model yet"
+        return _json(body, 200 if models else 503)
+
+    async def live(self, request: Request) -> Response:
+        return _json({"status": "live"})
+
+    async def prometheus(self, request: Request) -> Response:
+        counts: dict[str, int] = {}
+        for record in self.deps.watcher.instances():
+            counts[record.model] = counts.get(record.model, 0) + 1
+        self.metrics.set_workers(counts)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def create_app(deps: FrontendDeps) -> FastAPI:
+    """The HTTP app. The caller owns deps' lifecycles (watcher started, client closed at the end)."""
+    service = OpenAIService(deps)
+    app = FastAPI(title="dynamo_lite", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    # Plain Starlette routes: handlers read the body themselves (one pydantic pass, our own errors),
+    # which skips FastAPI's dependency machinery on the hot path.
+    app.add_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", service.completions, methods=["POST"])
+    app.add_route("/v1/models", service.list_models, methods=["GET"])
+    app.add_route("/health", service.health, methods=["GET"])
+    app.add_route("/live", service.live, methods=["GET"])
+    app.add_route("/metrics", service.prometheus, methods=["GET"])
+    app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
+    app.add_exception_handler(RequestValidationError, errors.handle_request_validation)
+    app.add_exception_handler(HTTPException, errors.handle_http_exception)
+    app.add_exception_handler(Exception, errors.handle_unexpected)
+    return app

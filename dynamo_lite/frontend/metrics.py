@@ -1,0 +1,51 @@
+"""Prometheus metrics of the frontend, registered on a CollectorRegistry passed in (no global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "dynamo_lite_frontend"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class FrontendMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.requests = Counter(f"{PREFIX}_requests", "HTTP requests by model, endpoint and status code",
+                                ["model", "endpoint", "status"], registry=registry)
+        self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Requests being served now", ["model"],
+                              registry=registry)
+        self.time_to_first_token = Histogram(f"{PREFIX}_time_to_first_token_seconds",
+                                             "Time from request arrival to the first generated token",
+                                             ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram(f"{PREFIX}_inter_token_latency_seconds",
+                                             "Time between successive token frames of a stream",
+                                             ["model"], buckets=TOKEN_GAP_BUCKETS, registry=registry)
+        self.input_tokens = Counter(f"{PREFIX}_input_tokens", "Prompt tokens of finished requests",
+                                    ["model"], registry=registry)
+        self.output_tokens = Counter(f"{PREFIX}_output_tokens", "Generated tokens of finished requests",
+                                     ["model"], registry=registry)
+        self.request_duration = Histogram(f"{PREFIX}_request_duration_seconds",
+                                          "Time from request arrival to the last byte of the answer",
+                                          ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=registry)
+        self.workers = Gauge(f"{PREFIX}_workers", "Live worker instances serving each model", ["model"],
+                             registry=registry)
+        self.migrations = Counter(f"{PREFIX}_migrations", "Requests moved to another worker mid-stream",
+                                  ["model"], registry=registry)
+        self._worker_models: set[str] = set()
+
+    def set_workers(self, counts: dict[str, int]) -> None:
+        """Update the per-model worker gauge; models that vanished drop to 0."""
+        for model in self._worker_models - counts.keys():
+            self.workers.labels(model).set(0)
+        for model, count in counts.items():
+            self.workers.labels(model).set(count)
+        self._worker_models |= counts.keys()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

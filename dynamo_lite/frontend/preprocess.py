@@ -1,0 +1,105 @@
+"""OpenAI request -> GenerationPlan: chat template, tokenization, length checks, sampling options."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+from dynamo_lite.frontend.models import ServedModel
+from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, check_supported
+from dynamo_lite.protocol.errors import InvalidRequestError
+from dynamo_lite.protocol.messages import SamplingOptions
+
+# Prompts longer than this (characters) are tokenized in a thread so they don't stall other streams;
+# shorter ones are cheaper to do inline than to hand over.
+THREAD_TOKENIZE_CHARS = 16_384
+
+
+@dataclass
+class GenerationPlan:
+    """Everything the pipeline needs for one request."""
+
+    request_id: str
+    model: ServedModel
+    prompt_ids: list[int]
+    sampling: SamplingOptions
+    stop: list[str]
+    prompt_param: str  # the field to blame in errors about the prompt ("messages" or "prompt")
+
+
+async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
+    if len(text) > THREAD_TOKENIZE_CHARS:
+        return await asyncio.to_thread(model.tokenizer.encode, text, add_special_tokens)
+    return model.tokenizer.encode(text, add_special_tokens)
+
+
+async def plan_chat(model: ServedModel, request: ChatCompletionRequest) -> GenerationPlan:
+    check_supported(request)
+    text = model.tokenizer.render_chat(request.template_messages(), request.add_generation_prompt,
+                                       request.tools, request.chat_template_kwargs)
+    prompt_ids = await _encode(model, text, add_special_tokens=False)
+    return _plan(model, request, prompt_ids, "chatcmpl-", "messages")
+
+
+async def plan_completion(model: ServedModel, request: CompletionRequest) -> GenerationPlan:
+    check_supported(request)
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise InvalidRequestError("a list of several prompts is not supported: send one prompt per request",
+                                      param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        prompt_ids = await _encode(model, prompt, add_special_tokens=True)
+    else:
+        prompt_ids = list(prompt)
+        vocab_size = model.tokenizer.vocab_size
+        for token_id in prompt_ids:
+            if token_id >= vocab_size:
+                raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (size {vocab_size})",
+                                          param="prompt")
+    return _plan(model, request, prompt_ids, "cmpl-", "prompt")
+
+
+def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], id_prefix: str,
+          prompt_param: str) -> GenerationPlan:
+    context_length = model.card.context_length
+    prompt_tokens = len(prompt_ids)
+    if prompt_tokens == 0:
+        raise InvalidRequestError("the prompt is empty", param=prompt_param)
+    if prompt_tokens >= context_length:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context_length} tokens, but the prompt has "
+            f"{prompt_tokens} tokens, leaving no room for output.", param=prompt_param,
+            code="context_length_exceeded")
+    requested = request.requested_max_tokens()
+    room = context_length - prompt_tokens
+    max_param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+    if requested is not None and requested > room:
+        raise InvalidRequestError(
+            f"{max_param}={requested} is too large: the prompt has {prompt_tokens} tokens and this model's "
+            f"maximum context length is {context_length} tokens, so at most {room} can be generated.",
+            param=max_param, code="context_length_exceeded")
+    max_tokens = requested if requested is not None else room
+    if request.min_tokens > max_tokens:
+        raise InvalidRequestError(f"min_tokens={request.min_tokens} is larger than {max_param}={max_tokens}",
+                                  param="min_tokens")
+    stop_token_ids = list(request.stop_token_ids or ())
+    if not request.ignore_eos:
+        stop_token_ids.extend(i for i in model.tokenizer.eos_token_ids if i not in stop_token_ids)
+    top_k = request.top_k if request.top_k is not None and request.top_k > 0 else 0
+    sampling = SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=top_k,
+        seed=request.seed,
+        min_tokens=request.min_tokens,
+        ignore_eos=request.ignore_eos,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        stop_token_ids=stop_token_ids,
+    )
+    return GenerationPlan(request_id=id_prefix + uuid.uuid4().hex, model=model, prompt_ids=prompt_ids,
+                          sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param)

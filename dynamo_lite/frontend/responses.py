@@ -1,0 +1,85 @@
+"""OpenAI response bodies and SSE chunks, encoded with msgspec (no pydantic on the way out).
+
+A streamed chunk differs from the previous one only in its text, so each stream pre-encodes the
+bytes around the text once and splices the JSON-encoded text in per chunk.
+"""
+
+from __future__ import annotations
+
+import time
+
+from dynamo_lite.protocol.messages import json_encoder
+
+DONE = b"data: [DONE]\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chat_completion(request_id: str, model: str, text: str, finish_reason: str | None, usage_: dict) -> bytes:
+    return json_encoder.encode({
+        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": usage_,
+    })
+
+
+def text_completion(request_id: str, model: str, text: str, finish_reason: str | None, usage_: dict) -> bytes:
+    return json_encoder.encode({
+        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage_,
+    })
+
+
+class ChunkEncoder:
+    """SSE chunks of one stream: `data: {json}\\n\\n` for chat (`chat.completion.chunk`) or
+    completions (`text_completion`)."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, include_usage: bool):
+        self.chat = chat
+        self.include_usage = include_usage
+        self._head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                      "created": int(time.time()), "model": model}
+        # Everything before and after the text, for the common chunk (text, no finish reason).
+        marker = "\x00TEXT\x00"
+        encoded = self._encode(self._choice({"content": marker} if chat else marker, None))
+        self._text_prefix, self._text_suffix = encoded.split(json_encoder.encode(marker))
+
+    def _choice(self, delta_or_text, finish_reason: str | None, usage_: dict | None = None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+        body = dict(self._head, choices=[choice])
+        if self.include_usage:
+            body["usage"] = None
+        return body
+
+    @staticmethod
+    def _encode(body: dict) -> bytes:
+        return b"data: " + json_encoder.encode(body) + b"\n\n"
+
+    def role(self) -> bytes:
+        """The first chat chunk: the assistant role with empty content."""
+        return self._encode(self._choice({"role": "assistant", "content": ""}, None))
+
+    def text(self, text: str) -> bytes:
+        return self._text_prefix + json_encoder.encode(text) + self._text_suffix
+
+    def finish(self, finish_reason: str | None) -> bytes:
+        return self._encode(self._choice({} if self.chat else "", finish_reason))
+
+    def usage(self, usage_: dict) -> bytes:
+        """The include_usage chunk: empty choices, the request's usage."""
+        return self._encode(dict(self._head, choices=[], usage=usage_))
+
+    @staticmethod
+    def error(status: int, message: str, error_type: str) -> bytes:
+        """An error after the stream started (the status line is already sent)."""
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+        return b"data: " + json_encoder.encode(body) + b"\n\n"

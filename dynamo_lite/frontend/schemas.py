@@ -1,0 +1,129 @@
+"""OpenAI request bodies (pydantic, used at the HTTP edge only).
+
+Field constraints here turn bad input into a 400 naming the field. What pydantic cannot express
+(unsupported options, limits that depend on the model) is checked by `check_supported` and the
+pipeline. Responses are not pydantic models: they are plain dicts encoded with msgspec (hot path).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from dynamo_lite.protocol.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+StopString = Annotated[StrictStr, Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 / 0 = disabled (vLLM's convention)
+    seed: int | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    n: Annotated[int, Field(ge=1)] = 1
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]]
+    logprobs: Annotated[int, Field(ge=0)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (tool_calls, tool_call_id, ...) are kept: chat templates may read them.
+    model_config = ConfigDict(extra="allow")
+
+    role: Annotated[StrictStr, Field(min_length=1)]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        # max_completion_tokens replaces the deprecated max_tokens in OpenAI's chat API.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as plain dicts for the chat template; text parts are joined into one string."""
+        messages = []
+        for index, message in enumerate(self.messages):
+            item = message.model_dump(exclude_none=True)
+            if isinstance(message.content, list):
+                texts = []
+                for part_index, part in enumerate(message.content):
+                    if part.type != "text" or part.text is None:
+                        raise InvalidRequestError(
+                            f"content part type '{part.type}' is not supported (text only)",
+                            param=f"messages[{index}].content[{part_index}].type")
+                    texts.append(part.text)
+                item["content"] = "\n".join(texts)
+            elif message.content is None:
+                item["content"] = ""
+            messages.append(item)
+        return messages
+
+
+def check_supported(request: SamplingFields) -> None:
+    """Reject valid OpenAI options this server does not implement, with a clear 400."""
+    if request.n > 1:
+        raise InvalidRequestError("n > 1 is not supported", param="n")
+    if request.best_of is not None and request.best_of > 1:
+        raise InvalidRequestError("best_of > 1 is not supported", param="best_of")
+    if getattr(request, "logprobs", None) or getattr(request, "top_logprobs", None):
+        raise InvalidRequestError("logprobs are not supported", param="logprobs")
+    if getattr(request, "echo", False):
+        raise InvalidRequestError("echo is not supported", param="echo")
+    if getattr(request, "suffix", None):
+        raise InvalidRequestError("suffix is not supported", param="suffix")

@@ -1,0 +1,167 @@
+"""The frontend renders chat templates exactly as transformers' apply_chat_template does.
+
+transformers is only imported here (the frontend itself must not need it). The default model's
+folder is used when it exists; a tiny tokenizer with a template exercising the helpers
+(raise_exception, tojson, special tokens, loop controls) runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from dynamo_lite.frontend.tokenizer import ModelTokenizer
+from dynamo_lite.protocol.errors import InvalidRequestError
+
+transformers = pytest.importorskip("transformers")
+
+MODEL_DIR = Path(os.environ.get("DYN_MODEL_PATH")
+                 or Path.home() / ".cache" / "dynamo_lite" / "models" / "SmolLM2-135M-Instruct").expanduser()
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke about <tags> & \"quotes\" — ünïcödé 日本"}],
+]
+
+TINY_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role ' + m['role']) }}{% endif %}"
+    "{% if m['role'] == 'system' and not loop.first %}{% continue %}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> Tokenizer:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    tok = tiny_tokenizer()
+    ours = ModelTokenizer(tok, {"bos_token": "<s>", "eos_token": "</s>"}, TINY_TEMPLATE)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer(), bos_token="<s>",
+                                                  eos_token="</s>")
+    theirs.chat_template = TINY_TEMPLATE
+    return ours, theirs
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_tiny_template_matches_transformers(tiny_pair, conversation, add_generation_prompt):
+    ours, theirs = tiny_pair
+    expected = theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours.render_chat(conversation, add_generation_prompt) == expected
+
+
+def test_tiny_template_tools_use_transformers_tojson(tiny_pair):
+    ours, theirs = tiny_pair
+    tools = [{"type": "function", "function": {"name": "f<x>", "description": "ü & co"}}]
+    expected = theirs.apply_chat_template(CONVERSATIONS[0], tools=tools, tokenize=False,
+                                          add_generation_prompt=True)
+    rendered = ours.render_chat(CONVERSATIONS[0], True, tools=tools)
+    assert rendered == expected
+    assert '"f<x>"' in rendered and "ü" in rendered  # not HTML-escaped, not ASCII-escaped
+
+
+def test_raise_exception_in_template_is_a_400(tiny_pair):
+    ours, _ = tiny_pair
+    with pytest.raises(InvalidRequestError) as info:
+        ours.render_chat([{"role": "robot", "content": "x"}])
+    assert info.value.status == 400 and "bad role robot" in info.value.message
+
+
+def test_template_from_tokenizer_config_file():
+    files = {"tokenizer.json": tiny_tokenizer().to_str().encode(),
+             "tokenizer_config.json": b'{"chat_template": "{{ messages[0][\'content\'] }}!", '
+                                      b'"eos_token": {"content": "</s>", "special": true}}',
+             "generation_config.json": b'{"eos_token_id": [1, 3]}'}
+    loaded = ModelTokenizer.from_files(files)
+    assert loaded.render_chat([{"role": "user", "content": "hey"}]) == "hey!"
+    # EOS ids: generation_config's list, plus the tokenizer's eos_token id.
+    assert loaded.eos_token_ids == [1, 3, loaded.tokenizer.token_to_id("</s>")]
+    # chat_template.jinja takes precedence over tokenizer_config's template (transformers v5 layout).
+    loaded = ModelTokenizer.from_files({**files, "chat_template.jinja": b"J{{ messages | length }}"})
+    assert loaded.render_chat([{"role": "user", "content": "hey"}]) == "J1"
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    if not (MODEL_DIR / "tokenizer.json").is_file():
+        pytest.skip(f"default model folder {MODEL_DIR} not prepared (scripts/prepare_model.py)")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    return ModelTokenizer.from_folder(MODEL_DIR), theirs
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_default_model_prompt_matches_transformers(default_model, conversation):
+    ours, theirs = default_model
+    text = theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert ours.render_chat(conversation, True) == text
+    ids = theirs.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ours.encode_chat(conversation) == list(ids)
+
+
+def test_default_model_eos_and_plain_encoding(default_model):
+    ours, theirs = default_model
+    assert theirs.eos_token_id in ours.eos_token_ids
+    text = "The capital of France is"
+    assert ours.encode(text) == theirs(text)["input_ids"]
+
+
+# ---------------------------------------------------------------- fast encode path (fast_bpe)
+
+FUZZ_ALPHABET = (list("abcXYZ019'’-_.,;:!?()[]{}<>/\\\"#@$%^&*+=|~`") + [" ", "  ", "\t", "\n", "\r\n", "\u00a0",
+                 "\u2009", "\u3000", "\x0b", "\x0c", "\x85", "\u200b", "é", "ß", "日本", "한", "🙂", "👍🏽", "٣",
+                 "Ⅻ", "²", "𝔘", "\u0301", "'s", "'ll", "'D", "<|im_start|>", "<|im_end|>", "<|im_", "|>"])
+
+
+def fuzz_texts(count: int, seed: int = 1234) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(0, 40))) for _ in range(count)]
+
+
+def assert_fast_path_exact(ours: ModelTokenizer, reference: Tokenizer, texts: list[str]) -> None:
+    assert ours._fast_encoder is not None, "the fast encode path should be enabled for this tokenizer"
+    for text in texts:
+        for special in (False, True):
+            assert ours.encode(text, special) == reference.encode(text, add_special_tokens=special).ids, repr(text)
+
+
+def test_fast_encode_matches_tokenizers_on_tiny_tokenizer():
+    ours = ModelTokenizer.from_files({"tokenizer.json": tiny_tokenizer().to_str().encode()})
+    assert_fast_path_exact(ours, tiny_tokenizer(), fuzz_texts(300) + [TINY_TEMPLATE])
+
+
+def test_fast_encode_matches_tokenizers_on_default_model(default_model):
+    ours, _ = default_model
+    reference = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    texts = fuzz_texts(1500) + [ours.render_chat(c) for c in CONVERSATIONS]
+    assert_fast_path_exact(ours, reference, texts)
+    # Cached pieces give the same answer the second time round.
+    assert_fast_path_exact(ours, reference, texts[:200])
+
+
+def test_fast_path_is_off_when_it_would_not_be_exact():
+    tok = tiny_tokenizer()
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Lowercase()
+    ours = ModelTokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
+    assert ours._fast_encoder is None
+    assert ours.encode("HeLLo") == tok.encode("HeLLo").ids
