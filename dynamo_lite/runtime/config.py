@@ -61,7 +61,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, group: str 
         default = field.default
         if env in os.environ:
             default = _parse_env(field, os.environ[env])
-        help_text = f"{field.metadata.get('help', '')} [env: {env}] (default: {default!r})"
+        help_text = f"{field.metadata.get('help', '')} [env: {env}]"
+        if not issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+            help_text += f" (default: {default!r})"  # vLLM's formatter already prints defaults
         kind = field.type if isinstance(field.type, str) else str(field.type)
         name = flag_name(field)
         if kind.startswith("bool"):

@@ -1,0 +1,40 @@
+"""`python -m dynamo_lite.vllm [vLLM engine flags] [dynamo_lite worker flags]` (see --help)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from dynamo_lite.runtime.logging import configure_logging
+
+logger = logging.getLogger("dynamo_lite.vllm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dynamo_lite.engine.worker import WorkerShellConfig, run_workers
+    from dynamo_lite.vllm.args import nixl_environment, parse_args
+    from dynamo_lite.vllm.engine import VllmEngine
+
+    engine_args, config = parse_args(argv)
+    configure_logging("vllm-prefill" if config.is_prefill_worker else "vllm-worker")
+    if config.connector == "nixl":
+        # Process-wide settings NIXL reads when the engine starts; set before building it.
+        os.environ.update(nixl_environment(config.advertise_host, dict(os.environ)))
+    shell_config = WorkerShellConfig(
+        namespace=config.namespace, component=config.component, role=config.role,
+        advertise_host=config.advertise_host, port=config.request_plane_port,
+        drain_timeout=config.drain_timeout, migration_limit=config.migration_limit, engine_kind="vllm")
+    logger.info("starting vLLM worker for %s as %s in namespace %s", engine_args.model, config.role,
+                config.namespace)
+    try:
+        asyncio.run(run_workers([VllmEngine(engine_args)], [shell_config], config.etcd_endpoints,
+                                config.nats_server or None))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

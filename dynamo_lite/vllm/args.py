@@ -1,0 +1,153 @@
+"""Command line of `python -m dynamo_lite.vllm`: every vLLM engine flag plus the worker's own.
+
+vLLM's flags come from its own FlexibleArgumentParser and AsyncEngineArgs.add_cli_args, so a flag
+that works with `vllm serve` works here, with vLLM's help, JSON and dotted syntax. Ours come from
+VllmWorkerConfig (one field per flag, each with an environment twin, runtime.config).
+
+Two defaults differ from `vllm serve`:
+- --model defaults to the prepared default model folder ($DYN_MODEL_PATH, else
+  ~/.cache/dynamo_lite/models/SmolLM2-135M-Instruct), so a bare `python -m dynamo_lite.vllm` serves.
+- On a CPU-only vLLM build, --enforce-eager defaults to on: vLLM's compiled (inductor) bf16 graph
+  answered with wrong tokens on this project's AVX2-only CPU box (eager and float32-compiled were
+  right), and compiling costs minutes at start. Pass --no-enforce-eager to compile anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dynamo_lite.protocol.errors import ConfigError
+from dynamo_lite.runtime.config import add_config_arguments, config_from_args, option
+
+DEFAULT_MODEL_PATH = Path.home() / ".cache" / "dynamo_lite" / "models" / "SmolLM2-135M-Instruct"
+PROG = "python -m dynamo_lite.vllm"
+WORKER_GROUP = "DynamoLiteWorker"  # titled like vLLM's groups, so --help=DynamoLiteWorker finds it
+
+
+@dataclass(frozen=True)
+class VllmWorkerConfig:
+    namespace: str = option("dynamo", "Namespace of every etcd key and NATS subject.")
+    migration_limit: int = option(0, "How many times the frontend may migrate a request of this model to "
+                                  "another worker when this one dies mid-stream (0 = never).")
+    is_prefill_worker: bool = option(False, "Serve as a prefill worker of disaggregated serving "
+                                     "(registers under the prefill component; needs a KV connector).")
+    connector: str = option("none", "KV connector for disaggregated serving: nixl = vLLM's NixlConnector "
+                            "(kv_both), none = aggregated only. Or pass --kv-transfer-config instead.",
+                            choices=["nixl", "none"])
+    advertise_host: str = option("127.0.0.1", "Address other hosts reach this worker at: request plane "
+                                 "and NIXL side channel (never localhost across hosts).")
+    request_plane_port: int = option(0, "TCP port of the request plane (0 = any free port).")
+    etcd_endpoints: str = option("http://127.0.0.1:2379", "etcd endpoints, comma-separated.",
+                                 env="ETCD_ENDPOINTS")
+    nats_server: str = option("nats://127.0.0.1:4222", "NATS server URL for KV events and load reports "
+                              "(empty = serve without them).", env="NATS_SERVER")
+    drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown.")
+
+    @property
+    def component(self) -> str:
+        from dynamo_lite.protocol import keys
+        return keys.COMPONENT_PREFILL if self.is_prefill_worker else keys.COMPONENT_BACKEND
+
+    @property
+    def role(self) -> str:
+        if self.is_prefill_worker:
+            return "prefill"
+        return "aggregated" if self.connector == "none" else "decode"
+
+
+def default_model_path() -> str:
+    return str(Path(os.environ.get("DYN_MODEL_PATH") or DEFAULT_MODEL_PATH).expanduser())
+
+
+def build_parser():
+    """vLLM's parser with its engine flags, our defaults, and the dynamo_lite group."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog=PROG, usage=f"{PROG} [vLLM engine flags] [DynamoLiteWorker flags]",
+        description="A dynamo_lite worker around vLLM's AsyncLLM. Worker flags: --help=DynamoLiteWorker; "
+                    "vLLM engine flags: --help=<ConfigGroup> or --help=all.")
+    parser = AsyncEngineArgs.add_cli_args(parser)
+    parser.set_defaults(model=default_model_path())
+    if current_platform.is_cpu():
+        parser.set_defaults(enforce_eager=True)
+    add_config_arguments(parser, VllmWorkerConfig, group=WORKER_GROUP)
+    return parser
+
+
+def validate(config: VllmWorkerConfig, kv_transfer_config: Any, kv_events_config: Any) -> None:
+    """Raise ConfigError naming the flags of an invalid combination."""
+    if config.migration_limit < 0:
+        raise ConfigError("--migration-limit must be >= 0", param="--migration-limit")
+    if config.drain_timeout < 0:
+        raise ConfigError("--drain-timeout must be >= 0", param="--drain-timeout")
+    if not 0 <= config.request_plane_port <= 65535:
+        raise ConfigError("--request-plane-port must be in 0..65535", param="--request-plane-port")
+    if config.advertise_host in ("", "0.0.0.0", "::"):
+        raise ConfigError("--advertise-host must be an address other processes can connect to, "
+                          f"not {config.advertise_host!r}", param="--advertise-host")
+    if not config.etcd_endpoints:
+        raise ConfigError("--etcd-endpoints (ETCD_ENDPOINTS) must not be empty", param="--etcd-endpoints")
+    if config.connector != "none" and kv_transfer_config is not None:
+        raise ConfigError("pass either --connector or --kv-transfer-config, not both", param="--connector")
+    if config.is_prefill_worker and config.connector == "none" and kv_transfer_config is None:
+        raise ConfigError("--is-prefill-worker needs a KV connector to hand its KV cache to decode workers: "
+                          "add --connector nixl (or --kv-transfer-config)", param="--is-prefill-worker")
+    events = _as_dict(kv_events_config)
+    if events and events.get("enable_kv_cache_events") and events.get("publisher", "zmq") != "zmq":
+        raise ConfigError("--kv-events-config: the worker relays vLLM's KV events from its ZMQ publisher, "
+                          "so 'publisher' must be 'zmq'", param="--kv-events-config")
+
+
+def _as_dict(value: Any) -> dict | None:
+    if value is None or isinstance(value, dict):
+        return value
+    return dataclasses.asdict(value)
+
+
+def nixl_transfer_config(connector: str):
+    """vLLM's KVTransferConfig for --connector (settings from disagg.py; host memory on CPU, DESIGN §4)."""
+    from vllm.config import KVTransferConfig
+    from vllm.platforms import current_platform
+
+    from dynamo_lite.vllm.disagg import kv_transfer_config
+
+    params = kv_transfer_config(connector, current_platform.is_cpu())
+    return KVTransferConfig(**params) if params is not None else None
+
+
+def nixl_environment(advertise_host: str, environ: dict[str, str]) -> dict[str, str]:
+    """NIXL side-channel env vars the operator did not set: listen on the advertised host (vLLM's default
+    is localhost) and on a free port (two workers on one host would collide on vLLM's fixed 5600)."""
+    from dynamo_lite.vllm.disagg import SIDE_CHANNEL_HOST_ENV, SIDE_CHANNEL_PORT_ENV, side_channel_env
+    from dynamo_lite.vllm.kv_events import free_tcp_port
+
+    port = int(environ.get(SIDE_CHANNEL_PORT_ENV) or free_tcp_port(advertise_host))
+    wanted = side_channel_env(environ.get(SIDE_CHANNEL_HOST_ENV) or advertise_host, port)
+    return {key: value for key, value in wanted.items() if key not in environ}
+
+
+def parse_args(argv: list[str] | None = None):
+    """-> (AsyncEngineArgs, VllmWorkerConfig). Invalid flags exit with an argparse error (status 2)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    try:
+        parser = build_parser()
+    except ConfigError as e:  # a malformed environment twin
+        raise SystemExit(f"{PROG}: error: {e}") from e
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(VllmWorkerConfig, args)
+        validate(config, args.kv_transfer_config, args.kv_events_config)
+    except ConfigError as e:
+        parser.error(str(e))
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    if config.connector != "none":
+        engine_args.kv_transfer_config = nixl_transfer_config(config.connector)
+    return engine_args, config

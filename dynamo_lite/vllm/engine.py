@@ -1,0 +1,204 @@
+"""VllmEngine: vLLM's AsyncLLM (V1 engine) in this process, behind the project's Engine interface.
+
+Token ids in, token ids out: the frontend tokenizes, detokenizes and applies stop strings, so requests
+go in as TokensPrompt with detokenize=False and stream back as DELTA outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm import SamplingParams, TokensPrompt
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMServerError
+from vllm.sampling_params import RequestOutputKind
+from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.stats import SchedulerStats
+
+from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
+from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
+from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, KvEvent, SamplingOptions
+from dynamo_lite.vllm.kv_events import KvEventSubscriber
+
+logger = logging.getLogger(__name__)
+
+# vLLM's finish reasons -> ours. "repetition" is vLLM's repetition detector stopping the request.
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
+
+
+def finish_reason(reason: str | None, request_id: str) -> str:
+    if reason == "error":
+        raise EngineError(f"vLLM reported an error finishing request {request_id}")
+    return FINISH_REASONS.get(reason or "stop", "stop")
+
+
+class SchedulerStatsRecorder(StatLoggerBase):
+    """A vLLM stat logger that only keeps the latest SchedulerStats (sent by the engine core each step)."""
+
+    def __init__(self, vllm_config: Any = None, engine_index: int = 0):
+        self.latest: SchedulerStats | None = None
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            self.latest = scheduler_stats
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None) -> SamplingParams:
+    """Raises ValueError (from vLLM's own validation) for values it rejects."""
+    extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else None
+    return SamplingParams(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k if options.top_k > 0 else 0,  # 0 is vLLM's "disabled"
+        seed=options.seed,
+        min_tokens=options.min_tokens,
+        ignore_eos=options.ignore_eos,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        stop_token_ids=list(options.stop_token_ids) or None,
+        output_kind=RequestOutputKind.DELTA,
+        detokenize=False,
+        extra_args=extra_args,
+    )
+
+
+class VllmEngine(Engine):
+    def __init__(self, engine_args: AsyncEngineArgs):
+        self._engine_args = engine_args
+        self._llm: AsyncLLM | None = None
+        self._info: EngineInfo | None = None
+        self._stats = SchedulerStatsRecorder()
+        self._subscriber = KvEventSubscriber()
+        self._events_enabled = False
+        self._building: asyncio.Future | None = None
+        self._shut_down = False
+
+    @property
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    @property
+    def async_llm(self) -> AsyncLLM | None:
+        """The underlying engine (operators' tools and tests)."""
+        return self._llm
+
+    @property
+    def last_scheduler_stats(self) -> SchedulerStats | None:
+        """The engine core's latest per-step scheduler stats (None before the first step)."""
+        return self._stats.latest
+
+    async def start(self) -> EngineInfo:
+        if self._info is not None:
+            return self._info
+        args = self._engine_args
+        self._events_enabled = self._subscriber.configure(args)
+        vllm_config = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+        stats = self._stats
+
+        def build() -> AsyncLLM:
+            # Takes tens of seconds (engine core process, model load, KV cache): off the event loop.
+            return AsyncLLM.from_vllm_config(
+                vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
+                stat_loggers=[lambda _config, _index: stats],
+                enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats)
+
+        self._building = asyncio.ensure_future(asyncio.to_thread(build))
+        # Shielded: if start() is cancelled (shutdown during start-up) shutdown() still owns the build.
+        self._llm = await asyncio.shield(self._building)
+        self._building = None
+        model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
+        served = args.served_model_name
+        if isinstance(served, (list, tuple)):
+            served = served[0] if served else None
+        total_blocks = cache_config.num_gpu_blocks or 0  # filled in by the engine core's handshake
+        self._subscriber.translator.resize(total_blocks)
+        self._info = EngineInfo(model_name=served or args.model, model_path=model_config.model,
+                                context_length=model_config.max_model_len,
+                                kv_block_size=cache_config.block_size, total_kv_blocks=total_blocks)
+        logger.info("vLLM engine ready: %s (context %d, %d KV blocks of %d tokens, prefix caching %s)",
+                    self._info.model_name, self._info.context_length, total_blocks,
+                    cache_config.block_size, cache_config.enable_prefix_caching)
+        return self._info
+
+    def _require_llm(self) -> AsyncLLM:
+        if self._llm is None or self._shut_down:
+            raise EngineError("the vLLM engine is not running")
+        return self._llm
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]:
+        llm = self._require_llm()
+        try:
+            params = sampling_params(request.sampling, request.kv_transfer_params)
+        except (ValueError, VLLMClientError) as e:
+            raise InvalidRequestError(str(e)) from e
+        prompt = TokensPrompt(prompt_token_ids=list(request.token_ids))
+        first = True
+        # aclosing: when our consumer stops (aclose or cancellation), vLLM's generator is closed at
+        # once, and its GeneratorExit/CancelledError handler aborts the request in the engine core.
+        try:
+            async with contextlib.aclosing(llm.generate(prompt, params, request.request_id)) as outputs:
+                async for output in outputs:
+                    completion = output.outputs[0]
+                    frame = GenerateFrame(token_ids=list(completion.token_ids))
+                    if first:
+                        frame.prompt_tokens = len(request.token_ids)
+                        frame.cached_tokens = output.num_cached_tokens or 0
+                        first = False
+                    if output.finished:
+                        frame.finish_reason = finish_reason(completion.finish_reason, request.request_id)
+                        frame.kv_transfer_params = output.kv_transfer_params
+                        frame.last = True
+                    yield frame
+        except VLLMClientError as e:  # vLLM's own validation, e.g. prompt longer than the context
+            raise InvalidRequestError(str(e)) from e
+        except (GracefulHTTPError, VLLMServerError) as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise EngineError(f"vLLM failed request {request.request_id}: {cause}") from e
+
+    async def kv_events(self) -> AsyncIterator[list[KvEvent]]:
+        if not self._events_enabled:
+            return
+        async with contextlib.aclosing(self._subscriber.events()) as batches:
+            async for events in batches:
+                yield events
+
+    def load(self) -> EngineLoad:
+        """From the scheduler stats the engine core sends each step, cross-checked with the requests this
+        process still tracks: the core sends no stats when it goes idle (e.g. after an abort), so the
+        last stats can claim work that has ended."""
+        total = self._info.total_kv_blocks if self._info else 0
+        stats = self._stats.latest
+        unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        if stats is None or unfinished == 0:
+            return EngineLoad(active_blocks=0, total_blocks=total, running_requests=0, waiting_requests=0)
+        running = min(stats.num_running_reqs, unfinished)
+        waiting = min(stats.num_waiting_reqs + stats.num_skipped_waiting_reqs, unfinished - running)
+        return EngineLoad(active_blocks=round(stats.kv_cache_usage * total), total_blocks=total,
+                          running_requests=running, waiting_requests=waiting)
+
+    async def shutdown(self) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self._subscriber.close()
+        llm = self._llm
+        if llm is None and self._building is not None:
+            # Shut down during start-up: let the build finish, then stop what it started.
+            try:
+                llm = await self._building
+            except Exception:
+                llm = None
+        self._llm = None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+            logger.info("vLLM engine stopped")

@@ -1,0 +1,243 @@
+"""vLLM's KV cache events -> the project's content-hashed KV events.
+
+vLLM's scheduler publishes a KVEventBatch per step on a ZMQ PUB socket (vllm/distributed/kv_events.py):
+multipart [topic, seq (8-byte big-endian), msgpack(KVEventBatch)]. We subscribe in this process and
+translate each batch:
+
+- BlockStored: vLLM's block hashes are its own (sha256 with a per-process seed, optionally with LoRA
+  or multimodal extra keys), useless to a router in another process. We recompute chained
+  protocol.hashing content hashes from the event's token_ids, starting from the parent's content
+  hash, and remember engine hash -> content hash.
+- BlockRemoved: engine hashes -> content hashes via that map; unknown hashes are dropped (a block we
+  never announced needs no removal).
+- AllBlocksCleared passes through.
+
+A stored run whose parent we do not know is dropped, not treated as a root: its content hash chains
+over a prefix we never saw, so hashing it as a root would announce a prefix the worker does not hold
+(a false cache hit, which costs the router more than a miss). It cannot happen while we see every
+batch from the engine's start (vLLM stores a parent before its children, and re-announces reused
+blocks), only after lost messages; a later full store of the prefix repairs it.
+
+The map never needs invalidation: an engine hash always denotes the same token prefix, so an entry is
+a cached value of a pure function. It is an LRU bounded at a few times the KV cache size, so it holds
+every block that can be cached at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from dynamo_lite.protocol import hashing
+from dynamo_lite.protocol.messages import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOPIC = "kv-events"
+POLL_INTERVAL_MS = 250
+# vLLM's device tier; other media (CPU offload, storage) are other tiers the router does not index.
+ROUTED_MEDIA = (None, "GPU")
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _routed_tier(event: Any) -> bool:
+    """The device KV cache of the model's only (full-attention) cache group: what routers index."""
+    return getattr(event, "medium", None) in ROUTED_MEDIA and getattr(event, "group_idx", None) in (None, 0)
+
+
+class KvEventTranslator:
+    """Pure translation of vLLM event batches (no I/O): see the module docstring."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self._capacity = capacity
+        self._content_of: OrderedDict[Any, int] = OrderedDict()  # engine hash -> content hash
+        self.dropped_orphans = 0
+
+    def resize(self, total_blocks: int) -> None:
+        self._capacity = max(self._capacity, 4 * total_blocks)
+
+    def translate(self, events: list[Any]) -> list[KvEvent]:
+        out: list[KvEvent] = []
+        for event in events:
+            name = type(event).__name__
+            if name == "BlockStored":
+                stored = self._stored(event)
+                if stored is not None:
+                    out.append(stored)
+            elif name == "BlockRemoved":
+                removed = self._removed(event)
+                if removed is not None:
+                    out.append(removed)
+            elif name == "AllBlocksCleared":
+                out.append(AllBlocksCleared())
+        return out
+
+    def _stored(self, event: Any) -> BlockStored | None:
+        if not _routed_tier(event):
+            return None
+        # LoRA, multimodal inputs and cache salts change what a block holds beyond its token ids; a
+        # token-only content hash would claim a match it cannot serve.
+        if event.lora_name or event.lora_id or any(event.extra_keys or ()):
+            return None
+        size, count = event.block_size, len(event.block_hashes)
+        if count == 0 or size <= 0 or len(event.token_ids) != count * size:
+            logger.warning("dropping malformed BlockStored: %d hashes, %d tokens, block size %d",
+                           count, len(event.token_ids), size)
+            return None
+        parent: int | None = None
+        if event.parent_block_hash is not None:
+            parent = self._lookup(event.parent_block_hash)
+            if parent is None:
+                self.dropped_orphans += 1
+                logger.warning("dropping %d stored block(s) whose parent block was never announced", count)
+                return None
+        content = hashing.block_hashes(event.token_ids, size, parent)
+        for engine_hash, content_hash in zip(event.block_hashes, content):
+            self._remember(engine_hash, content_hash)
+        return BlockStored(block_hashes=content, parent_block_hash=parent, token_ids=list(event.token_ids),
+                           block_size=size)
+
+    def _removed(self, event: Any) -> BlockRemoved | None:
+        if not _routed_tier(event):
+            return None
+        content = [h for h in map(self._content_of.get, event.block_hashes) if h is not None]
+        return BlockRemoved(block_hashes=content) if content else None
+
+    def _lookup(self, engine_hash: Any) -> int | None:
+        content = self._content_of.get(engine_hash)
+        if content is not None:
+            self._content_of.move_to_end(engine_hash)
+        return content
+
+    def _remember(self, engine_hash: Any, content_hash: int) -> None:
+        self._content_of[engine_hash] = content_hash
+        self._content_of.move_to_end(engine_hash)
+        while len(self._content_of) > self._capacity:
+            self._content_of.popitem(last=False)
+
+
+def _is_bind_endpoint(endpoint: str) -> bool:
+    """Mirror of ZmqEventPublisher._is_bind_endpoint: vLLM binds these and connects to the rest."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+class KvEventSubscriber:
+    """Receives vLLM's KV event batches over ZMQ and yields translated event lists.
+
+    `configure(engine_args)` must run before the engine is built: by default it binds a SUB socket on
+    a free loopback port and points vLLM's publisher at it (a publisher given a concrete address
+    connects), so there is no race for the port. A user-given --kv-events-config is respected: we
+    connect to a publisher that binds, or bind the address a connecting publisher is told to use.
+    """
+
+    def __init__(self) -> None:
+        self._context: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._topic = DEFAULT_TOPIC
+        self._closed = False
+        self._consuming = False
+        self._last_seq: int | None = None
+        self._decoder: msgspec.msgpack.Decoder | None = None
+        self.translator = KvEventTranslator()
+
+    def configure(self, engine_args: Any) -> bool:
+        """Set up the socket and engine_args.kv_events_config. False when events are disabled by the user."""
+        from vllm.config.kv_events import KVEventsConfig
+        from vllm.distributed.kv_events import KVEventBatch
+
+        user = engine_args.kv_events_config
+        if isinstance(user, dict):
+            user = KVEventsConfig(**user)
+        if user is not None and not user.enable_kv_cache_events:
+            logger.warning("KV events disabled by --kv-events-config: routers will not see this cache")
+            return False
+        if engine_args.enable_prefix_caching is False:
+            logger.warning("prefix caching is off (--no-enable-prefix-caching): no KV events to relay")
+            return False
+        self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        self._context = zmq.asyncio.Context()
+        sock = self._context.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.LINGER, 0)
+        if user is None:
+            sock.setsockopt(zmq.SUBSCRIBE, DEFAULT_TOPIC.encode())
+            sock.bind("tcp://127.0.0.1:0")
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            engine_args.kv_events_config = KVEventsConfig(
+                enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic=DEFAULT_TOPIC)
+        else:
+            self._topic = user.topic
+            sock.setsockopt(zmq.SUBSCRIBE, user.topic.encode())
+            if _is_bind_endpoint(user.endpoint):
+                endpoint = user.endpoint.replace("*", "127.0.0.1").replace("[::]", "[::1]")
+                sock.connect(endpoint)
+            else:
+                endpoint = user.endpoint
+                sock.bind(endpoint)
+            engine_args.kv_events_config = dataclasses.replace(user)
+        self._socket = sock
+        logger.info("subscribed to vLLM KV events at %s (topic %r)", endpoint, self._topic)
+        return True
+
+    async def events(self) -> AsyncIterator[list[KvEvent]]:
+        """Translated, non-empty event lists in engine order, until close()."""
+        sock, decoder = self._socket, self._decoder
+        if sock is None or decoder is None:
+            return
+        self._consuming = True
+        try:
+            while not self._closed:
+                if not await sock.poll(POLL_INTERVAL_MS, zmq.POLLIN):
+                    continue
+                frames = await sock.recv_multipart()
+                events = self._decode(frames, decoder)
+                if events:
+                    yield events
+        finally:
+            self._consuming = False
+            if self._closed:
+                self._close_socket()
+
+    def _decode(self, frames: list[bytes], decoder: msgspec.msgpack.Decoder) -> list[KvEvent]:
+        if len(frames) != 3:
+            logger.warning("dropping KV event message of %d frames (want topic, seq, payload)", len(frames))
+            return []
+        seq = int.from_bytes(frames[1], "big", signed=True)
+        if self._last_seq is not None and seq != self._last_seq + 1:
+            logger.warning("KV event gap: batch %d after %d (dropped by the publisher)", seq,
+                           self._last_seq)
+        self._last_seq = seq
+        try:
+            batch = decoder.decode(frames[2])
+        except msgspec.DecodeError as e:
+            logger.warning("dropping undecodable KV event batch %d: %s", seq, e)
+            return []
+        return self.translator.translate(batch.events)
+
+    def close(self) -> None:
+        """Stop; the socket closes now, or when a running events() generator notices."""
+        self._closed = True
+        if not self._consuming:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
