@@ -67,9 +67,10 @@ async def serve(config: FrontendConfig) -> None:
         watcher = await _connect_discovery(config, stack)
         client = RequestClient(connect_timeout=config.connect_timeout)
         stack.push_async_callback(client.close)
-        router = await build_router(config, watcher, stack)
+        registry = CollectorRegistry()
+        router = await build_router(config, watcher, stack, registry)
         app = create_app(FrontendDeps(watcher=watcher, client=client, router=router,
-                                      registry=CollectorRegistry(), config=config))
+                                      registry=registry, config=config))
         server = _Server(uvicorn.Config(app, host=config.http_host, port=config.http_port, loop="uvloop",
                                         http="httptools", access_log=False, lifespan="off",
                                         log_level=config.log_level.lower(),

@@ -30,9 +30,10 @@ from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
-from dynamo_lite.protocol.errors import DynamoLiteError
+from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
 from dynamo_lite.protocol.messages import InstanceRecord, json_encoder
 from dynamo_lite.router.base import Router
+from dynamo_lite.router.service import KvRoutingService
 from dynamo_lite.transport.client import RequestClient
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,10 @@ class OpenAIService:
         model = generation.plan.model.name
         self.metrics.input_tokens.labels(model).inc(generation.prompt_tokens)
         self.metrics.output_tokens.labels(model).inc(generation.completion_tokens)
+        if generation.engine_reported_usage:
+            self.metrics.cached_tokens.labels(model).inc(generation.cached_tokens)
+            if isinstance(self.deps.router, KvRoutingService):
+                self.deps.router.record_usage(model, generation.prompt_tokens, generation.cached_tokens)
 
     async def _complete(self, generation: Generation, endpoint: str, chat: bool, arrival: float) -> Response:
         model = generation.plan.model.name
@@ -201,6 +206,35 @@ class OpenAIService:
     async def live(self, request: Request) -> Response:
         return _json({"status": "live"})
 
+    async def debug_route(self, request: Request) -> Response:
+        """What the kv router would weigh for a prompt ({"model", "messages" | "prompt"}), per worker,
+        and the worker it would choose. Nothing is dispatched and no load is recorded."""
+        router = self.deps.router
+        if not isinstance(router, KvRoutingService):
+            return errors.error_response(
+                400, f"/debug/route explains the kv router, but this frontend routes with --router-mode "
+                     f"{self.deps.config.router_mode} (start it with --router-mode kv)", "invalid_request_error")
+        try:
+            try:
+                data = msgspec.json.decode(await request.body())
+            except msgspec.DecodeError as e:
+                raise InvalidRequestError(f"the body is not valid JSON: {e}") from e
+            if not isinstance(data, dict) or ("messages" in data) == ("prompt" in data):
+                raise InvalidRequestError('the body needs "model" and one of "messages" or "prompt"')
+            chat = "messages" in data
+            body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
+            served = await self.models.get(body.model)
+            plan = await (plan_chat(served, body) if chat else plan_completion(served, body))
+            explanation = router.explain(served.name, plan.prompt_ids)
+        except pydantic.ValidationError as e:
+            return errors.pydantic_error_response(e)
+        except DynamoLiteError as e:
+            return errors.dynamo_error_response(e)
+        addresses = {r.instance_id: r.address for r in self.deps.watcher.instances(served.name)}
+        for row in explanation["workers"]:
+            row["address"] = addresses.get(row["worker_id"])
+        return _json({"model": served.name, "prompt_tokens": len(plan.prompt_ids), **explanation})
+
     async def prometheus(self, request: Request) -> Response:
         counts: dict[str, int] = {}
         for record in self.deps.watcher.instances():
@@ -222,6 +256,7 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/health", service.health, methods=["GET"])
     app.add_route("/live", service.live, methods=["GET"])
     app.add_route("/metrics", service.prometheus, methods=["GET"])
+    app.add_route("/debug/route", service.debug_route, methods=["POST"])
     app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
     app.add_exception_handler(RequestValidationError, errors.handle_request_validation)
     app.add_exception_handler(HTTPException, errors.handle_http_exception)

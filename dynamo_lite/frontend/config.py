@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import option
 
 ROUTER_MODES = ["round-robin", "random", "kv"]
@@ -24,5 +25,30 @@ class FrontendConfig:
     tokenizer_timeout: float = option(30.0, "Seconds to wait for a worker to send its tokenizer files.")
     connect_timeout: float = option(5.0, "Seconds to wait for a TCP connection to a worker.")
     failed_cooldown: float = option(10.0, "Seconds a worker whose connection failed stays excluded.")
+    kv_overlap_score_weight: float = option(1.0, "kv router: weight of the prompt blocks a worker would have "
+                                                 "to compute, against its active blocks (0 = load only).")
+    router_temperature: float = option(0.0, "kv router: 0 picks the lowest cost; > 0 samples workers from a "
+                                            "softmax over normalized costs.")
+    kv_cache_block_size: int = option(0, "kv router: tokens per KV block (0 = from the model card).")
+    kv_events: bool = option(True, "kv router: follow the workers' KV events over NATS (--no-kv-events: "
+                                   "approximate mode, the router remembers the prefixes it routed).",
+                             negatable=True)
+    router_ttl: float = option(120.0, "kv router, approximate mode: seconds a routed prefix counts as cached.")
     log_level: str = option("info", "Log level (debug, info, warning, error).", env="DYN_LOG",
                             choices=["debug", "info", "warning", "error", "critical"])
+
+    def __post_init__(self) -> None:
+        if self.kv_overlap_score_weight < 0:
+            raise ConfigError(f"--kv-overlap-score-weight must be >= 0 (got {self.kv_overlap_score_weight})",
+                              param="--kv-overlap-score-weight")
+        if self.router_temperature < 0:
+            raise ConfigError(f"--router-temperature must be >= 0 (got {self.router_temperature})",
+                              param="--router-temperature")
+        if self.kv_cache_block_size < 0:
+            raise ConfigError(f"--kv-cache-block-size must be >= 0 (got {self.kv_cache_block_size})",
+                              param="--kv-cache-block-size")
+        if not self.router_ttl > 0:
+            raise ConfigError(f"--router-ttl must be > 0 (got {self.router_ttl})", param="--router-ttl")
+        if self.router_mode == "kv" and self.kv_events and not self.nats_server.strip():
+            raise ConfigError("--router-mode kv needs --nats-server (NATS_SERVER) for KV events; "
+                              "pass --no-kv-events for approximate routing without NATS", param="--nats-server")

@@ -28,6 +28,9 @@ class FrontendMetrics:
                                              ["model"], buckets=TOKEN_GAP_BUCKETS, registry=registry)
         self.input_tokens = Counter(f"{PREFIX}_input_tokens", "Prompt tokens of finished requests",
                                     ["model"], registry=registry)
+        self.cached_tokens = Counter(f"{PREFIX}_cached_tokens", "Prompt tokens the engines served from their "
+                                     "prefix cache (usage.prompt_tokens_details.cached_tokens)", ["model"],
+                                     registry=registry)
         self.output_tokens = Counter(f"{PREFIX}_output_tokens", "Generated tokens of finished requests",
                                      ["model"], registry=registry)
         self.request_duration = Histogram(f"{PREFIX}_request_duration_seconds",

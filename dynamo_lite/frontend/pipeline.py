@@ -73,6 +73,7 @@ class Generation:
         self._inter_token_latency = deps.metrics.inter_token_latency.labels(plan.model.name)
         self.prompt_tokens = len(plan.prompt_ids)
         self.cached_tokens = 0
+        self.engine_reported_usage = False  # a worker's first frame told us its cached prompt tokens
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.migrations = 0
@@ -165,7 +166,8 @@ class Generation:
                     if not isinstance(frame, GenerateFrame):
                         self._raise_for(frame, record)
                     if not self._generated and frame.cached_tokens is not None:
-                        self.cached_tokens = frame.cached_tokens
+                        self.cached_tokens = frame.cached_tokens  # usage reports the engine's own count
+                        self.engine_reported_usage = True
                     if frame.token_ids:
                         text = self._accept_tokens(frame.token_ids)
                         if text:

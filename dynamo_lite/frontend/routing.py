@@ -1,48 +1,105 @@
 """Build the router named by --router-mode.
 
-The kv router lives in dynamo_lite.router.kv_router (it needs the event plane). Its module is
-expected to provide `async def start_frontend_router(config, watcher, stack) -> Router`, which
-connects what it needs and registers its cleanup on the AsyncExitStack. Until that module exists,
---router-mode kv falls back to round-robin with an error in the log.
+`kv` builds a KvRoutingService (router/service.py). With KV events (the default) it needs NATS: if
+NATS cannot be reached at start, the frontend still serves (the router then weighs only the load it
+tracks itself) and keeps connecting in the background; once connected, it subscribes and resyncs
+every worker. With --no-kv-events (approximate mode) it never touches NATS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import importlib
 import logging
 
+from prometheus_client import CollectorRegistry
+
 from dynamo_lite.discovery.watcher import InstanceWatcher
+from dynamo_lite.events.base import EventBus
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.router.base import Router
+from dynamo_lite.router.metrics import KvRouterMetrics
 from dynamo_lite.router.policies import RandomRouter, RoundRobinRouter
+from dynamo_lite.router.service import KvRoutingService, KvRoutingSettings
 
 logger = logging.getLogger(__name__)
 
-KV_ROUTER_MODULE = "dynamo_lite.router.kv_router"
+NATS_CONNECT_TIMEOUT = 3.0  # per attempt
+NATS_RETRY_INTERVAL = 2.0  # seconds between background attempts
 
 
-async def build_router(config: FrontendConfig, watcher: InstanceWatcher,
-                       stack: contextlib.AsyncExitStack) -> Router:
+async def build_router(config: FrontendConfig, watcher: InstanceWatcher, stack: contextlib.AsyncExitStack,
+                       registry: CollectorRegistry | None = None) -> Router:
+    """The router for config.router_mode; its cleanup goes on `stack`, its metrics on `registry`."""
     if config.router_mode == "round-robin":
         return RoundRobinRouter()
     if config.router_mode == "random":
         return RandomRouter()
     if config.router_mode == "kv":
-        try:
-            module = importlib.import_module(KV_ROUTER_MODULE)
-        except ModuleNotFoundError as e:
-            if e.name != KV_ROUTER_MODULE:
-                raise  # the module exists but one of its imports is missing: a real error
-            logger.error("kv router not available (%s is missing): falling back to round-robin",
-                         KV_ROUTER_MODULE)
-            return RoundRobinRouter()
-        start = getattr(module, "start_frontend_router", None)
-        if start is None:
-            logger.error("kv router not available (%s has no start_frontend_router): "
-                         "falling back to round-robin", KV_ROUTER_MODULE)
-            return RoundRobinRouter()
-        return await start(config, watcher, stack)
+        return await start_kv_routing(config, watcher, stack, registry)
     raise ConfigError(f"--router-mode {config.router_mode!r} is not one of round-robin, random, kv",
                       param="--router-mode")
+
+
+def kv_settings(config: FrontendConfig) -> KvRoutingSettings:
+    return KvRoutingSettings(namespace=config.namespace, block_size=config.kv_cache_block_size,
+                             overlap_weight=config.kv_overlap_score_weight, temperature=config.router_temperature,
+                             use_kv_events=config.kv_events, approx_ttl=config.router_ttl)
+
+
+async def start_kv_routing(config: FrontendConfig, watcher: InstanceWatcher, stack: contextlib.AsyncExitStack,
+                           registry: CollectorRegistry | None = None) -> KvRoutingService:
+    metrics = KvRouterMetrics(registry) if registry is not None else None
+    service = KvRoutingService(watcher, kv_settings(config), metrics)
+    plane = _EventPlane(service, config.nats_server)
+    stack.push_async_callback(plane.close)
+    if not config.kv_events:
+        logger.info("kv router in approximate mode (--no-kv-events): routed prefixes count as cached for %gs",
+                    config.router_ttl)
+        return service
+    if not await plane.try_connect(first=True):
+        logger.warning("NATS at %s is unreachable (--nats-server / NATS_SERVER): the kv router routes on load "
+                       "alone until it connects; retrying every %gs in the background", config.nats_server,
+                       NATS_RETRY_INTERVAL)
+        plane.retry_in_background()
+    return service
+
+
+class _EventPlane:
+    """The kv router's NATS connection: connected at start or later in the background, closed last."""
+
+    def __init__(self, service: KvRoutingService, servers: str):
+        self.service = service
+        self.servers = servers
+        self.bus: EventBus | None = None
+        self._task: asyncio.Task | None = None
+
+    async def try_connect(self, first: bool = False) -> bool:
+        from dynamo_lite.events.nats import NatsEventBus  # only kv mode with events needs nats-py
+
+        try:
+            self.bus = await NatsEventBus.connect(self.servers, connect_timeout=NATS_CONNECT_TIMEOUT,
+                                                  name="dynamo_lite-frontend")
+        except Exception as e:  # whatever the client raises, the answer is to retry later
+            (logger.info if first else logger.debug)("NATS connect to %s failed: %s", self.servers, e)
+            return False
+        await self.service.attach_events(self.bus)
+        if not first:
+            logger.info("kv router: connected to NATS at %s; KV events now feed the router", self.servers)
+        return True
+
+    def retry_in_background(self) -> None:
+        async def retry() -> None:
+            while not await self.try_connect():
+                await asyncio.sleep(NATS_RETRY_INTERVAL)
+
+        self._task = asyncio.get_running_loop().create_task(retry(), name="kv-router-nats-connect")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.service.close()
+        if self.bus is not None:
+            await self.bus.close()

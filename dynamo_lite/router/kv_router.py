@@ -2,8 +2,10 @@
 
 Event intake (DESIGN §7.5) is ordered per worker by `KvEventBatch.seq`:
 - The next expected seq is applied. An older or repeated seq is ignored.
-- A gap, or a first batch from an unknown worker whose seq is not 0, leaves the router's view of that
-  worker out of date: `apply_batch` returns False, meaning "resync this worker" (request its block set
+- A worker's sequence starts at FIRST_SEQ (1), as the worker shell numbers it (a worker that
+  re-registers under a new lease is a new worker id and starts at 1 again, with its whole block set).
+- A gap, or a first batch from an unknown worker whose seq is not FIRST_SEQ (a router that joined
+  mid-stream), leaves the router's view of that worker out of date: `apply_batch` returns False, meaning "resync this worker" (request its block set
   on protocol.keys' resync subject and pass the answer to `apply_resync`). While out of date, batches
   are buffered (bounded) and `apply_batch` returns True, except that it returns False again once every
   `resync_retry` seconds so a lost resync is retried.
@@ -39,6 +41,8 @@ from dynamo_lite.router.cost import (WorkerCost, lowest_cost, prompt_block_count
 from dynamo_lite.router.indexer import KvIndexer
 
 logger = logging.getLogger(__name__)
+
+FIRST_SEQ = 1  # seq of a worker's first batch (engine/worker.py numbers batches from 1)
 
 
 @dataclass
@@ -144,10 +148,10 @@ class KvRouter(Router):
         stream = self._streams.get(worker_id)
         if stream is None:
             stream = self._streams[worker_id] = _EventStream()
-            if batch.seq != 0:  # joined mid-stream: the worker has blocks we never saw
+            if batch.seq != FIRST_SEQ:  # joined mid-stream: the worker has blocks we never saw
                 return self._fall_behind(stream, batch)
             self._apply_events(batch)
-            stream.last_seq = 0
+            stream.last_seq = FIRST_SEQ
             return True
         if stream.last_seq is None:
             stream.pending.append(batch)
@@ -199,6 +203,11 @@ class KvRouter(Router):
     def needs_resync(self, worker_id: int) -> bool:
         stream = self._streams.get(worker_id)
         return stream is not None and stream.last_seq is None
+
+    def is_synced(self, worker_id: int) -> bool:
+        """The router follows this worker's batches (it saw its first batch or a resync answer)."""
+        stream = self._streams.get(worker_id)
+        return stream is not None and stream.last_seq is not None
 
     def _apply_events(self, batch: KvEventBatch) -> None:
         dropped = self.indexer.apply_events(batch.worker_id, batch.events)

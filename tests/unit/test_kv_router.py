@@ -117,14 +117,14 @@ def make_router(**kwargs) -> tuple[KvRouter, FakeClock]:
 
 def test_routes_to_the_worker_holding_the_prefix_and_reports_overlap():
     router, _ = make_router()
-    assert router.apply_batch(batch(W2, 0, store(PROMPT[:12])))
+    assert router.apply_batch(batch(W2, 1, store(PROMPT[:12])))
     decision = router.route("r1", PROMPT, [W1, W2, W3])
     assert (decision.worker_id, decision.overlap_blocks) == (W2, 3)
 
 
 def test_load_outweighs_a_small_overlap():
     router, _ = make_router()
-    router.apply_batch(batch(W1, 0, store(PROMPT[:4])))
+    router.apply_batch(batch(W1, 1, store(PROMPT[:4])))
     # Before: W1 has overlap 1 -> cost 4, W2 cost 5. Send an unrelated 8-token prompt to W1 first.
     router.route("busy", [7] * 8, [W1])
     explanation = router.explain(PROMPT, [W1, W2])
@@ -148,7 +148,7 @@ def test_active_blocks_follow_first_token_and_finish():
 
 def test_explain_rows():
     router, _ = make_router(overlap_weight=2.0)
-    router.apply_batch(batch(W1, 0, store(PROMPT[:8])))
+    router.apply_batch(batch(W1, 1, store(PROMPT[:8])))
     explanation = router.explain(PROMPT, [W1, W2])
     assert explanation["choice"] == W1
     assert explanation["prompt_blocks"] == 5
@@ -185,30 +185,30 @@ def test_route_without_workers_raises():
 
 def test_gap_asks_for_a_resync_and_buffered_batches_replay_after_it():
     router, clock = make_router(resync_retry=2.0)
-    assert router.apply_batch(batch(W1, 0, store(PROMPT[:4])))
-    assert router.apply_batch(batch(W1, 1, store(PROMPT[4:8], parent=block_hashes(PROMPT[:4], BS)[-1])))
-    assert not router.apply_batch(batch(W1, 3, AllBlocksCleared()))  # seq 2 was lost
+    assert router.apply_batch(batch(W1, 1, store(PROMPT[:4])))
+    assert router.apply_batch(batch(W1, 2, store(PROMPT[4:8], parent=block_hashes(PROMPT[:4], BS)[-1])))
+    assert not router.apply_batch(batch(W1, 4, AllBlocksCleared()))  # seq 3 was lost
     assert router.needs_resync(W1)
     hashes = block_hashes(PROMPT, BS)
-    assert router.apply_batch(batch(W1, 4, store(PROMPT[:4])))  # buffered; resync already asked
+    assert router.apply_batch(batch(W1, 5, store(PROMPT[:4])))  # buffered; resync already asked
     clock.now += 2.0
-    assert not router.apply_batch(batch(W1, 5, store(PROMPT[4:12], parent=hashes[0])))  # ask again
+    assert not router.apply_batch(batch(W1, 6, store(PROMPT[4:12], parent=hashes[0])))  # ask again
     assert router.resyncs_requested == 2
-    # The snapshot is at seq 3 (the clear was the worker's last batch before it): 4 and 5 replay on top.
-    snapshot = batch(W1, 3, AllBlocksCleared())
+    # The snapshot is at seq 4 (the clear was the worker's last batch before it): 5 and 6 replay on top.
+    snapshot = batch(W1, 4, AllBlocksCleared())
     assert router.apply_resync(snapshot)
     assert not router.needs_resync(W1)
     assert router.indexer.find_matches(hashes) == {W1: 3}
-    assert router.apply_batch(batch(W1, 6, BlockRemoved(block_hashes=[hashes[2]])))
+    assert router.apply_batch(batch(W1, 7, BlockRemoved(block_hashes=[hashes[2]])))
     assert router.indexer.find_matches(hashes) == {W1: 2}
 
 
 def test_resync_replaces_what_the_router_had():
     router, _ = make_router()
-    router.apply_batch(batch(W1, 0, store(PROMPT[:8])))
-    assert not router.apply_batch(batch(W1, 7, store([1, 2, 3, 4])))
-    snapshot = batch(W1, 9, AllBlocksCleared(), store([5, 6, 7, 8]))
-    assert router.apply_resync(snapshot)  # the buffered seq 7 is older than the snapshot: dropped
+    router.apply_batch(batch(W1, 1, store(PROMPT[:8])))
+    assert not router.apply_batch(batch(W1, 8, store([1, 2, 3, 4])))
+    snapshot = batch(W1, 10, AllBlocksCleared(), store([5, 6, 7, 8]))
+    assert router.apply_resync(snapshot)  # the buffered seq 8 is older than the snapshot: dropped
     assert router.indexer.find_matches(block_hashes(PROMPT, BS)) == {}
     assert router.indexer.find_matches(block_hashes([5, 6, 7, 8], BS)) == {W1: 1}
     assert router.indexer.find_matches(block_hashes([1, 2, 3, 4], BS)) == {}
@@ -216,42 +216,68 @@ def test_resync_replaces_what_the_router_had():
 
 def test_gap_left_after_a_resync_asks_again():
     router, _ = make_router()
-    router.apply_batch(batch(W1, 0))
-    assert not router.apply_batch(batch(W1, 2))
-    assert router.apply_batch(batch(W1, 5))
-    assert not router.apply_resync(batch(W1, 2))  # 3 and 4 are missing before the buffered 5
+    router.apply_batch(batch(W1, 1))
+    assert not router.apply_batch(batch(W1, 3))
+    assert router.apply_batch(batch(W1, 6))
+    assert not router.apply_resync(batch(W1, 3))  # 4 and 5 are missing before the buffered 6
     assert router.needs_resync(W1)
-    assert router.apply_resync(batch(W1, 5))
+    assert router.apply_resync(batch(W1, 6))
 
 
 def test_unknown_worker_mid_stream_needs_a_resync_and_old_batches_are_ignored():
     router, _ = make_router()
-    assert not router.apply_batch(batch(W2, 5, store(PROMPT[:4])))
+    assert not router.apply_batch(batch(W2, 6, store(PROMPT[:4])))
     assert router.indexer.find_matches(block_hashes(PROMPT, BS)) == {}
-    router.apply_resync(batch(W2, 5, store(PROMPT[:8])))
-    assert router.apply_batch(batch(W2, 4, AllBlocksCleared()))  # older than the snapshot: ignored
+    router.apply_resync(batch(W2, 6, store(PROMPT[:8])))
+    assert router.apply_batch(batch(W2, 5, AllBlocksCleared()))  # older than the snapshot: ignored
     assert router.indexer.find_matches(block_hashes(PROMPT, BS)) == {W2: 2}
+
+
+def test_a_new_workers_first_batch_is_seq_1_and_needs_no_resync():
+    router, _ = make_router()
+    assert not router.is_synced(W1)
+    assert router.apply_batch(batch(W1, 1, store(PROMPT[:8])))  # the worker shell numbers from 1
+    assert router.is_synced(W1) and not router.needs_resync(W1)
+    assert router.resyncs_requested == 0
+    assert router.indexer.find_matches(block_hashes(PROMPT, BS)) == {W1: 2}
+
+
+def test_a_late_router_seeing_seq_above_1_resyncs():
+    router, _ = make_router()
+    assert not router.apply_batch(batch(W1, 2, store(PROMPT[:4])))  # batch 1 happened before we joined
+    assert router.needs_resync(W1) and router.resyncs_requested == 1
+    assert router.apply_resync(batch(W1, 2, store(PROMPT[:8])))
+    assert router.is_synced(W1)
+    assert router.indexer.find_matches(block_hashes(PROMPT, BS)) == {W1: 2}
+
+
+def test_resync_of_an_idle_worker_then_its_first_batch():
+    router, _ = make_router()
+    assert router.apply_resync(batch(W1, 0, AllBlocksCleared()))  # a worker that published nothing yet
+    assert router.apply_batch(batch(W1, 1, store(PROMPT[:4])))
+    assert router.resyncs_requested == 0
+    assert router.indexer.find_matches(block_hashes(PROMPT, BS)) == {W1: 1}
 
 
 def test_bad_event_is_dropped_and_the_rest_of_the_batch_applies():
     router, _ = make_router()
     bad = BlockStored(block_hashes=[123], parent_block_hash=999, token_ids=[0] * BS, block_size=BS)
-    assert router.apply_batch(batch(W1, 0, bad, store(PROMPT[:4])))
+    assert router.apply_batch(batch(W1, 1, bad, store(PROMPT[:4])))
     assert router.indexer.dropped_events == 1
     assert router.indexer.find_matches(block_hashes(PROMPT, BS)) == {W1: 1}
-    assert router.apply_batch(batch(W1, 1))  # seq still advanced
+    assert router.apply_batch(batch(W1, 2))  # seq still advanced
 
 
 def test_worker_removed_loses_blocks_and_load_at_once():
     router, clock = make_router(removed_grace=60.0)
-    router.apply_batch(batch(W1, 0, store(PROMPT[:16])))
+    router.apply_batch(batch(W1, 1, store(PROMPT[:16])))
     router.route("r1", PROMPT, [W1, W2])
     router.worker_removed(W1)
     assert costs_by_id(router.explain(PROMPT, [W1, W2])) == {W1: (0, 0, 5.0), W2: (0, 0, 5.0)}
-    assert router.apply_batch(batch(W1, 1, store(PROMPT[:4])))  # in flight: ignored, no resync
+    assert router.apply_batch(batch(W1, 2, store(PROMPT[:4])))  # in flight: ignored, no resync
     assert router.indexer.block_count(W1) == 0
     clock.now += 61.0
-    assert not router.apply_batch(batch(W1, 2, store(PROMPT[:4])))  # back after the grace: resync
+    assert not router.apply_batch(batch(W1, 3, store(PROMPT[:4])))  # back after the grace: resync
     router.finished("r1")  # its worker is gone: ignored
 
 
