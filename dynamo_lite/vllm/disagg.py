@@ -9,6 +9,8 @@ See docs/disaggregation-notes.md for what flows between prefill and decode and w
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
 import socket
 from urllib.parse import urlsplit
 
@@ -17,6 +19,8 @@ from urllib.parse import urlsplit
 _CONNECTORS = {"nixl": "NixlConnector", "nixlconnector": "NixlConnector"}
 _NO_CONNECTOR = {"", "none", "null"}
 _KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+
+logger = logging.getLogger(__name__)
 
 # Side channel env vars read by vLLM's NixlConnector scheduler (vllm/envs.py).
 SIDE_CHANNEL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
@@ -119,3 +123,55 @@ def _first_endpoint_host(etcd_endpoints: str) -> str:
         return urlsplit(first).hostname or ""
     except ValueError:
         return ""
+
+
+def bound_cpus(omp_threads_bind: str) -> set[int] | None:
+    """The CPU set of a single-rank `VLLM_CPU_OMP_THREADS_BIND` value ("1", "0-3", "0,2-3").
+
+    None for values that do not name one fixed set ("", "auto", "nobind", or "a|b" per-rank lists).
+    """
+    spec = omp_threads_bind.strip()
+    if not spec or spec in ("auto", "nobind") or "|" in spec:
+        return None
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def restore_worker_affinity(root_pid: int, cpus: set[int]) -> list[int]:
+    """Re-pin the main thread of every `VLLM::Worker` process under `root_pid` to `cpus`.
+
+    Why: on the CPU platform vLLM's NIXL worker calls `os.sched_setaffinity(0, last core of each
+    NUMA node)` while it initialises, from the worker's main thread, which is also the thread
+    that runs the model (the OpenMP master). On a 2-core box that moves the compute of an engine
+    bound to core 0 onto core 1, where the other engine runs. Call this once the engine has
+    started (AsyncLLM returned). Returns the pids re-pinned; Linux only (reads /proc).
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process went away or is unreadable
+        children.setdefault(ppid, []).append(int(entry))
+    repinned: list[int] = []
+    stack = list(children.get(root_pid, []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith("VLLM::Worker") and os.sched_getaffinity(pid) != cpus:
+                os.sched_setaffinity(pid, cpus)  # a pid is its main thread's tid
+                repinned.append(pid)
+        except OSError:
+            continue
+    if repinned:
+        logger.info("re-pinned vLLM worker main thread(s) %s to cpus %s", repinned, sorted(cpus))
+    return repinned

@@ -67,9 +67,9 @@ def mocker_stack(tmp_path_factory, etcd_endpoint, nats_url):
         group.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_stack(tmp_path_factory, etcd_endpoint, nats_url):
-    """Frontend + one real vLLM worker on the default model, shared by the whole session (~40 s start)."""
+    """Frontend + one real vLLM worker on the default model, shared by the module (~40 s start; torn down after it so engines never pile up)."""
     if not (DEFAULT_MODEL_PATH / "config.json").exists():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
     group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "vllm")
@@ -84,7 +84,7 @@ def vllm_stack(tmp_path_factory, etcd_endpoint, nats_url):
         group.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_pair_stack(tmp_path_factory, etcd_endpoint, nats_url):
     """A kv-mode frontend + two real vLLM workers pinned to separate cores, shared by the session
     (~60 s start, ~3 GB each). Separate from vllm_stack so tests there keep their single worker."""
