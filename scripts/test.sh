@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh), then run the test suite. Arguments go to pytest.
+#
+#   bash scripts/test.sh                      # everything under tests/
+#   bash scripts/test.sh tests/unit -x        # a part of it
+#   bash scripts/test.sh -m "not vllm"        # skip the real-vLLM end-to-end tests
+#
+# Exits non-zero when a test fails and also when no test ran (pytest's exit code 5).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${ROOT}"
+
+bash scripts/setup.sh
+
+args=(-q -ra "$@")
+# Without arguments, name tests/ explicitly; with them, pytest's testpaths (tests) still applies when
+# the arguments hold no path.
+(( $# == 0 )) && args=(tests "${args[@]}")
+
+echo "[test] .venv/bin/python -m pytest ${args[*]}"
+status=0
+.venv/bin/python -m pytest "${args[@]}" || status=$?
+if (( status == 5 )); then
+    echo "[test] error: pytest collected no tests" >&2
+    exit 1
+fi
+exit "${status}"
