@@ -36,7 +36,7 @@ def prompt_of_tokens(n_tokens: int) -> str:
     """About n_tokens tokens of varied English for SmolLM2's tokenizer (~1 token per word here)."""
     words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
              "boxing matches near old stone bridges").split()
-    return " ".join(words[i % len(words)] for i in range(n_tokens - 12))
+    return " ".join(words[i % len(words)] for i in range(n_tokens - 45))
 
 
 def wrk_run(url: str, body: dict, connections: int, duration: int, threads: int = 2) -> dict:
