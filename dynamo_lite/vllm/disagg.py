@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 _CONNECTORS = {"nixl": "NixlConnector", "nixlconnector": "NixlConnector"}
 _NO_CONNECTOR = {"", "none", "null"}
 _KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+_LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def kv_transfer_config(
     *,
     kv_role: str = "kv_both",
     kv_lease_duration: int | None = None,
+    kv_load_failure_policy: str | None = None,
 ) -> dict | None:
     """The `--kv-transfer-config` dict for `connector`, or None when no connector is wanted.
 
@@ -44,6 +46,9 @@ def kv_transfer_config(
         but behaves the same); "kv_producer"/"kv_consumer" are vLLM's preferred split roles.
     kv_lease_duration: seconds a prefill worker keeps finished blocks that nobody has pulled
         (vLLM default 30; a decode worker that queued the request extends it by heartbeats).
+    kv_load_failure_policy: what a decode request does when pulling its KV fails (dead prefill
+        worker, transfer error): "recompute" prefills locally, "fail" ends it with an error
+        (vLLM's default). None leaves vLLM's default.
 
     Raises ValueError naming the flag for an unknown connector or role.
     """
@@ -62,6 +67,11 @@ def kv_transfer_config(
         if kv_lease_duration <= 0:
             raise ValueError(f"kv_lease_duration must be positive, got {kv_lease_duration}")
         config["kv_connector_extra_config"] = {"kv_lease_duration": int(kv_lease_duration)}
+    if kv_load_failure_policy is not None:
+        if kv_load_failure_policy not in _LOAD_FAILURE_POLICIES:
+            raise ValueError(f"kv_load_failure_policy {kv_load_failure_policy!r} is not one of "
+                             f"{', '.join(_LOAD_FAILURE_POLICIES)}")
+        config["kv_load_failure_policy"] = kv_load_failure_policy
     return config
 
 
