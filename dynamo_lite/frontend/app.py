@@ -25,11 +25,13 @@ from starlette.responses import Response, StreamingResponse
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend import errors, responses
 from dynamo_lite.frontend.config import FrontendConfig
+from dynamo_lite.frontend.disagg import DisaggCoordinator, DisaggSettings
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
+from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
 from dynamo_lite.protocol.messages import InstanceRecord, json_encoder
 from dynamo_lite.router.base import Router
@@ -63,8 +65,15 @@ class OpenAIService:
         self.deps = deps
         self.metrics = FrontendMetrics(deps.registry)
         self.models = ModelRegistry(deps.watcher, deps.client, deps.config.tokenizer_timeout)
+        config = deps.config
+        self.disagg = DisaggCoordinator(
+            DisaggSettings(enabled=config.disaggregation, min_prefill_tokens=config.disagg_min_prefill_tokens,
+                           max_prefill_queue=config.max_prefill_queue, enforce=config.enforce_disagg,
+                           request_timeout=config.request_timeout),
+            deps.watcher, deps.client, deps.router, self.metrics)
         self.pipeline = PipelineDeps(watcher=deps.watcher, client=deps.client, router=deps.router,
-                                     metrics=self.metrics, request_timeout=deps.config.request_timeout)
+                                     metrics=self.metrics, request_timeout=config.request_timeout,
+                                     disagg=self.disagg)
         self.started = int(time.time())
         deps.watcher.add_listener(self._on_instance_change)
 
@@ -230,8 +239,14 @@ class OpenAIService:
             return errors.pydantic_error_response(e)
         except DynamoLiteError as e:
             return errors.dynamo_error_response(e)
+        prefill_ids = [r.instance_id for r in self.deps.watcher.instances(served.name, keys.COMPONENT_PREFILL)]
+        kv_router = router.router_for(served.name)
+        if prefill_ids and kv_router is not None:
+            # Disaggregated serving: how the same router would pick among the prefill workers.
+            explanation["prefill"] = kv_router.explain(plan.prompt_ids, prefill_ids)
         addresses = {r.instance_id: r.address for r in self.deps.watcher.instances(served.name)}
-        for row in explanation["workers"]:
+        for row in [*explanation["workers"], *explanation.get("prefill", {}).get("workers", [])]:
+            row["worker"] = f"{row['worker_id']:x}"
             row["address"] = addresses.get(row["worker_id"])
         return _json({"model": served.name, "prompt_tokens": len(plan.prompt_ids), **explanation})
 

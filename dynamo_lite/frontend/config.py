@@ -34,6 +34,17 @@ class FrontendConfig:
                                    "approximate mode, the router remembers the prefixes it routed).",
                              negatable=True)
     router_ttl: float = option(120.0, "kv router, approximate mode: seconds a routed prefix counts as cached.")
+    disaggregation: bool = option(True, "Disaggregated serving when prefill workers are registered: prefill on a "
+                                        "prefill worker, decode on a backend worker (--no-disaggregation: every "
+                                        "request is served aggregated on a backend worker).", negatable=True)
+    disagg_min_prefill_tokens: int = option(256, "Disaggregated serving: prompts whose uncached part (prompt "
+                                                 "tokens minus what the router predicts the decode worker has "
+                                                 "cached) is shorter than this prefill on the decode worker.")
+    max_prefill_queue: int = option(4, "Disaggregated serving: in-flight prefills per prefill worker above which "
+                                       "the pool counts as busy and requests prefill on the decode worker "
+                                       "(0 = no limit).")
+    enforce_disagg: bool = option(False, "Disaggregated serving only: with no prefill worker registered, answer "
+                                         "503 instead of serving aggregated.", negatable=True)
     log_level: str = option("info", "Log level (debug, info, warning, error).", env="DYN_LOG",
                             choices=["debug", "info", "warning", "error", "critical"])
 
@@ -49,6 +60,14 @@ class FrontendConfig:
                               param="--kv-cache-block-size")
         if not self.router_ttl > 0:
             raise ConfigError(f"--router-ttl must be > 0 (got {self.router_ttl})", param="--router-ttl")
+        if self.disagg_min_prefill_tokens < 0:
+            raise ConfigError(f"--disagg-min-prefill-tokens must be >= 0 (got {self.disagg_min_prefill_tokens})",
+                              param="--disagg-min-prefill-tokens")
+        if self.max_prefill_queue < 0:
+            raise ConfigError(f"--max-prefill-queue must be >= 0 (got {self.max_prefill_queue})",
+                              param="--max-prefill-queue")
+        if self.enforce_disagg and not self.disaggregation:
+            raise ConfigError("--enforce-disagg contradicts --no-disaggregation", param="--enforce-disagg")
         if self.router_mode == "kv" and self.kv_events and not self.nats_server.strip():
             raise ConfigError("--router-mode kv needs --nats-server (NATS_SERVER) for KV events; "
                               "pass --no-kv-events for approximate routing without NATS", param="--nats-server")

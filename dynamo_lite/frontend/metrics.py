@@ -10,6 +10,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BLOCK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BYTE_BUCKETS = tuple(float(2 ** k) for k in range(16, 36, 2))  # 64 KiB .. 16 GiB
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -40,6 +42,30 @@ class FrontendMetrics:
                              registry=registry)
         self.migrations = Counter(f"{PREFIX}_migrations", "Requests moved to another worker mid-stream",
                                   ["model"], registry=registry)
+        # Disaggregated serving (frontend/disagg.py).
+        self.disagg_requests = Counter(f"{PREFIX}_disagg_requests", "Requests by how their prompt was prefilled: "
+                                       "mode disaggregated (on a prefill worker) or aggregated (on the decode "
+                                       "worker itself), and why", ["model", "mode", "reason"], registry=registry)
+        self.pool_inflight = Gauge(f"{PREFIX}_pool_inflight_requests", "Requests this frontend has in flight per "
+                                   "worker pool: prefill = remote prefills, decode = streams on backend workers",
+                                   ["model", "pool"], registry=registry)
+        self.remote_prefill_duration = Histogram(f"{PREFIX}_remote_prefill_seconds", "Time from sending a prompt "
+                                                 "to a prefill worker to receiving its KV transfer params",
+                                                 ["model"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.decode_first_token = Histogram(f"{PREFIX}_remote_decode_first_token_seconds", "Time from sending a "
+                                            "decode request with transfer params to its first token (KV pull "
+                                            "plus the first decode step)", ["model"], buckets=LATENCY_BUCKETS,
+                                            registry=registry)
+        self.kv_transfer_blocks = Histogram(f"{PREFIX}_kv_transfer_blocks", "KV blocks a prefill worker handed "
+                                            "to a decode worker, per request (its remote_block_ids)", ["model"],
+                                            buckets=BLOCK_BUCKETS, registry=registry)
+        self.kv_transfer_bytes = Histogram(f"{PREFIX}_kv_transfer_bytes", "KV bytes the decode worker pulled for "
+                                           "a request, as its engine measured them (only requests it could "
+                                           "attribute a transfer to)", ["model"], buckets=BYTE_BUCKETS,
+                                           registry=registry)
+        self.kv_transfer_seconds = Histogram(f"{PREFIX}_kv_transfer_seconds", "Duration of a request's KV pull as "
+                                             "the decode worker's engine measured it", ["model"],
+                                             buckets=LATENCY_BUCKETS, registry=registry)
         self._worker_models: set[str] = set()
 
     def set_workers(self, counts: dict[str, int]) -> None:

@@ -4,6 +4,10 @@ One `Generation` per request. Its `text()` async generator yields text deltas; w
 `finish_reason` and the token counts are set. Closing the generator early (client disconnect,
 stop string) closes the worker stream, which makes the worker abort the request.
 
+Disaggregated serving (frontend/disagg.py): before the first attempt, the DisaggCoordinator decides
+where the prompt is prefilled and may run it on a prefill worker; the first attempt then carries the
+prefill's kv_transfer_params to the decode worker. Retries and migrations prefill locally.
+
 Failures:
 - before the first token of an attempt (connect refused, worker died during prefill): nothing has
   reached the client, so the request is simply sent to another worker (the failed one is excluded);
@@ -13,7 +17,6 @@ Failures:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -24,6 +27,7 @@ import msgspec
 
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.detokenizer import IncrementalDetokenizer
+from dynamo_lite.frontend.disagg import POOL_DECODE, DisaggCoordinator, frames_with_timeout
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.preprocess import GenerationPlan
 from dynamo_lite.protocol import keys
@@ -47,21 +51,7 @@ class PipelineDeps:
     router: Router
     metrics: FrontendMetrics
     request_timeout: float = 0.0  # seconds per frame; 0 = no limit
-
-
-async def _frames_with_timeout(frames: AsyncIterator[Reply], timeout: float,
-                               record: InstanceRecord) -> AsyncIterator[Reply]:
-    iterator = frames.__aiter__()
-    while True:
-        try:
-            async with asyncio.timeout(timeout):
-                frame = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except TimeoutError as e:
-            raise WorkerFailedError(f"worker {record.instance_id:x} sent nothing for {timeout}s",
-                                    instance_id=record.instance_id) from e
-        yield frame
+    disagg: DisaggCoordinator | None = None  # None: always aggregated (no prefill pool handling)
 
 
 class Generation:
@@ -82,18 +72,27 @@ class Generation:
         self._first_token_at: float | None = None
         self._last_frame_at = 0.0
         self._attempt_has_tokens = False  # the router hears first_token once per attempt
+        self.serving_reason: str | None = None  # how the prompt was prefilled (frontend/disagg.py reasons)
 
     async def text(self) -> AsyncIterator[str]:
         """Text deltas (never empty strings) of the whole generation, across migrations."""
         unstarted_retries = 0
         attempt = 0
         last_failure: WorkerFailedError | None = None
+        disagg = self._deps.disagg
         while True:
-            record = self._pick_worker(last_failure)
+            kv_transfer_params = None
+            if attempt == 0 and disagg is not None:
+                # Prefill on a prefill worker first, or decide to prefill on the decode worker itself.
+                serving = await disagg.prepare(self.plan, lambda: self._pick_worker(None))
+                record, kv_transfer_params = serving.worker, serving.kv_transfer_params
+                self.serving_reason = serving.reason
+            else:
+                record = self._pick_worker(last_failure)
             produced_before = len(self._generated)
             try:
                 # aclosing: if our consumer stops, the attempt (and its worker stream) closes now.
-                async with contextlib.aclosing(self._attempt(record, attempt)) as deltas:
+                async with contextlib.aclosing(self._attempt(record, attempt, kv_transfer_params)) as deltas:
                     async for delta in deltas:
                         yield delta
                 return
@@ -144,27 +143,39 @@ class Generation:
         # The watcher reports the removal to its listeners, the router among them (see app.py).
         self._deps.watcher.mark_failed(record.instance_id)
 
-    def _request_for(self, attempt: int) -> GenerateRequest:
+    def _request_for(self, attempt: int, kv_transfer_params: dict | None = None) -> GenerateRequest:
         plan = self.plan
         if attempt == 0:
-            return GenerateRequest(request_id=plan.request_id, token_ids=plan.prompt_ids, sampling=plan.sampling)
+            return GenerateRequest(request_id=plan.request_id, token_ids=plan.prompt_ids, sampling=plan.sampling,
+                                   kv_transfer_params=kv_transfer_params)
         done = len(self._generated)
         sampling = msgspec.structs.replace(plan.sampling, max_tokens=plan.sampling.max_tokens - done,
                                            min_tokens=max(0, plan.sampling.min_tokens - done))
         return GenerateRequest(request_id=f"{plan.request_id}-{attempt}", token_ids=self._tokens_so_far(),
                                sampling=sampling)
 
-    async def _attempt(self, record: InstanceRecord, attempt: int) -> AsyncIterator[str]:
+    async def _attempt(self, record: InstanceRecord, attempt: int,
+                       kv_transfer_params: dict | None = None) -> AsyncIterator[str]:
         deps = self._deps
         request_id = self.plan.request_id
         self._attempt_has_tokens = False
-        stream = deps.client.stream(record.address, self._request_for(attempt))
-        frames = _frames_with_timeout(stream, deps.request_timeout, record) if deps.request_timeout > 0 else stream
+        sent_at = time.monotonic()
+        stream = deps.client.stream(record.address, self._request_for(attempt, kv_transfer_params))
+        frames = frames_with_timeout(stream, deps.request_timeout, record) if deps.request_timeout > 0 else stream
+        tracking = (deps.disagg.track(POOL_DECODE, self._model_label, record.instance_id)
+                    if deps.disagg is not None else contextlib.nullcontext())
+        handoff_pending = kv_transfer_params is not None and deps.disagg is not None
         try:
-            async with contextlib.aclosing(stream), contextlib.aclosing(frames):
+            async with contextlib.AsyncExitStack() as scope:
+                scope.enter_context(tracking)
+                await scope.enter_async_context(contextlib.aclosing(stream))
+                await scope.enter_async_context(contextlib.aclosing(frames))
                 async for frame in frames:
                     if not isinstance(frame, GenerateFrame):
                         self._raise_for(frame, record)
+                    if handoff_pending:
+                        handoff_pending = False
+                        deps.disagg.observe_decode_start(self._model_label, kv_transfer_params, frame, sent_at)
                     if not self._generated and frame.cached_tokens is not None:
                         self.cached_tokens = frame.cached_tokens  # usage reports the engine's own count
                         self.engine_reported_usage = True
@@ -177,9 +188,11 @@ class Generation:
                             self.finish_reason = "stop"
                             return
                     if frame.last:
-                        if frame.finish_reason == "abort":
-                            raise WorkerFailedError(f"worker {record.instance_id:x} aborted the request",
-                                                    instance_id=record.instance_id)
+                        if frame.finish_reason in ("abort", "error"):
+                            # "error": e.g. vLLM could not load the request's KV. Another attempt can
+                            # succeed, so it counts as a worker failure (retry or migrate).
+                            raise WorkerFailedError(f"worker {record.instance_id:x} ended the request with "
+                                                    f"{frame.finish_reason!r}", instance_id=record.instance_id)
                         self.finish_reason = frame.finish_reason or "stop"
                         tail = self._detokenizer.flush()
                         if tail:

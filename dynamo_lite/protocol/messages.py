@@ -79,10 +79,14 @@ class GenerateFrame(msgspec.Struct, kw_only=True, omit_defaults=True, tag="gen")
     """A piece of a generation stream. token_ids are the new tokens since the previous frame."""
 
     token_ids: list[int] = []
-    finish_reason: str | None = None  # "stop" | "length" | "abort" (set on the last frame)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (set on the last frame)
     prompt_tokens: int | None = None  # on the first frame
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache (first frame)
     kv_transfer_params: dict | None = None  # prefill result for the decode worker (last frame)
+    # Decode with remote prefill, first frame: KV bytes the engine pulled for this request and the time
+    # the transfer took, when the engine can attribute them to it (None: not measured).
+    kv_transfer_bytes: int | None = None
+    kv_transfer_seconds: float | None = None
     last: bool = False
 
 

@@ -21,13 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("vllm-prefill" if config.is_prefill_worker else "vllm-worker")
     if config.connector == "nixl":
         # Process-wide settings NIXL reads when the engine starts; set before building it.
-        os.environ.update(nixl_environment(config.advertise_host, dict(os.environ)))
+        os.environ.update(nixl_environment(config.advertise_host, dict(os.environ),
+                                           config.nixl_side_channel_port))
     shell_config = WorkerShellConfig(
         namespace=config.namespace, component=config.component, role=config.role,
         advertise_host=config.advertise_host, port=config.request_plane_port,
         drain_timeout=config.drain_timeout, migration_limit=config.migration_limit, engine_kind="vllm")
-    logger.info("starting vLLM worker for %s as %s in namespace %s", engine_args.model, config.role,
-                config.namespace)
+    logger.info("starting vLLM worker for %s as %s in namespace %s, advertising %s%s", engine_args.model,
+                config.role, config.namespace, config.advertise_host,
+                f" (NIXL side channel {os.environ.get('VLLM_NIXL_SIDE_CHANNEL_HOST')}:"
+                f"{os.environ.get('VLLM_NIXL_SIDE_CHANNEL_PORT')})" if config.connector == "nixl" else "")
     try:
         asyncio.run(run_workers([VllmEngine(engine_args)], [shell_config], config.etcd_endpoints,
                                 config.nats_server or None))

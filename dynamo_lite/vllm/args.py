@@ -36,10 +36,20 @@ class VllmWorkerConfig:
     is_prefill_worker: bool = option(False, "Serve as a prefill worker of disaggregated serving "
                                      "(registers under the prefill component; needs a KV connector).")
     connector: str = option("none", "KV connector for disaggregated serving: nixl = vLLM's NixlConnector "
-                            "(kv_both), none = aggregated only. Or pass --kv-transfer-config instead.",
+                            "(kv_producer on a prefill worker, kv_consumer on a decode worker), none = "
+                            "aggregated only. Or pass --kv-transfer-config instead.",
                             choices=["nixl", "none"])
-    advertise_host: str = option("127.0.0.1", "Address other hosts reach this worker at: request plane "
-                                 "and NIXL side channel (never localhost across hosts).")
+    advertise_host: str = option("", "Address other hosts reach this worker at: request plane and NIXL side "
+                                 "channel (never localhost across hosts). Empty = the address of the "
+                                 "interface that reaches etcd (127.0.0.1 when etcd is local).")
+    nixl_side_channel_port: int = option(0, "Port of vLLM's NIXL handshake listener (--connector nixl; 0 = a "
+                                         "free port; VLLM_NIXL_SIDE_CHANNEL_PORT, if set, wins).")
+    kv_lease_duration: int = option(60, "--connector nixl, prefill worker: seconds it keeps finished prefill "
+                                    "blocks that no decode worker has pulled yet (vLLM's default is 30; keep it "
+                                    "well above the worst prefill-to-decode handoff).")
+    kv_load_failure_policy: str = option("recompute", "--connector nixl, decode worker: when pulling a "
+                                         "prefill's KV fails (dead prefill worker), recompute = prefill locally, "
+                                         "fail = end the request with an error.", choices=["recompute", "fail"])
     request_plane_port: int = option(0, "TCP port of the request plane (0 = any free port).")
     etcd_endpoints: str = option("http://127.0.0.1:2379", "etcd endpoints, comma-separated.",
                                  env="ETCD_ENDPOINTS")
@@ -89,7 +99,11 @@ def validate(config: VllmWorkerConfig, kv_transfer_config: Any, kv_events_config
         raise ConfigError("--drain-timeout must be >= 0", param="--drain-timeout")
     if not 0 <= config.request_plane_port <= 65535:
         raise ConfigError("--request-plane-port must be in 0..65535", param="--request-plane-port")
-    if config.advertise_host in ("", "0.0.0.0", "::"):
+    if not 0 <= config.nixl_side_channel_port <= 65535:
+        raise ConfigError("--nixl-side-channel-port must be in 0..65535", param="--nixl-side-channel-port")
+    if config.kv_lease_duration <= 0:
+        raise ConfigError("--kv-lease-duration must be > 0", param="--kv-lease-duration")
+    if config.advertise_host in ("0.0.0.0", "::") or config.advertise_host.startswith("localhost"):
         raise ConfigError("--advertise-host must be an address other processes can connect to, "
                           f"not {config.advertise_host!r}", param="--advertise-host")
     if not config.etcd_endpoints:
@@ -111,26 +125,45 @@ def _as_dict(value: Any) -> dict | None:
     return dataclasses.asdict(value)
 
 
-def nixl_transfer_config(connector: str):
-    """vLLM's KVTransferConfig for --connector (settings from disagg.py; host memory on CPU, DESIGN §4)."""
+def nixl_transfer_config(config: VllmWorkerConfig):
+    """vLLM's KVTransferConfig for --connector (settings from disagg.py; host memory on CPU, DESIGN §4).
+
+    A prefill worker is vLLM's kv_producer and holds its finished blocks for --kv-lease-duration; a
+    decode worker is a kv_consumer that, with --kv-load-failure-policy recompute, prefills locally
+    when the pull fails, so a dead prefill worker costs time, never an answer.
+    """
     from vllm.config import KVTransferConfig
     from vllm.platforms import current_platform
 
     from dynamo_lite.vllm.disagg import kv_transfer_config
 
-    params = kv_transfer_config(connector, current_platform.is_cpu())
+    if config.is_prefill_worker:
+        params = kv_transfer_config(config.connector, current_platform.is_cpu(), kv_role="kv_producer",
+                                    kv_lease_duration=config.kv_lease_duration)
+    else:
+        params = kv_transfer_config(config.connector, current_platform.is_cpu(), kv_role="kv_consumer",
+                                    kv_load_failure_policy=config.kv_load_failure_policy)
     return KVTransferConfig(**params) if params is not None else None
 
 
-def nixl_environment(advertise_host: str, environ: dict[str, str]) -> dict[str, str]:
+def nixl_environment(advertise_host: str, environ: dict[str, str], port: int = 0) -> dict[str, str]:
     """NIXL side-channel env vars the operator did not set: listen on the advertised host (vLLM's default
-    is localhost) and on a free port (two workers on one host would collide on vLLM's fixed 5600)."""
+    is localhost) and on `port`, else a free one (two workers on one host would collide on vLLM's fixed 5600)."""
     from dynamo_lite.vllm.disagg import SIDE_CHANNEL_HOST_ENV, SIDE_CHANNEL_PORT_ENV, side_channel_env
     from dynamo_lite.vllm.kv_events import free_tcp_port
 
-    port = int(environ.get(SIDE_CHANNEL_PORT_ENV) or free_tcp_port(advertise_host))
+    port = int(environ.get(SIDE_CHANNEL_PORT_ENV) or port or free_tcp_port(advertise_host))
     wanted = side_channel_env(environ.get(SIDE_CHANNEL_HOST_ENV) or advertise_host, port)
     return {key: value for key, value in wanted.items() if key not in environ}
+
+
+def resolve_advertise_host(config: VllmWorkerConfig) -> VllmWorkerConfig:
+    """Fill an empty --advertise-host with the address of the interface that reaches etcd."""
+    if config.advertise_host:
+        return config
+    from dynamo_lite.vllm.disagg import default_advertise_host
+
+    return dataclasses.replace(config, advertise_host=default_advertise_host(config.etcd_endpoints))
 
 
 def parse_args(argv: list[str] | None = None):
@@ -143,11 +176,11 @@ def parse_args(argv: list[str] | None = None):
         raise SystemExit(f"{PROG}: error: {e}") from e
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(VllmWorkerConfig, args)
+        config = resolve_advertise_host(config_from_args(VllmWorkerConfig, args))
         validate(config, args.kv_transfer_config, args.kv_events_config)
     except ConfigError as e:
         parser.error(str(e))
     engine_args = AsyncEngineArgs.from_cli_args(args)
     if config.connector != "none":
-        engine_args.kv_transfer_config = nixl_transfer_config(config.connector)
+        engine_args.kv_transfer_config = nixl_transfer_config(config)
     return engine_args, config

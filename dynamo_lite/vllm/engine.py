@@ -29,24 +29,67 @@ from dynamo_lite.vllm.kv_events import KvEventSubscriber
 logger = logging.getLogger(__name__)
 
 # vLLM's finish reasons -> ours. "repetition" is vLLM's repetition detector stopping the request.
-FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
+# "error" (e.g. a failed KV pull under kv_load_failure_policy "fail") goes out as is: the frontend
+# treats it as a worker failure and retries or migrates the request.
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop", "error": "error"}
 
 
 def finish_reason(reason: str | None, request_id: str) -> str:
     if reason == "error":
-        raise EngineError(f"vLLM reported an error finishing request {request_id}")
+        logger.warning("vLLM reported an error finishing request %s", request_id)
     return FINISH_REASONS.get(reason or "stop", "stop")
 
 
 class SchedulerStatsRecorder(StatLoggerBase):
-    """A vLLM stat logger that only keeps the latest SchedulerStats (sent by the engine core each step)."""
+    """A vLLM stat logger that keeps the latest SchedulerStats (sent by the engine core each step) and
+    running totals of the KV connector's transfers (NIXL reports bytes and durations per step)."""
 
     def __init__(self, vllm_config: Any = None, engine_index: int = 0):
         self.latest: SchedulerStats | None = None
+        self.transfer_bytes = 0
+        self.transfer_seconds = 0.0
+        self.transfers = 0
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         if scheduler_stats is not None:
             self.latest = scheduler_stats
+            data = scheduler_stats.kv_connector_stats
+            if data:
+                self.transfer_bytes += int(sum(data.get("bytes_transferred") or ()))
+                self.transfer_seconds += float(sum(data.get("transfer_duration") or ()))
+                self.transfers += len(data.get("transfer_duration") or ())
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class _TransferWindow:
+    """Attributes the connector's transfer totals to one remote-prefill request: the bytes moved between
+    its admission and its first output are its own only if no other remote-prefill request was admitted
+    or in flight meanwhile (vLLM reports transfers per step, not per request)."""
+
+    def __init__(self, engine: VllmEngine):
+        self._engine = engine
+        stats = engine._stats
+        self._start = (stats.transfer_bytes, stats.transfer_seconds)
+        self._exclusive = engine._remote_inflight == 0
+        engine._remote_inflight += 1
+        engine._remote_admitted += 1
+        self._admitted_at = engine._remote_admitted
+        self._open = True
+
+    def measure(self, frame: GenerateFrame) -> None:
+        """Put the attributed bytes/seconds on `frame` (the request's first frame), if exact."""
+        engine = self._engine
+        if self._exclusive and engine._remote_admitted == self._admitted_at:
+            stats = engine._stats
+            frame.kv_transfer_bytes = stats.transfer_bytes - self._start[0]
+            frame.kv_transfer_seconds = round(stats.transfer_seconds - self._start[1], 6)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._engine._remote_inflight -= 1
 
     def log_engine_initialized(self) -> None:
         pass
@@ -72,6 +115,26 @@ def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None) -
     )
 
 
+def _restore_pinning() -> None:
+    """Undo the NIXL worker's CPU re-pinning (disagg.restore_worker_affinity explains why)."""
+    import os
+
+    from dynamo_lite.vllm.disagg import bound_cpus, restore_worker_affinity
+
+    try:
+        cpus = bound_cpus(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+    except ValueError:
+        return  # a bind value we do not parse: leave vLLM's placement alone
+    if cpus:
+        restore_worker_affinity(os.getpid(), cpus)
+
+
+async def _keep_pinned(interval: float = 1.0) -> None:
+    while True:
+        await asyncio.to_thread(_restore_pinning)
+        await asyncio.sleep(interval)
+
+
 class VllmEngine(Engine):
     def __init__(self, engine_args: AsyncEngineArgs):
         self._engine_args = engine_args
@@ -82,6 +145,8 @@ class VllmEngine(Engine):
         self._events_enabled = False
         self._building: asyncio.Future | None = None
         self._shut_down = False
+        self._remote_inflight = 0  # decode requests with remote prefill, admitted and not yet finished
+        self._remote_admitted = 0
 
     @property
     def info(self) -> EngineInfo | None:
@@ -113,9 +178,18 @@ class VllmEngine(Engine):
                 enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats)
 
         self._building = asyncio.ensure_future(asyncio.to_thread(build))
-        # Shielded: if start() is cancelled (shutdown during start-up) shutdown() still owns the build.
-        self._llm = await asyncio.shield(self._building)
+        # With a KV connector, vLLM's NIXL worker re-pins the engine's compute thread while it initialises;
+        # put it back as soon as it happens, so the profile/warm-up run stays on this engine's own core.
+        pinning = (asyncio.ensure_future(_keep_pinned()) if args.kv_transfer_config is not None else None)
+        try:
+            # Shielded: if start() is cancelled (shutdown during start-up) shutdown() still owns the build.
+            self._llm = await asyncio.shield(self._building)
+        finally:
+            if pinning is not None:
+                pinning.cancel()
         self._building = None
+        if args.kv_transfer_config is not None:
+            _restore_pinning()
         model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
         served = args.served_model_name
         if isinstance(served, (list, tuple)):
@@ -143,6 +217,8 @@ class VllmEngine(Engine):
             raise InvalidRequestError(str(e)) from e
         prompt = TokensPrompt(prompt_token_ids=list(request.token_ids))
         first = True
+        transfer = request.kv_transfer_params or {}
+        window = _TransferWindow(self) if transfer.get("do_remote_prefill") else None
         # aclosing: when our consumer stops (aclose or cancellation), vLLM's generator is closed at
         # once, and its GeneratorExit/CancelledError handler aborts the request in the engine core.
         try:
@@ -153,6 +229,9 @@ class VllmEngine(Engine):
                     if first:
                         frame.prompt_tokens = len(request.token_ids)
                         frame.cached_tokens = output.num_cached_tokens or 0
+                        if window is not None:
+                            window.measure(frame)
+                            window.close()
                         first = False
                     if output.finished:
                         frame.finish_reason = finish_reason(completion.finish_reason, request.request_id)
@@ -164,6 +243,9 @@ class VllmEngine(Engine):
         except (GracefulHTTPError, VLLMServerError) as e:
             cause = e.__cause__ if e.__cause__ is not None else e
             raise EngineError(f"vLLM failed request {request.request_id}: {cause}") from e
+        finally:
+            if window is not None:
+                window.close()
 
     async def kv_events(self) -> AsyncIterator[list[KvEvent]]:
         if not self._events_enabled:

@@ -1,0 +1,241 @@
+"""Disaggregated serving with real vLLM: one prefill worker and one decode worker (NixlConnector, each
+pinned to its own core) behind a kv-mode frontend, all started with `python -m` as a user would.
+
+The equality check needs a reference that no KV transfer touched. The decode worker keeps pulled
+blocks in its prefix cache, so an aggregated request there after the disaggregated one would reuse
+the transferred KV (and one before it would leave nothing to transfer). The reference is therefore
+computed first, by the prefill worker alone (a plain request on its request plane, prefill and
+decode in one engine); the disaggregated answer (prefill there, KV pulled over NIXL, decode on the
+other engine) must then be token for token the same. A second frontend on the namespace with
+--no-disaggregation serves the aggregated comparison through the decode worker for the TTFT figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+
+import httpx
+import pytest
+
+from dynamo_lite.protocol.messages import GenerateRequest, SamplingOptions, WorkerStatsRequest
+from dynamo_lite.transport.client import RequestClient
+from tests.e2e.conftest import _new_group
+from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, Proc, wait_until
+from tests.services import free_port
+
+pytestmark = pytest.mark.vllm
+
+MAX_TOKENS = 24
+TOPICS = ["the history of the Roman empire", "how bread is baked", "the life cycle of stars",
+          "the rules of chess", "why the sky is blue", "the water cycle"]
+
+
+def long_text(topic: str, sentences: int = 15) -> str:
+    """A prompt of several hundred tokens (vLLM's CPU KV block is 128 tokens)."""
+    facts = [f"Fact {i} about {topic}: this is note number {i} in a long briefing that the reader must keep "
+             f"in mind." for i in range(sentences)]
+    return " ".join(facts) + f" Now, in one sentence, what is the main idea about {topic}?"
+
+
+class DisaggStack:
+    def __init__(self, group, namespace: str, frontend: Proc, base_url: str, reference_url: str,
+                 prefill: Proc, decode: Proc):
+        self.group, self.namespace = group, namespace
+        self.frontend, self.base_url, self.reference_url = frontend, base_url, reference_url
+        self.prefill, self.decode = prefill, decode
+
+    def instances(self, role: str) -> list[dict]:
+        r = httpx.get(f"{self.base_url}/health", timeout=5)
+        return [i for i in r.json().get("instances", []) if i.get("role") == role] if r.status_code == 200 else []
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if (line.startswith((name + "{", name + " "))
+                    and all(f'{k}="{v}"' in line for k, v in labels.items())):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def served(self, reason: str) -> float:
+        return self.metric("dynamo_lite_frontend_disagg_requests_total", reason=reason)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, etcd_endpoint, nats_url):
+    if not (DEFAULT_MODEL_PATH / "config.json").exists():
+        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
+    group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "vllm-disagg")
+    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
+    try:
+        port, reference_port = free_port(), free_port()
+        frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port",
+                               str(port), "--namespace", namespace, "--router-mode", "kv",
+                               "--disagg-min-prefill-tokens", "256")
+        group.start("frontend-agg", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port",
+                    str(reference_port), "--namespace", namespace, "--no-disaggregation")
+        common = ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
+                  "--max-model-len", "2048", "--max-num-seqs", "8", "--namespace", namespace,
+                  "--connector", "nixl"]
+        # One engine at a time: while it initialises, vLLM's NIXL worker moves an engine's main thread to
+        # the last core, so two engines starting together fight over it.
+        prefill = group.start("prefill", "dynamo_lite.vllm", *common, "--is-prefill-worker",
+                              extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"})
+        s = DisaggStack(group, namespace, frontend, f"http://127.0.0.1:{port}",
+                        f"http://127.0.0.1:{reference_port}", prefill, None)
+        wait_until(lambda: s.instances("prefill"), 300, "the prefill worker on /health", [frontend, prefill])
+        s.decode = group.start("decode", "dynamo_lite.vllm", *common,
+                               extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
+        wait_until(lambda: s.instances("decode"), 300, "the decode worker on /health", [frontend, prefill, s.decode])
+        yield s
+    finally:
+        group.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_PATH))
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def complete(base_url: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> dict:
+    r = httpx.post(f"{base_url}/v1/completions", timeout=300, json={
+        "model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def worker_call(address: str, request, timeout: float = 300):
+    async def run():
+        client = RequestClient()
+        try:
+            if isinstance(request, WorkerStatsRequest):
+                return await client.call(address, request, timeout=timeout)
+            tokens: list[int] = []
+            async with asyncio.timeout(timeout):
+                async for frame in client.stream(address, request):
+                    tokens += frame.token_ids
+            return tokens
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def prefill_stats(stack: DisaggStack):
+    return worker_call(stack.instances("prefill")[0]["address"], WorkerStatsRequest())
+
+
+def reference_on_prefill_worker(stack: DisaggStack, tokenizer, prompt_ids: list[int]) -> list[int]:
+    """Greedy tokens computed by the prefill worker's engine alone (no transfer)."""
+    request = GenerateRequest(request_id=f"ref-{uuid.uuid4().hex[:8]}", token_ids=prompt_ids,
+                              sampling=SamplingOptions(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                       stop_token_ids=[tokenizer.eos_token_id]))
+    return worker_call(stack.instances("prefill")[0]["address"], request)
+
+
+def test_disaggregated_greedy_output_equals_single_engine_output(stack, tokenizer):
+    before = prefill_stats(stack).completed_requests
+    blocks_before = stack.metric("dynamo_lite_frontend_kv_transfer_blocks_sum")
+    for topic in TOPICS[:3]:
+        prompt_ids = chat_ids(tokenizer, long_text(topic))
+        assert len(prompt_ids) > 400  # several KV blocks of 128 tokens
+        reference = reference_on_prefill_worker(stack, tokenizer, prompt_ids)
+        reference = [t for t in reference if t != tokenizer.eos_token_id]
+        answer = complete(stack.base_url, prompt_ids)
+        assert answer["choices"][0]["text"] == tokenizer.decode(reference, skip_special_tokens=True), topic
+        assert answer["usage"]["completion_tokens"] in (len(reference), len(reference) + 1)  # + EOS if it ended
+    assert stack.served("disaggregated") == 3
+    # Each disaggregated request ran a prefill on the prefill worker (3 references + 3 prefills).
+    assert prefill_stats(stack).completed_requests == before + 6
+    # The decode worker pulled the prompt's KV: blocks handed over and bytes its vLLM measured.
+    assert stack.metric("dynamo_lite_frontend_kv_transfer_blocks_sum") - blocks_before >= 3 * 4
+    moved = stack.metric("dynamo_lite_frontend_kv_transfer_bytes_sum")
+    assert moved > 0, "the decode worker's vLLM reported no NIXL bytes"
+    print(f"\nKV moved for 3 requests: {moved / 1e6:.1f} MB, transfer time "
+          f"{stack.metric('dynamo_lite_frontend_kv_transfer_seconds_sum') * 1e3:.1f} ms")
+
+
+def test_shared_prefix_goes_to_the_prefill_worker_holding_it(stack, tokenizer):
+    base = long_text(TOPICS[3])
+    first = chat_ids(tokenizer, base)
+    complete(stack.base_url, first, max_tokens=4)
+    extended_text = base + " " + long_text("a follow-up question", 10)
+    extended = chat_ids(tokenizer, extended_text)
+    prefill_id = stack.instances("prefill")[0]["instance_id"]
+    shared = next(i for i, (a, b) in enumerate(zip(first, extended)) if a != b)
+    cached_blocks = shared // 128  # full KV blocks of the shared prefix
+    assert cached_blocks >= 2
+
+    def explained():
+        r = httpx.post(f"{stack.base_url}/debug/route", timeout=10, json={
+            "model": SERVED_MODEL_NAME, "messages": [{"role": "user", "content": extended_text}]})
+        return r.json()
+
+    wait_until(lambda: explained()["prefill"]["workers"][0]["overlap_blocks"] >= cached_blocks, 30,
+               "the prefill worker's KV events for the first prompt")
+    route = explained()["prefill"]
+    assert route["choice"] == prefill_id
+    served = stack.served("disaggregated")
+    done = prefill_stats(stack).completed_requests
+    complete(stack.base_url, extended, max_tokens=4)
+    assert stack.served("disaggregated") == served + 1
+    assert prefill_stats(stack).completed_requests == done + 1
+
+
+def test_short_prompt_stays_on_the_decode_worker(stack, tokenizer):
+    done = prefill_stats(stack).completed_requests
+    short = stack.served("short_prompt")
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=300, json={
+        "model": SERVED_MODEL_NAME, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16, "temperature": 0})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+    assert stack.served("short_prompt") == short + 1
+    assert prefill_stats(stack).completed_requests == done
+
+
+def ttft(base_url: str, prompt_ids: list[int]) -> float:
+    start = time.monotonic()
+    with httpx.stream("POST", f"{base_url}/v1/completions", timeout=300, json={
+            "model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 8, "temperature": 0,
+            "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text":""' not in line:
+                return time.monotonic() - start
+    raise AssertionError("no token streamed")
+
+
+def test_time_to_first_token_remote_and_local_prefill(stack, tokenizer):
+    """Figures, not assertions on speed: TTFT of a fresh long prompt served each way."""
+    remote = ttft(stack.base_url, chat_ids(tokenizer, long_text(TOPICS[4], 25)))
+    local = ttft(stack.reference_url, chat_ids(tokenizer, long_text(TOPICS[5], 25)))
+    prefill_sum = stack.metric("dynamo_lite_frontend_remote_prefill_seconds_sum")
+    prefill_count = stack.metric("dynamo_lite_frontend_remote_prefill_seconds_count")
+    handoff_sum = stack.metric("dynamo_lite_frontend_remote_decode_first_token_seconds_sum")
+    print(f"\nTTFT remote prefill {remote:.2f}s, local prefill {local:.2f}s; mean remote prefill "
+          f"{prefill_sum / prefill_count:.2f}s, mean decode first token after handoff "
+          f"{handoff_sum / prefill_count:.2f}s")
+    assert remote > 0 and local > 0
+
+
+def test_killed_prefill_worker_does_not_fail_later_requests(stack, tokenizer):
+    # SIGKILL to its whole process group (the worker and its vLLM engine processes): the lease lingers until
+    # it expires, the request-plane port refuses connections.
+    os.killpg(stack.prefill.pid, signal.SIGKILL)
+    stack.prefill.popen.wait(10)
+    for topic in ("the migration of birds", "volcanoes"):
+        answer = complete(stack.base_url, chat_ids(tokenizer, long_text(topic)), max_tokens=8)
+        assert answer["choices"][0]["text"]
+    assert stack.served("prefill_failed") + stack.served("no_prefill_workers") >= 2
