@@ -38,7 +38,11 @@ DL_DEFAULT_MODEL_PATH="${HOME}/.cache/dynamo_lite/models/SmolLM2-135M-Instruct"
 : "${MAX_MODEL_LEN:=2048}"
 : "${INFRA_HOST:=127.0.0.1}"
 : "${STOP_TIMEOUT:=20}"
+# Workers on a node that joins a remote etcd (ETCD_ENDPOINTS set, ADVERTISE_HOST not) let the worker
+# detect its address: the interface that reaches etcd. Otherwise everything is local to this node.
+WORKER_DETECTS_ADDRESS=0
 if [[ -z "${ADVERTISE_HOST:-}" ]]; then
+    [[ -n "${ETCD_ENDPOINTS:-}" ]] && WORKER_DETECTS_ADDRESS=1
     if [[ "${INFRA_HOST}" == "0.0.0.0" ]]; then ADVERTISE_HOST=127.0.0.1; else ADVERTISE_HOST="${INFRA_HOST}"; fi
 fi
 export MODEL_PATH SERVED_MODEL_NAME VLLM_CPU_KVCACHE_SPACE
@@ -301,9 +305,12 @@ dl_start_vllm_worker() {
     local -a extra=()
     # shellcheck disable=SC2206  # WORKER_ARGS is a word list on purpose
     [[ -n "${WORKER_ARGS:-}" ]] && extra=(${WORKER_ARGS})
-    # The worker registers ADVERTISE_HOST as its address (and vLLM's NIXL side-channel host).
-    dl_start "${name}" env VLLM_CPU_OMP_THREADS_BIND="${bind}" \
-        DYN_ADVERTISE_HOST="${DYN_ADVERTISE_HOST:-${ADVERTISE_HOST}}" \
+    # The worker registers ADVERTISE_HOST as its address (and vLLM's NIXL side-channel host), unless
+    # it joins a remote etcd without one given: then it detects the address that reaches etcd.
+    local -a advertise=()
+    if [[ -n "${DYN_ADVERTISE_HOST:-}" ]]; then advertise=("DYN_ADVERTISE_HOST=${DYN_ADVERTISE_HOST}")
+    elif (( ! WORKER_DETECTS_ADDRESS )); then advertise=("DYN_ADVERTISE_HOST=${ADVERTISE_HOST}"); fi
+    dl_start "${name}" env VLLM_CPU_OMP_THREADS_BIND="${bind}" "${advertise[@]}" \
         "${PYTHON}" -m dynamo_lite.vllm "${args[@]}" "${extra[@]}" "$@"
 }
 
