@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_OP_TIMEOUT = 5.0
+# A process started beside etcd (compose, Kubernetes, a launch script) often comes up first:
+# connect() keeps trying this long before it gives up.
+DEFAULT_CONNECT_WAIT = 30.0
 MAX_BACKOFF = 2.0
 # gRPC reconnects its channel on its own; its default backoff grows to 120 s, far too slow to
 # notice a restarted etcd. Keep-alive pings detect a silently dead peer (etcd allows >= 5 s).
@@ -151,20 +154,31 @@ class EtcdDiscovery(Discovery):
         return f"http://{host}:{port}"
 
     @classmethod
-    async def connect(cls, endpoints: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT) -> EtcdDiscovery:
-        """Connect to the first endpoint that answers; raise DiscoveryError if none does."""
+    async def connect(cls, endpoints: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT,
+                      wait: float = DEFAULT_CONNECT_WAIT) -> EtcdDiscovery:
+        """Connect to the first endpoint that answers, retrying for `wait` seconds; DiscoveryError if none does."""
         parsed = parse_endpoints(endpoints)
-        found = await cls._first_reachable(parsed, 0, op_timeout, op_timeout)
-        if found is None:
-            raise DiscoveryError(
-                f"etcd is unreachable: no endpoint of {endpoints!r} answered within {op_timeout:g}s")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        attempt = 0
+        while True:
+            attempt += 1
+            probe = max(0.5, min(op_timeout, deadline - loop.time()))
+            found = await cls._first_reachable(parsed, 0, probe, op_timeout, quiet=attempt > 1)
+            if found is not None:
+                break
+            if loop.time() + _backoff(attempt) >= deadline:
+                raise DiscoveryError(
+                    f"etcd is unreachable: no endpoint of {endpoints!r} answered within {wait:g}s")
+            _log_retry(attempt, "waiting for etcd at %s (attempt %s)", endpoints, attempt)
+            await asyncio.sleep(_backoff(attempt))
         index, client = found
         logger.info("connected to etcd at http://%s:%s", *parsed[index])
         return cls(parsed, client, index, op_timeout)
 
     @staticmethod
     async def _first_reachable(endpoints: list[tuple[str, int]], start: int, probe_timeout: float,
-                               op_timeout: float) -> tuple[int, aetcd.Client] | None:
+                               op_timeout: float, quiet: bool = False) -> tuple[int, aetcd.Client] | None:
         for offset in range(len(endpoints)):
             index = (start + offset) % len(endpoints)
             host, port = endpoints[index]
@@ -173,7 +187,8 @@ class EtcdDiscovery(Discovery):
                 await asyncio.wait_for(client.status(), probe_timeout)
                 return index, client
             except (aetcd.ClientError, asyncio.TimeoutError) as e:
-                logger.warning("etcd at http://%s:%s does not answer: %s", host, port, e)
+                logger.log(logging.DEBUG if quiet else logging.WARNING,
+                           "etcd at http://%s:%s does not answer: %s", host, port, e)
                 with contextlib.suppress(Exception):
                     await client.close()
         return None

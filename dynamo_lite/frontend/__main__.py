@@ -17,7 +17,7 @@ import uvicorn
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from dynamo_lite.discovery.etcd import EtcdDiscovery
+from dynamo_lite.discovery.etcd import DEFAULT_CONNECT_WAIT, EtcdDiscovery
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
@@ -30,7 +30,8 @@ from dynamo_lite.transport.client import RequestClient
 
 logger = logging.getLogger("dynamo_lite.frontend")
 
-ETCD_CONNECT_TIMEOUT = 10.0
+# etcd may come up after the frontend: connect() waits for it, then the first read and watch follow.
+ETCD_CONNECT_TIMEOUT = DEFAULT_CONNECT_WAIT + 10.0
 GRACEFUL_TIMEOUT = 30  # seconds uvicorn waits for in-flight requests on shutdown
 
 

@@ -160,13 +160,28 @@ class OpenAIService:
             self._count_tokens(generation)
             raise
         encoder = responses.ChunkEncoder(generation.plan.request_id, model, chat, include_usage)
-        return StreamingResponse(self._sse(generation, deltas, first, encoder, endpoint, arrival),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        closed = False
+
+        async def close(status: int) -> None:
+            """Close the worker stream (aborting the request there) and count the request, once."""
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            # On a client disconnect this runs inside a cancelled scope: shield it so the abort
+            # cannot be interrupted.
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()
+            inflight.dec()
+            self._count_tokens(generation)
+            self._count(model, endpoint, status, arrival)
+
+        return _ClosingStreamingResponse(self._sse(generation, deltas, first, encoder, close), close,
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _sse(self, generation: Generation, deltas: AsyncIterator[str], first: str | None,
-                   encoder: responses.ChunkEncoder, endpoint: str, arrival: float) -> AsyncIterator[bytes]:
-        model = generation.plan.model.name
+                   encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
         status = 499  # client closed the connection, unless the stream completes
         try:
             if encoder.chat:
@@ -188,13 +203,7 @@ class OpenAIService:
             yield encoder.error(e.status, e.message, e.error_type)
             yield responses.DONE
         finally:
-            # On a client disconnect this runs inside a cancelled scope: shield the cleanup so
-            # closing the worker stream (which aborts the request there) cannot be interrupted.
-            with anyio.CancelScope(shield=True):
-                await deltas.aclose()
-            self.metrics.inflight.labels(model).dec()
-            self._count_tokens(generation)
-            self._count(model, endpoint, status, arrival)
+            await close(status)
 
     # ------------------------------------------------------------------ other endpoints
 
@@ -277,3 +286,22 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_exception_handler(HTTPException, errors.handle_http_exception)
     app.add_exception_handler(Exception, errors.handle_unexpected)
     return app
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always runs `on_close(499)` when it ends.
+
+    If the client disconnects before the body generator first runs (e.g. while the first token was
+    awaited), Starlette cancels the send loop and the generator's own `finally` never runs: this is
+    what still aborts the worker request and keeps the in-flight gauge right. `on_close` is idempotent.
+    """
+
+    def __init__(self, content, on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close(499)

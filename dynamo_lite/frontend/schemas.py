@@ -9,19 +9,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from dynamo_lite.protocol.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+# Integers travel to workers as msgpack int64: anything wider would fail there, not here.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
-TokenId = Annotated[StrictInt, Field(ge=0)]
+# Strict types: a mistyped field ("max_tokens": "16", "stream": "yes") is a 400, as in OpenAI's API,
+# not silently coerced. StrictFloat still takes JSON integers (temperature: 0).
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 StopString = Annotated[StrictStr, Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
@@ -30,20 +35,20 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
-    temperature: Annotated[float, Field(ge=0.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 / 0 = disabled (vLLM's convention)
-    seed: int | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    max_tokens: Annotated[StrictInt, Field(gt=0, le=INT32_MAX)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)] | None = None  # -1 / 0 = disabled (vLLM's convention)
+    seed: Annotated[StrictInt, Field(ge=-INT64_MAX - 1, le=INT64_MAX)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] = 0
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[TokenId] | None = None
-    ignore_eos: bool = False
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    n: Annotated[int, Field(ge=1)] = 1
-    best_of: Annotated[int, Field(ge=1)] | None = None
-    stream: bool = False
+    ignore_eos: StrictBool = False
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -62,8 +67,8 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]]
-    logprobs: Annotated[int, Field(ge=0)] | None = None
-    echo: bool = False
+    logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+    echo: StrictBool = False
     suffix: str | None = None
 
 
@@ -84,11 +89,11 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(gt=0, le=INT32_MAX)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
     tools: list[dict[str, Any]] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: StrictBool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:

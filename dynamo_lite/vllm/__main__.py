@@ -14,11 +14,15 @@ logger = logging.getLogger("dynamo_lite.vllm")
 
 def main(argv: list[str] | None = None) -> int:
     from dynamo_lite.engine.worker import WorkerShellConfig, run_workers
+    from dynamo_lite.vllm import nixl_progress
     from dynamo_lite.vllm.args import nixl_environment, parse_args
     from dynamo_lite.vllm.engine import VllmEngine
 
     engine_args, config = parse_args(argv)
     configure_logging("vllm-prefill" if config.is_prefill_worker else "vllm-worker")
+    # Read by our vLLM plugin in the engine's processes (nixl_progress explains the busy loop it removes);
+    # it matters for any KV connector config, --connector nixl or the user's own --kv-transfer-config.
+    os.environ.setdefault(nixl_progress.ENV, str(nixl_progress.NIXL_PROGRESS_DELAY_US))
     if config.connector == "nixl":
         # Process-wide settings NIXL reads when the engine starts; set before building it.
         os.environ.update(nixl_environment(config.advertise_host, dict(os.environ),

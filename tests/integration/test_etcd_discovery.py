@@ -148,8 +148,21 @@ async def test_watch_from_compacted_revision_yields_reset(etcd_endpoint):
 async def test_unreachable_endpoint_raises_a_clear_error():
     dead = f"127.0.0.1:{free_port()}"
     with pytest.raises(DiscoveryError, match=dead) as raised:
-        await EtcdDiscovery.connect(dead, op_timeout=2)
+        await EtcdDiscovery.connect(dead, op_timeout=2, wait=2)
     assert isinstance(raised.value, TransportError)
+
+
+async def test_connect_waits_for_an_etcd_that_starts_later():
+    port = free_port()
+    connecting = asyncio.ensure_future(EtcdDiscovery.connect(f"127.0.0.1:{port}", wait=30))
+    await asyncio.sleep(1.5)
+    assert not connecting.done()  # still waiting, not failed
+    with start_etcd(port):
+        d = await asyncio.wait_for(connecting, 30)
+        try:
+            await d.put(unique_prefix() + "k", b"v")
+        finally:
+            await d.close()
 
 
 async def test_first_reachable_endpoint_is_used(etcd_endpoint):

@@ -390,6 +390,13 @@ BAD_REQUESTS = [
      "max_completion_tokens"),
     ("/v1/chat/completions", chat_body(temperature=-1), 400, "temperature", "temperature"),
     ("/v1/chat/completions", chat_body(top_p=7), 400, "top_p", "top_p"),
+    # Mistyped fields are rejected, not coerced; integers wider than the wire's int64 are a 400, not a 500.
+    ("/v1/chat/completions", chat_body(max_tokens="16"), 400, "max_tokens", "max_tokens"),
+    ("/v1/chat/completions", chat_body(temperature="0.5"), 400, "temperature", "temperature"),
+    ("/v1/chat/completions", chat_body(stream="yes"), 400, "stream", "stream"),
+    ("/v1/chat/completions", chat_body(seed=2**80), 400, "seed", "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "stop_token_ids": [2**70]}, 400, "stop_token_ids",
+     "stop_token_ids[0]"),
     ("/v1/chat/completions", chat_body(n=2), 400, "n > 1 is not supported", "n"),
     ("/v1/chat/completions", chat_body(logprobs=True), 400, "logprobs", "logprobs"),
     ("/v1/chat/completions", chat_body(stream=True, n=3), 400, "n > 1", "n"),
@@ -582,6 +589,40 @@ async def test_client_disconnect_aborts_the_worker_request(model_dir):
             await wait_until(lambda: shell.stats.aborted_requests == 1)
             assert shell.stats.completed_requests == 0
             metrics = (await stack.http.get("/metrics")).text
+            assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(serving, timeout=WAIT)
+
+
+async def test_client_gone_before_the_first_token_aborts_and_is_counted(model_dir):
+    """A client that hangs up while its first token is awaited: the worker request is still aborted,
+    the in-flight gauge returns to 0 and the request is counted as closed by the client (499)."""
+    async with running_stack() as stack:
+        engine = ScriptedEngine(model_dir, token_delay=1.0)
+        shell = await stack.add_worker(engine)
+        server = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=0, lifespan="off",
+                                               log_level="warning"))
+        serving = asyncio.create_task(server.serve())
+        try:
+            await wait_until(lambda: server.started)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as http:
+                request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat_body(stream=True)))
+                await wait_until(lambda: len(engine.requests) == 1)  # the worker is on its first token (1 s)
+                request.cancel()  # closes the connection before any response byte
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
+            await wait_until(lambda: shell.stats.aborted_requests == 1)
+            assert shell.stats.completed_requests == 0
+            closed_by_client = f'dynamo_lite_frontend_requests_total{{endpoint="chat_completions",model="{MODEL}",status="499"}} 1.0'
+            metrics = ""
+            for _ in range(100):
+                metrics = (await stack.http.get("/metrics")).text
+                if closed_by_client in metrics:
+                    break
+                await asyncio.sleep(0.05)
+            assert closed_by_client in metrics
             assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
         finally:
             server.should_exit = True
