@@ -103,7 +103,7 @@ def timed_queries(find, prompts, clock):
 def run_dynamo_lite(workers: int, args) -> dict:
     from dynamo_lite.protocol.messages import BlockStored, KvEventBatch, kv_batch_decoder, msgpack_encoder
     from dynamo_lite.router.indexer import KvIndexer
-    from dynamo_lite.router.kv_router import KvRouter
+    from dynamo_lite.router.kv_router import FIRST_SEQ, KvRouter
 
     clock, clock_ns = clocks(args.clock)
     per_worker = build_workload(workers, args.sequences, args.seed, args.workload)
@@ -132,7 +132,7 @@ def run_dynamo_lite(workers: int, args) -> dict:
         for round_events in event_rounds(per_worker, args.event_blocks):
             frames = []
             for w, p, h in round_events:
-                seq = seqs.get(w, -1) + 1
+                seq = seqs.get(w, FIRST_SEQ - 1) + 1  # numbered as a worker shell numbers its batches
                 seqs[w] = seq
                 event = BlockStored(block_hashes=h, parent_block_hash=p, token_ids=[], block_size=16)
                 frames.append(msgpack_encoder.encode(KvEventBatch(worker_id=w, seq=seq, events=[event])))
@@ -140,6 +140,8 @@ def run_dynamo_lite(workers: int, args) -> dict:
             for frame in frames:
                 router.apply_batch(kv_batch_decoder.decode(frame))
             intake_s += clock() - start
+        # Every batch must have been applied, not buffered as if the router had joined mid-stream.
+        assert router.indexer.block_count() == result["unique"], "intake run did not apply every event"
         result["intake_per_s"] = blocks / intake_s
     return result
 

@@ -20,7 +20,7 @@ from dynamo_lite.events.base import EventBus, Subscription
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
     AllBlocksCleared, BlockRemoved, BlockStored, GenerateRequest, InstanceRecord, KvEvent, KvEventBatch,
-    LoadReport, ModelCard, Reply, Request, TokenizerFiles, TokenizerFilesRequest, WorkerStats,
+    TOKENIZER_FILE_NAMES, LoadReport, ModelCard, Reply, Request, TokenizerFiles, TokenizerFilesRequest, WorkerStats,
     WorkerStatsRequest, json_encoder, msgpack_encoder)
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.runtime.config import option
@@ -28,9 +28,6 @@ from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "generation_config.json", "config.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -52,18 +49,23 @@ class WorkerShellConfig:
 
 
 class _BlockSet:
-    """The worker's cached blocks as announced by its relayed events, to rebuild them on resync."""
+    """The worker's cached blocks as announced by its relayed events, to rebuild them on resync.
+
+    Only hashes, parents and block sizes are kept: routers index content hashes, so snapshots carry
+    no token ids (`token_ids=[]`). That keeps a resync reply of a large cache small: ~10 bytes a
+    block, so 100k blocks fit in NATS's default 1 MiB payload.
+    """
 
     def __init__(self) -> None:
-        # content hash -> (parent hash, token ids of the block, block size); insertion = chain order
-        self.blocks: dict[int, tuple[int | None, list[int], int]] = {}
+        # content hash -> (parent hash, block size); insertion = chain order
+        self.blocks: dict[int, tuple[int | None, int]] = {}
 
     def apply(self, events: list[KvEvent]) -> None:
         for event in events:
             if isinstance(event, BlockStored):
                 parent, size = event.parent_block_hash, event.block_size
-                for i, block_hash in enumerate(event.block_hashes):
-                    self.blocks[block_hash] = (parent, event.token_ids[i * size:(i + 1) * size], size)
+                for block_hash in event.block_hashes:
+                    self.blocks[block_hash] = (parent, size)
                     parent = block_hash
             elif isinstance(event, BlockRemoved):
                 for block_hash in event.block_hashes:
@@ -75,7 +77,7 @@ class _BlockSet:
         """A clear, then one BlockStored per linear run of every chain, parents before children."""
         children: dict[int, list[int]] = {}
         roots: list[int] = []
-        for block_hash, (parent, _, _) in self.blocks.items():
+        for block_hash, (parent, _) in self.blocks.items():
             if parent is not None and parent in self.blocks:
                 children.setdefault(parent, []).append(block_hash)
             else:
@@ -84,20 +86,17 @@ class _BlockSet:
         stack = list(reversed(roots))
         while stack:
             start = stack.pop()
-            parent, tokens, size = self.blocks[start]
-            run, token_ids, node = [start], list(tokens), start
+            parent, size = self.blocks[start]
+            run, node = [start], start
             while kids := children.get(node):
                 # Follow the first child; the others start their own runs after this one is out.
                 stack.extend(reversed(kids[1:]))
                 node = kids[0]
-                _, tokens, node_size = self.blocks[node]
-                if node_size != size:
+                if self.blocks[node][1] != size:
                     stack.append(node)
                     break
                 run.append(node)
-                token_ids.extend(tokens)
-            events.append(BlockStored(block_hashes=run, parent_block_hash=parent, token_ids=token_ids,
-                                      block_size=size))
+            events.append(BlockStored(block_hashes=run, parent_block_hash=parent, token_ids=[], block_size=size))
         return events
 
 

@@ -82,6 +82,9 @@ class NatsServedSubscription(Subscription):
             await msg.respond(reply)
         except _DISCONNECTED as e:
             logger.debug("reply on %s dropped: %s", self._subject, e)
+        except nats.errors.MaxPayloadError:
+            logger.error("reply on %s is %d bytes, more than the NATS server's max_payload: raise max_payload "
+                         "in the server config", self._subject, len(reply))
 
     async def _wait_closed(self) -> AsyncIterator[bytes]:
         await self._closed.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,10 @@ from tokenizers import Tokenizer
 
 from dynamo_lite.frontend.fast_bpe import FastByteLevelEncoder
 from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
+from dynamo_lite.protocol.messages import TOKENIZER_FILE_NAMES
 
 logger = logging.getLogger(__name__)
 
-# The files a frontend needs; a worker sends whichever of these exist in its model folder.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                        "mask_token")
 
@@ -185,11 +184,13 @@ def _load_json(files: dict[str, bytes], name: str) -> dict[str, Any]:
 def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
     """The tokenizer files present in a model folder."""
     folder = Path(path).expanduser()
-    return {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return {name: (folder / name).read_bytes() for name in TOKENIZER_FILE_NAMES if (folder / name).is_file()}
 
 
 def folder_has_tokenizer(path: str | Path) -> bool:
+    """True when this process can read the folder's tokenizer.json (else a worker sends the files)."""
+    file = Path(path).expanduser() / "tokenizer.json"
     try:
-        return (Path(path).expanduser() / "tokenizer.json").is_file()
+        return file.is_file() and os.access(file, os.R_OK)
     except OSError:
         return False

@@ -64,6 +64,11 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate")
     kv_transfer_params: dict | None = None
 
 
+# The files a frontend needs to tokenize and render chat; a worker sends whichever of these exist.
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                        "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
+
+
 class TokenizerFilesRequest(msgspec.Struct, frozen=True, tag="tokenizer_files"):
     """Ask a worker for its tokenizer files (frontend cannot read the model folder)."""
 
@@ -151,7 +156,8 @@ class KvEventBatch(msgspec.Struct, frozen=True, kw_only=True):
 
 class KvResyncRequest(msgspec.Struct, frozen=True):
     """Request-reply on resync_subject(): the answer is a KvEventBatch holding a clear followed by
-    one BlockStored per cached chain, with the worker's current seq."""
+    one BlockStored per cached chain (hashes and parents; token_ids left empty), with the worker's
+    current seq."""
 
 
 class LoadReport(msgspec.Struct, frozen=True, kw_only=True):

@@ -50,6 +50,11 @@ def _parse_env(field: dataclasses.Field, raw: str) -> Any:
     except ValueError as e:
         raise ConfigError(f"environment variable {env_name(field)}={raw!r} is not a valid {kind}",
                           param=flag_name(field)) from e
+    choices = field.metadata.get("choices")
+    if choices and raw not in choices:  # argparse checks choices only for values given on the command line
+        raise ConfigError(f"environment variable {env_name(field)}={raw!r} is not one of "
+                          f"{', '.join(map(str, choices))} (the values of {flag_name(field)})",
+                          param=flag_name(field))
     return raw
 
 

@@ -15,7 +15,7 @@ from contextlib import aclosing
 
 from dynamo_lite.protocol.errors import TransportError, WorkerFailedError
 from dynamo_lite.protocol.messages import Reply, Request
-from dynamo_lite.transport.framing import decode_reply, encode_frame, read_frame, set_nodelay
+from dynamo_lite.transport.framing import decode_reply, encode_frame, read_frame, tune_stream_socket
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class RequestClient:
                                                     timeout=self._connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise WorkerFailedError(f"cannot connect to worker {address}: {e!r}") from e
-        set_nodelay(writer)
+        tune_stream_socket(writer)
         return _Connection(reader, writer)
 
     async def _send(self, conn: _Connection, frame: bytearray, address: str, *, may_be_stale: bool) -> bytes:

@@ -21,12 +21,26 @@ HEADER_SIZE = HEADER.size
 MAX_FRAME_SIZE = 64 * 1024 * 1024  # a tokenizer.json is a few MiB; anything near this is a bug
 
 
-def set_nodelay(writer: asyncio.StreamWriter) -> None:
-    """Token frames are tiny and latency-bound: never let Nagle hold them back."""
+# TCP keepalive: a peer whose host died or was cut off (no FIN, no RST) is noticed after about
+# IDLE + INTERVAL * COUNT seconds, so a stream waiting on it fails (and migrates) instead of hanging.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
+
+
+def tune_stream_socket(writer: asyncio.StreamWriter) -> None:
+    """TCP_NODELAY (token frames are tiny and latency-bound: never let Nagle hold them back) and
+    keepalive probes (see KEEPALIVE_IDLE_S) on a request-plane connection."""
     sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; macOS has only SO_KEEPALIVE's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 def encode_frame(message: msgspec.Struct) -> bytearray:

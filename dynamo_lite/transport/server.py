@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dynamo_lite.protocol.errors import DynamoLiteError, TransportError
 from dynamo_lite.protocol.messages import ErrorFrame, Reply, Request
-from dynamo_lite.transport.framing import decode_request, encode_frame, read_frame, set_nodelay
+from dynamo_lite.transport.framing import decode_request, encode_frame, read_frame, tune_stream_socket
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class RequestServer:
         if not self._accepting:
             writer.close()
             return
-        set_nodelay(writer)
+        tune_stream_socket(writer)
         conn = _Connection(writer)
         self._connections[task] = conn
         # One reader task at a time: it waits for the next request while idle, and watches for EOF

@@ -197,9 +197,10 @@ def parse_args(argv: list[str] | None = None):
     try:
         config = resolve_advertise_host(config_from_args(VllmWorkerConfig, args))
         validate(config, args.kv_transfer_config, args.kv_events_config)
+        transfer_config = nixl_transfer_config(config) if config.connector != "none" else None
     except ConfigError as e:
         parser.error(str(e))
     engine_args = AsyncEngineArgs.from_cli_args(args)
-    if config.connector != "none":
-        engine_args.kv_transfer_config = nixl_transfer_config(config)
+    if transfer_config is not None:
+        engine_args.kv_transfer_config = transfer_config
     return engine_args, config

@@ -260,3 +260,34 @@ async def test_pooled_connection_closed_by_the_worker_is_retried_once_on_a_fresh
         idle.writer.transport.abort()  # as if the worker had reset it; the pool still holds it
         frames = await collect(client, address, generate("retried", 3))
         assert [f.token_ids for f in frames] == [[0], [1], [2]]
+
+
+async def test_request_plane_sockets_probe_a_silent_peer():
+    """Both ends turn on TCP keepalive, so a peer host that vanishes without a FIN is noticed."""
+    from dynamo_lite.transport.framing import KEEPALIVE_IDLE_S, tune_stream_socket
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def on_connect(reader, writer):
+        tune_stream_socket(writer)
+        accepted.append(writer)
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        tune_stream_socket(writer)
+        for _ in range(100):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        for end in (writer, accepted[0]):
+            sock = end.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            if sys.platform == "linux":
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+            end.close()
+    finally:
+        server.close()
+        await server.wait_closed()

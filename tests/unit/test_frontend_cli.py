@@ -1,0 +1,46 @@
+"""`python -m dynamo_lite.frontend` flags and their environment twins."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynamo_lite.frontend.__main__ import main, parse_config
+
+
+def test_defaults_flags_and_env_twins(monkeypatch):
+    for name in ("DYN_HTTP_HOST", "DYN_HTTP_PORT", "DYN_ROUTER_MODE", "DYN_NAMESPACE", "ETCD_ENDPOINTS",
+                 "NATS_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    config = parse_config([])
+    assert (config.http_host, config.http_port, config.router_mode, config.namespace) == (
+        "0.0.0.0", 8000, "round-robin", "dynamo")
+
+    monkeypatch.setenv("DYN_HTTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("DYN_HTTP_PORT", "9100")
+    monkeypatch.setenv("DYN_ROUTER_MODE", "kv")
+    monkeypatch.setenv("DYN_NAMESPACE", "team-a")
+    monkeypatch.setenv("ETCD_ENDPOINTS", "http://10.0.0.5:2379")
+    monkeypatch.setenv("NATS_SERVER", "nats://10.0.0.5:4222")
+    config = parse_config([])
+    assert (config.http_host, config.http_port, config.router_mode, config.namespace) == (
+        "127.0.0.1", 9100, "kv", "team-a")
+    assert (config.etcd_endpoints, config.nats_server) == ("http://10.0.0.5:2379", "nats://10.0.0.5:4222")
+    # A flag beats its environment twin.
+    assert parse_config(["--router-mode", "random", "--http-port", "8001"]).router_mode == "random"
+
+
+@pytest.mark.parametrize("env, value, words", [
+    ("DYN_ROUTER_MODE", "bogus", "DYN_ROUTER_MODE='bogus' is not one of round-robin, random, kv"),
+    ("DYN_HTTP_PORT", "eighty", "DYN_HTTP_PORT='eighty' is not a valid int"),
+])
+def test_a_bad_environment_value_is_a_clear_cli_error(monkeypatch, capsys, env, value, words):
+    monkeypatch.setenv(env, value)
+    assert main([]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_bad_flag_value_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--router-mode", "bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
