@@ -39,6 +39,10 @@ done
 [[ "${PREFILL_WORKERS}" =~ ^[0-9]+$ && "${DECODE_WORKERS}" =~ ^[1-9][0-9]*$ ]] \
     || dl_die "PREFILL_WORKERS must be >= 0 and DECODE_WORKERS >= 1 (got ${PREFILL_WORKERS} / ${DECODE_WORKERS})"
 (( CPU_COUNT >= 1 )) || dl_die "CPU_COUNT must be >= 1"
+if (( PREFILL_WORKERS + DECODE_WORKERS > CPU_COUNT )); then
+    dl_log "warning: ${PREFILL_WORKERS} prefill + ${DECODE_WORKERS} decode engines on ${CPU_COUNT} cores: some" \
+           "share a core and slow each other down (on CPU engines, use at most one engine per core)"
+fi
 
 # dl_wait_role_counts TIMEOUT NAMES...: wait until /health lists PREFILL_WORKERS prefill and DECODE_WORKERS
 # decode instances.

@@ -91,9 +91,6 @@ class _TransferWindow:
             self._open = False
             self._engine._remote_inflight -= 1
 
-    def log_engine_initialized(self) -> None:
-        pass
-
 
 def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None) -> SamplingParams:
     """Raises ValueError (from vLLM's own validation) for values it rejects."""

@@ -1,5 +1,6 @@
-"""Disaggregated serving with real vLLM: one prefill worker and one decode worker (NixlConnector, each
-pinned to its own core) behind a kv-mode frontend, all started with `python -m` as a user would.
+"""Disaggregated serving with real vLLM: two prefill workers and one decode worker (NixlConnector; prefill A
+on core 0, the decode worker and prefill B on core 1) behind a kv-mode frontend, all started with
+`python -m` as a user would. Two prefill workers make the KV router's choice among them observable.
 
 The equality check needs a reference that no KV transfer touched. The decode worker keeps pulled
 blocks in its prefix cache, so an aggregated request there after the disaggregated one would reuse
@@ -43,10 +44,12 @@ def long_text(topic: str, sentences: int = 15) -> str:
 
 class DisaggStack:
     def __init__(self, group, namespace: str, frontend: Proc, base_url: str, reference_url: str,
-                 prefill: Proc, decode: Proc):
+                 prefill: Proc, decode: Proc | None = None):
         self.group, self.namespace = group, namespace
         self.frontend, self.base_url, self.reference_url = frontend, base_url, reference_url
         self.prefill, self.decode = prefill, decode
+        self.prefill_b: Proc | None = None
+        self.prefill_address = ""  # prefill worker A's request plane (its pid is self.prefill's)
 
     def instances(self, role: str) -> list[dict]:
         r = httpx.get(f"{self.base_url}/health", timeout=5)
@@ -87,11 +90,16 @@ def stack(tmp_path_factory, etcd_endpoint, nats_url):
         prefill = group.start("prefill", "dynamo_lite.vllm", *common, "--is-prefill-worker",
                               extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"})
         s = DisaggStack(group, namespace, frontend, f"http://127.0.0.1:{port}",
-                        f"http://127.0.0.1:{reference_port}", prefill, None)
-        wait_until(lambda: s.instances("prefill"), 300, "the prefill worker on /health", [frontend, prefill])
+                        f"http://127.0.0.1:{reference_port}", prefill)
+        (first,) = wait_until(lambda: s.instances("prefill"), 300, "prefill worker A on /health", [frontend, prefill])
+        s.prefill_address = first["address"]
         s.decode = group.start("decode", "dynamo_lite.vllm", *common,
                                extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
         wait_until(lambda: s.instances("decode"), 300, "the decode worker on /health", [frontend, prefill, s.decode])
+        s.prefill_b = group.start("prefill-b", "dynamo_lite.vllm", *common, "--is-prefill-worker",
+                                  extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
+        wait_until(lambda: len(s.instances("prefill")) == 2, 300, "prefill worker B on /health",
+                   [frontend, prefill, s.decode, s.prefill_b])
         yield s
     finally:
         group.stop()
@@ -133,8 +141,14 @@ def worker_call(address: str, request, timeout: float = 300):
     return asyncio.run(run())
 
 
-def prefill_stats(stack: DisaggStack):
-    return worker_call(stack.instances("prefill")[0]["address"], WorkerStatsRequest())
+def prefill_stats(stack: DisaggStack, address: str | None = None):
+    """Request counters of a prefill worker (default: A)."""
+    return worker_call(address or stack.prefill_address, WorkerStatsRequest())
+
+
+def completed_per_prefill_worker(stack: DisaggStack) -> dict[int, int]:
+    return {i["instance_id"]: prefill_stats(stack, i["address"]).completed_requests
+            for i in stack.instances("prefill")}
 
 
 def reference_on_prefill_worker(stack: DisaggStack, tokenizer, prompt_ids: list[int]) -> list[int]:
@@ -142,7 +156,7 @@ def reference_on_prefill_worker(stack: DisaggStack, tokenizer, prompt_ids: list[
     request = GenerateRequest(request_id=f"ref-{uuid.uuid4().hex[:8]}", token_ids=prompt_ids,
                               sampling=SamplingOptions(max_tokens=MAX_TOKENS, temperature=0.0,
                                                        stop_token_ids=[tokenizer.eos_token_id]))
-    return worker_call(stack.instances("prefill")[0]["address"], request)
+    return worker_call(stack.prefill_address, request)
 
 
 def test_disaggregated_greedy_output_equals_single_engine_output(stack, tokenizer):
@@ -157,7 +171,8 @@ def test_disaggregated_greedy_output_equals_single_engine_output(stack, tokenize
         assert answer["choices"][0]["text"] == tokenizer.decode(reference, skip_special_tokens=True), topic
         assert answer["usage"]["completion_tokens"] in (len(reference), len(reference) + 1)  # + EOS if it ended
     assert stack.served("disaggregated") == 3
-    # Each disaggregated request ran a prefill on the prefill worker (3 references + 3 prefills).
+    # The KV router sent each prefill to worker A, which already held the prompt from its reference run
+    # (3 references + 3 prefills there).
     assert prefill_stats(stack).completed_requests == before + 6
     # The decode worker pulled the prompt's KV: blocks handed over and bytes its vLLM measured.
     assert stack.metric("dynamo_lite_frontend_kv_transfer_blocks_sum") - blocks_before >= 3 * 4
@@ -170,28 +185,33 @@ def test_disaggregated_greedy_output_equals_single_engine_output(stack, tokenize
 def test_shared_prefix_goes_to_the_prefill_worker_holding_it(stack, tokenizer):
     base = long_text(TOPICS[3])
     first = chat_ids(tokenizer, base)
+    before = completed_per_prefill_worker(stack)
     complete(stack.base_url, first, max_tokens=4)
+    after_first = completed_per_prefill_worker(stack)
+    (holder,) = [w for w in after_first if after_first[w] == before[w] + 1]  # one of the two prefilled it
     extended_text = base + " " + long_text("a follow-up question", 10)
     extended = chat_ids(tokenizer, extended_text)
-    prefill_id = stack.instances("prefill")[0]["instance_id"]
     shared = next(i for i, (a, b) in enumerate(zip(first, extended)) if a != b)
     cached_blocks = shared // 128  # full KV blocks of the shared prefix
     assert cached_blocks >= 2
 
-    def explained():
+    def overlaps() -> dict[int, int]:
         r = httpx.post(f"{stack.base_url}/debug/route", timeout=10, json={
             "model": SERVED_MODEL_NAME, "messages": [{"role": "user", "content": extended_text}]})
-        return r.json()
+        return {w["worker_id"]: w["overlap_blocks"] for w in r.json()["prefill"]["workers"]}
 
-    wait_until(lambda: explained()["prefill"]["workers"][0]["overlap_blocks"] >= cached_blocks, 30,
-               "the prefill worker's KV events for the first prompt")
-    route = explained()["prefill"]
-    assert route["choice"] == prefill_id
+    wait_until(lambda: overlaps().get(holder, 0) >= cached_blocks, 30,
+               "the prefill workers' KV events for the first prompt")
+    route = httpx.post(f"{stack.base_url}/debug/route", timeout=10, json={
+        "model": SERVED_MODEL_NAME, "messages": [{"role": "user", "content": extended_text}]}).json()["prefill"]
+    assert route["choice"] == holder, route
+    assert all(o < cached_blocks for w, o in overlaps().items() if w != holder)  # the other holds none of it
     served = stack.served("disaggregated")
-    done = prefill_stats(stack).completed_requests
     complete(stack.base_url, extended, max_tokens=4)
     assert stack.served("disaggregated") == served + 1
-    assert prefill_stats(stack).completed_requests == done + 1
+    after_second = completed_per_prefill_worker(stack)
+    assert {w: after_second[w] - after_first[w] for w in after_second} == {
+        w: int(w == holder) for w in after_second}
 
 
 def test_short_prompt_stays_on_the_decode_worker(stack, tokenizer):
@@ -231,11 +251,14 @@ def test_time_to_first_token_remote_and_local_prefill(stack, tokenizer):
 
 
 def test_killed_prefill_worker_does_not_fail_later_requests(stack, tokenizer):
-    # SIGKILL to its whole process group (the worker and its vLLM engine processes): the lease lingers until
-    # it expires, the request-plane port refuses connections.
-    os.killpg(stack.prefill.pid, signal.SIGKILL)
-    stack.prefill.popen.wait(10)
+    """SIGKILL both prefill workers' process groups (each worker and its vLLM engine processes): their
+    leases linger until they expire and their request-plane ports refuse connections."""
+    failed_before = stack.served("prefill_failed") + stack.served("no_prefill_workers")
+    for proc in (stack.prefill, stack.prefill_b):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.popen.wait(10)
     for topic in ("the migration of birds", "volcanoes"):
         answer = complete(stack.base_url, chat_ids(tokenizer, long_text(topic)), max_tokens=8)
         assert answer["choices"][0]["text"]
-    assert stack.served("prefill_failed") + stack.served("no_prefill_workers") >= 2
+    # Both were prefilled on the decode worker itself, not failed.
+    assert stack.served("prefill_failed") + stack.served("no_prefill_workers") - failed_before == 2

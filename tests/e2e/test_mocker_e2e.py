@@ -69,18 +69,39 @@ def test_restarted_frontend_sees_workers_already_up(mocker_stack):
         proc.stop()
 
 
-def test_killed_worker_disappears_within_lease_ttl(tmp_path_factory, etcd_endpoint, nats_url):
+def indexed_blocks(base_url: str, model: str) -> dict[str, float]:
+    """worker label -> blocks the kv router's index holds for it, from /metrics."""
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    prefix = "dynamo_lite_router_indexed_blocks{"
+    result = {}
+    for line in text.splitlines():
+        if line.startswith(prefix) and f'model="{model}"' in line:
+            worker = line.split('worker="', 1)[1].split('"', 1)[0]
+            result[worker] = float(line.rsplit(" ", 1)[1])
+    return result
+
+
+def test_killed_worker_disappears_within_lease_ttl_with_its_blocks(tmp_path_factory, etcd_endpoint, nats_url):
     group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "mocker-kill")
     try:
         stack = start_stack(group, "dynamo_lite.mocker",
                             ["--model-path", str(DEFAULT_MODEL_PATH), "--served-model-name", "doomed",
-                             "--num-workers", "1", "--speedup-ratio", "50"], model="doomed")
+                             "--num-workers", "1", "--speedup-ratio", "50"], model="doomed", router_mode="kv")
+        (worker_id,) = [i["instance_id"] for i in healthy_instances(stack.base_url, "doomed")]
+        r = httpx.post(f"{stack.base_url}/v1/completions", json={"model": "doomed", "prompt": "hello " * 100,
+                                                                 "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200, r.text
+        # The worker's KV events reach the router: it indexes the prompt's blocks for that worker.
+        wait_until(lambda: indexed_blocks(stack.base_url, "doomed").get(f"{worker_id:x}", 0) >= 5, 10,
+                   "the router to index the worker's blocks", [stack.frontend])
+
         stack.workers[0].kill()  # SIGKILL: no deregistration, only the lease can expire
         killed_at = time.monotonic()
         lease_ttl = 10.0
         wait_until(lambda: not healthy_instances(stack.base_url, "doomed"), lease_ttl + 1.0,
                    "the killed worker to vanish from /health", [stack.frontend])
         assert time.monotonic() - killed_at <= lease_ttl + 1.0
+        assert f"{worker_id:x}" not in indexed_blocks(stack.base_url, "doomed")  # its blocks went with it
         r = httpx.post(f"{stack.base_url}/v1/completions", json={"model": "doomed", "prompt": "hi",
                                                                  "max_tokens": 4}, timeout=30)
         assert r.status_code == 404 and "doomed" in r.json()["error"]["message"]
