@@ -26,6 +26,7 @@ from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend import errors, responses
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.disagg import DisaggCoordinator, DisaggSettings
+from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnected
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
@@ -39,6 +40,8 @@ from dynamo_lite.router.service import KvRoutingService
 from dynamo_lite.transport.client import RequestClient
 
 logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # status recorded for a client that hung up (nginx's convention)
 
 UNKNOWN_MODEL = "unknown"  # metrics label for requests that never resolved to a served model
 
@@ -100,8 +103,10 @@ class OpenAIService:
             plan = await (plan_chat(served, body) if chat else plan_completion(served, body))
             generation = Generation(self.pipeline, plan, arrival)
             if body.stream:
-                return await self._stream(generation, endpoint, chat, body.include_usage, arrival)
-            return await self._complete(generation, endpoint, chat, arrival)
+                return await self._stream(http_request, generation, endpoint, chat, body.include_usage, arrival)
+            return await self._complete(http_request, generation, endpoint, chat, arrival)
+        except ClientDisconnected:
+            response = Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; counted as 499
         except pydantic.ValidationError as e:
             response = errors.pydantic_error_response(e)
         except DynamoLiteError as e:
@@ -124,15 +129,18 @@ class OpenAIService:
             if isinstance(self.deps.router, KvRoutingService):
                 self.deps.router.record_usage(model, generation.prompt_tokens, generation.cached_tokens)
 
-    async def _complete(self, generation: Generation, endpoint: str, chat: bool, arrival: float) -> Response:
+    async def _complete(self, http_request: Request, generation: Generation, endpoint: str, chat: bool,
+                        arrival: float) -> Response:
         model = generation.plan.model.name
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
-        try:
-            parts = []
+
+        async def collect() -> list[str]:
             async with contextlib.aclosing(generation.text()) as deltas:
-                async for delta in deltas:
-                    parts.append(delta)
+                return [delta async for delta in deltas]
+
+        try:
+            parts = await unless_disconnected(http_request, collect())
         finally:
             inflight.dec()
             self._count_tokens(generation)
@@ -142,8 +150,8 @@ class OpenAIService:
         self._count(model, endpoint, 200, arrival)
         return Response(body, media_type="application/json")
 
-    async def _stream(self, generation: Generation, endpoint: str, chat: bool, include_usage: bool,
-                      arrival: float) -> Response:
+    async def _stream(self, http_request: Request, generation: Generation, endpoint: str, chat: bool,
+                      include_usage: bool, arrival: float) -> Response:
         """SSE. The first text is awaited before answering, so a request that cannot start (no
         worker, every worker failing) still gets a proper status code instead of a broken stream."""
         model = generation.plan.model.name
@@ -151,7 +159,7 @@ class OpenAIService:
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
         try:
-            first: str | None = await anext(deltas)
+            first: str | None = await unless_disconnected(http_request, anext(deltas))
         except StopAsyncIteration:
             first = None
         except BaseException:
@@ -182,7 +190,7 @@ class OpenAIService:
 
     async def _sse(self, generation: Generation, deltas: AsyncIterator[str], first: str | None,
                    encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
-        status = 499  # client closed the connection, unless the stream completes
+        status = CLIENT_CLOSED_REQUEST  # unless the stream completes
         try:
             if encoder.chat:
                 yield encoder.role()
@@ -304,4 +312,4 @@ class _ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._on_close(499)
+            await self._on_close(CLIENT_CLOSED_REQUEST)

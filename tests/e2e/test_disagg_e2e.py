@@ -14,6 +14,7 @@ other engine) must then be token for token the same. A second frontend on the na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -248,6 +249,47 @@ def test_time_to_first_token_remote_and_local_prefill(stack, tokenizer):
           f"{prefill_sum / prefill_count:.2f}s, mean decode first token after handoff "
           f"{handoff_sum / prefill_count:.2f}s")
     assert remote > 0 and local > 0
+
+
+def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float) -> None:
+    """Stream a completion and close the connection after `seconds`, at whatever stage it is."""
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as client:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    async with client.stream("POST", f"{base_url}/v1/completions", json={
+                            "model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 64,
+                            "temperature": 0, "ignore_eos": True, "stream": True}) as response:
+                        async for _ in response.aiter_lines():
+                            pass
+
+    asyncio.run(run())
+
+
+def test_cancelling_during_prefill_transfer_or_decode_leaves_every_engine_serving(stack, tokenizer):
+    """Clients that hang up while the prompt is prefilled, while the decode worker pulls its KV, or while
+    it decodes: every engine aborts or finishes its part and keeps serving."""
+    served = stack.served("disaggregated")
+    for seconds in (0.05, 0.2, 0.35, 0.5, 0.8, 1.5):  # a remote prefill takes ~0.3 s, the handoff ~0.3 s
+        hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {seconds} s", 25)),
+                      seconds)
+    assert stack.served("disaggregated") == served + 6
+    workers = {i["address"]: i["role"] for i in stack.instances("prefill") + stack.instances("decode")}
+    assert len(workers) == 3
+    wait_until(lambda: all(prefill_stats(stack, a).active_requests == 0 for a in workers), 60,
+               "every worker to finish or abort the cancelled requests",
+               [stack.prefill, stack.prefill_b, stack.decode])
+    assert sum(prefill_stats(stack, a).aborted_requests for a in workers) >= 1
+    # Each engine still answers on its own (its engine core survived), and so does the whole path.
+    for address in workers:
+        request = GenerateRequest(request_id=f"after-cancel-{uuid.uuid4().hex[:8]}",
+                                  token_ids=chat_ids(tokenizer, "Name a colour."),
+                                  sampling=SamplingOptions(max_tokens=4, temperature=0.0, ignore_eos=True))
+        assert len(worker_call(address, request, timeout=60)) == 4, workers[address]
+    failed = stack.served("prefill_failed")
+    answer = complete(stack.base_url, chat_ids(tokenizer, long_text(TOPICS[0] + " again")), max_tokens=8)
+    assert answer["choices"][0]["text"]
+    assert stack.served("disaggregated") == served + 7 and stack.served("prefill_failed") == failed
 
 
 def test_killed_prefill_worker_does_not_fail_later_requests(stack, tokenizer):

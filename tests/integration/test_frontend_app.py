@@ -595,11 +595,13 @@ async def test_client_disconnect_aborts_the_worker_request(model_dir):
             await asyncio.wait_for(serving, timeout=WAIT)
 
 
-async def test_client_gone_before_the_first_token_aborts_and_is_counted(model_dir):
-    """A client that hangs up while its first token is awaited: the worker request is still aborted,
-    the in-flight gauge returns to 0 and the request is counted as closed by the client (499)."""
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_gone_before_its_answer_aborts_the_worker_at_once(model_dir, stream):
+    """A client that hangs up while its first token (or, non-streaming, its whole answer) is awaited: the
+    worker request is aborted right away, not when the worker next produces something, the in-flight
+    gauge returns to 0 and the request is counted as closed by the client (499)."""
     async with running_stack() as stack:
-        engine = ScriptedEngine(model_dir, token_delay=1.0)
+        engine = ScriptedEngine(model_dir, token_delay=60.0)  # a first token far beyond the test's waits
         shell = await stack.add_worker(engine)
         server = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=0, lifespan="off",
                                                log_level="warning"))
@@ -608,14 +610,15 @@ async def test_client_gone_before_the_first_token_aborts_and_is_counted(model_di
             await wait_until(lambda: server.started)
             port = server.servers[0].sockets[0].getsockname()[1]
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as http:
-                request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat_body(stream=True)))
-                await wait_until(lambda: len(engine.requests) == 1)  # the worker is on its first token (1 s)
+                request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat_body(stream=stream)))
+                await wait_until(lambda: len(engine.requests) == 1)
                 request.cancel()  # closes the connection before any response byte
                 with contextlib.suppress(asyncio.CancelledError):
                     await request
             await wait_until(lambda: shell.stats.aborted_requests == 1)
             assert shell.stats.completed_requests == 0
-            closed_by_client = f'dynamo_lite_frontend_requests_total{{endpoint="chat_completions",model="{MODEL}",status="499"}} 1.0'
+            closed_by_client = ('dynamo_lite_frontend_requests_total{endpoint="chat_completions",'
+                                f'model="{MODEL}",status="499"}} 1.0')
             metrics = ""
             for _ in range(100):
                 metrics = (await stack.http.get("/metrics")).text
