@@ -269,27 +269,33 @@ def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float) -> None:
 def test_cancelling_during_prefill_transfer_or_decode_leaves_every_engine_serving(stack, tokenizer):
     """Clients that hang up while the prompt is prefilled, while the decode worker pulls its KV, or while
     it decodes: every engine aborts or finishes its part and keeps serving."""
-    served = stack.served("disaggregated")
-    for seconds in (0.05, 0.2, 0.35, 0.5, 0.8, 1.5):  # a remote prefill takes ~0.3 s, the handoff ~0.3 s
-        hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {seconds} s", 25)),
-                      seconds)
-    assert stack.served("disaggregated") == served + 6
     workers = {i["address"]: i["role"] for i in stack.instances("prefill") + stack.instances("decode")}
     assert len(workers) == 3
+
+    def aborted(role: str) -> int:
+        return sum(prefill_stats(stack, a).aborted_requests for a, r in workers.items() if r == role)
+
+    before = {role: aborted(role) for role in ("prefill", "decode")}
+    # A remote prefill of these prompts takes ~0.3-1 s here, the handoff and 64 decode steps ~2 s more.
+    for seconds in (0.05, 0.2, 0.35, 0.5, 0.8, 1.2, 1.8, 2.5):
+        hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {seconds} s", 25)),
+                      seconds)
     wait_until(lambda: all(prefill_stats(stack, a).active_requests == 0 for a in workers), 60,
                "every worker to finish or abort the cancelled requests",
                [stack.prefill, stack.prefill_b, stack.decode])
-    assert sum(prefill_stats(stack, a).aborted_requests for a in workers) >= 1
+    # Some were stopped on a prefill worker, some on the decode worker after their KV handoff.
+    assert aborted("prefill") > before["prefill"]
+    assert aborted("decode") > before["decode"]
     # Each engine still answers on its own (its engine core survived), and so does the whole path.
     for address in workers:
         request = GenerateRequest(request_id=f"after-cancel-{uuid.uuid4().hex[:8]}",
                                   token_ids=chat_ids(tokenizer, "Name a colour."),
                                   sampling=SamplingOptions(max_tokens=4, temperature=0.0, ignore_eos=True))
         assert len(worker_call(address, request, timeout=60)) == 4, workers[address]
-    failed = stack.served("prefill_failed")
+    served, failed = stack.served("disaggregated"), stack.served("prefill_failed")
     answer = complete(stack.base_url, chat_ids(tokenizer, long_text(TOPICS[0] + " again")), max_tokens=8)
     assert answer["choices"][0]["text"]
-    assert stack.served("disaggregated") == served + 7 and stack.served("prefill_failed") == failed
+    assert stack.served("disaggregated") == served + 1 and stack.served("prefill_failed") == failed
 
 
 def test_killed_prefill_worker_does_not_fail_later_requests(stack, tokenizer):
