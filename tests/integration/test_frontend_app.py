@@ -570,29 +570,36 @@ async def test_metrics_count_requests_tokens_and_workers(model_dir):
             assert line in text, line
 
 
+@contextlib.asynccontextmanager
+async def over_real_http(stack):
+    """An httpx client talking to the stack's app through a real uvicorn server (disconnects are real)."""
+    server = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=0, lifespan="off",
+                                           log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await wait_until(lambda: server.started)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as http:
+            yield http
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, timeout=WAIT)
+
+
 async def test_client_disconnect_aborts_the_worker_request(model_dir):
     """Over real HTTP: closing the SSE connection closes the worker stream, which aborts there."""
     async with running_stack() as stack:
         shell = await stack.add_worker(ScriptedEngine(model_dir, token_delay=0.2))
-        server = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=0, lifespan="off",
-                                               log_level="warning"))
-        serving = asyncio.create_task(server.serve())
-        try:
-            await wait_until(lambda: server.started)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as http:
-                async with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True)) as response:
-                    assert response.status_code == 200
-                    async for line in response.aiter_lines():
-                        if '"content":"H"' in line:
-                            break  # got the first token: hang up
+        async with over_real_http(stack) as http:
+            async with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True)) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if '"content":"H"' in line:
+                        break  # got the first token: hang up
             await wait_until(lambda: shell.stats.aborted_requests == 1)
-            assert shell.stats.completed_requests == 0
-            metrics = (await stack.http.get("/metrics")).text
-            assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(serving, timeout=WAIT)
+        assert shell.stats.completed_requests == 0
+        metrics = (await stack.http.get("/metrics")).text
+        assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -603,30 +610,16 @@ async def test_client_gone_before_its_answer_aborts_the_worker_at_once(model_dir
     async with running_stack() as stack:
         engine = ScriptedEngine(model_dir, token_delay=60.0)  # a first token far beyond the test's waits
         shell = await stack.add_worker(engine)
-        server = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=0, lifespan="off",
-                                               log_level="warning"))
-        serving = asyncio.create_task(server.serve())
-        try:
-            await wait_until(lambda: server.started)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as http:
-                request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat_body(stream=stream)))
-                await wait_until(lambda: len(engine.requests) == 1)
-                request.cancel()  # closes the connection before any response byte
-                with contextlib.suppress(asyncio.CancelledError):
-                    await request
+        async with over_real_http(stack) as http:
+            request = asyncio.ensure_future(http.post("/v1/chat/completions", json=chat_body(stream=stream)))
+            await wait_until(lambda: len(engine.requests) == 1)
+            request.cancel()  # closes the connection before any response byte
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
             await wait_until(lambda: shell.stats.aborted_requests == 1)
-            assert shell.stats.completed_requests == 0
-            closed_by_client = ('dynamo_lite_frontend_requests_total{endpoint="chat_completions",'
-                                f'model="{MODEL}",status="499"}} 1.0')
-            metrics = ""
-            for _ in range(100):
-                metrics = (await stack.http.get("/metrics")).text
-                if closed_by_client in metrics:
-                    break
-                await asyncio.sleep(0.05)
-            assert closed_by_client in metrics
-            assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(serving, timeout=WAIT)
+        assert shell.stats.completed_requests == 0
+        closed_by_client = ('dynamo_lite_frontend_requests_total{endpoint="chat_completions",'
+                            f'model="{MODEL}",status="499"}} 1.0')
+        metrics = (await stack.http.get("/metrics")).text
+        assert closed_by_client in metrics
+        assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
