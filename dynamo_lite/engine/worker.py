@@ -294,6 +294,10 @@ class WorkerShell:
 
     # ------------------------------------------------------------------ event plane
 
+    def relayed_blocks(self) -> set[int]:
+        """Content hashes of the blocks this worker has announced on the event plane (what a resync sends)."""
+        return set(self._blocks.blocks)
+
     async def _relay_kv_events(self) -> None:
         try:
             async for events in self._engine.kv_events():
