@@ -3,8 +3,9 @@
 The router cannot wait for load reports to learn about the requests it just dispatched, so it counts
 them itself (DESIGN §2: "added on dispatch, prefill part dropped at first token, freed at the end"):
 
-- On dispatch (`add_request`), the request's prompt blocks become active on its worker: every full
-  prompt block by its content hash, and `extra_blocks` (the partial last block) on their own.
+- On dispatch (`add_request`), the request's prompt blocks become active on its worker: the full
+  blocks it passes by content hash (the KV router passes those the worker does not have cached yet:
+  the prefill work), and `extra_blocks` (the partial last block) on their own.
   Full blocks are reference-counted per worker, so requests sharing a prefix on the same worker
   count the shared blocks once, as the engine's prefix cache does.
 - At the first token (`prefill_done`), the prefill part is dropped: the prompt blocks are released

@@ -92,7 +92,9 @@ class KvRouter(Router):
         costs = self._costs(len(token_ids), hashes, workers)
         chosen = select_worker(costs, self.temperature, self._rng)
         extra_blocks = 1 if len(token_ids) % self.block_size else 0
-        self.tracker.add_request(request_id, chosen.worker_id, hashes, extra_blocks)
+        # The prefill load is what the worker must compute: the blocks it does not hold yet (Dynamo counts
+        # a prefill's new tokens the same way). Cached blocks cost it no compute.
+        self.tracker.add_request(request_id, chosen.worker_id, hashes[chosen.overlap_blocks:], extra_blocks)
         if self.approximate and hashes:
             self._remember_routed(chosen.worker_id, hashes)
         logger.debug("route %s -> %x: overlap %d/%d blocks, active %d, cost %.1f", request_id,

@@ -146,6 +146,18 @@ def test_active_blocks_follow_first_token_and_finish():
     assert costs_by_id(router.explain([], [W1])) == {W1: (0, 0, 0.0)}
 
 
+def test_only_the_uncached_part_of_a_prompt_counts_as_prefill_load():
+    router, _ = make_router()
+    router.apply_batch(batch(W1, 1, store(PROMPT[:12])))  # 3 of the prompt's 5 blocks cached on W1
+    assert router.route("r1", PROMPT, [W1]).overlap_blocks == 3
+    # The worker computes 1 full block and the partial last one: 2 active blocks, not 5.
+    assert costs_by_id(router.explain([], [W1])) == {W1: (0, 2, 2.0)}
+    router.first_token("r1")
+    assert costs_by_id(router.explain([], [W1])) == {W1: (0, 1, 1.0)}  # decoding
+    router.finished("r1")
+    assert costs_by_id(router.explain([], [W1])) == {W1: (0, 0, 0.0)}
+
+
 def test_explain_rows():
     router, _ = make_router(overlap_weight=2.0)
     router.apply_batch(batch(W1, 1, store(PROMPT[:8])))
