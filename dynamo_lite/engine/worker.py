@@ -19,8 +19,8 @@ from dynamo_lite.engine.base import Engine, EngineInfo
 from dynamo_lite.events.base import EventBus, Subscription
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
-    AllBlocksCleared, BlockRemoved, BlockStored, GenerateRequest, InstanceRecord, KvEvent, KvEventBatch,
-    TOKENIZER_FILE_NAMES, LoadReport, ModelCard, Reply, Request, TokenizerFiles, TokenizerFilesRequest, WorkerStats,
+    TOKENIZER_FILE_NAMES, AllBlocksCleared, BlockRemoved, BlockStored, GenerateRequest, InstanceRecord, KvEvent,
+    KvEventBatch, LoadReport, ModelCard, Reply, Request, TokenizerFiles, TokenizerFilesRequest, WorkerStats,
     WorkerStatsRequest, json_encoder, msgpack_encoder)
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.runtime.config import option

@@ -299,9 +299,10 @@ def create_app(deps: FrontendDeps) -> FastAPI:
 class _ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that always runs `on_close(499)` when it ends.
 
-    If the client disconnects before the body generator first runs (e.g. while the first token was
-    awaited), Starlette cancels the send loop and the generator's own `finally` never runs: this is
-    what still aborts the worker request and keeps the in-flight gauge right. `on_close` is idempotent.
+    A client that leaves while the first token is awaited is caught earlier (`unless_disconnected`).
+    One that leaves after that but before the body generator first runs makes Starlette cancel the
+    send loop, and the generator's own `finally` never runs: this is what still aborts the worker
+    request and keeps the in-flight gauge right. `on_close` is idempotent.
     """
 
     def __init__(self, content, on_close, **kwargs) -> None:

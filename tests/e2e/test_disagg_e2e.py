@@ -142,13 +142,13 @@ def worker_call(address: str, request, timeout: float = 300):
     return asyncio.run(run())
 
 
-def prefill_stats(stack: DisaggStack, address: str | None = None):
-    """Request counters of a prefill worker (default: A)."""
+def worker_stats(stack: DisaggStack, address: str | None = None):
+    """Request counters of the worker at `address` (default: prefill worker A)."""
     return worker_call(address or stack.prefill_address, WorkerStatsRequest())
 
 
 def completed_per_prefill_worker(stack: DisaggStack) -> dict[int, int]:
-    return {i["instance_id"]: prefill_stats(stack, i["address"]).completed_requests
+    return {i["instance_id"]: worker_stats(stack, i["address"]).completed_requests
             for i in stack.instances("prefill")}
 
 
@@ -161,7 +161,7 @@ def reference_on_prefill_worker(stack: DisaggStack, tokenizer, prompt_ids: list[
 
 
 def test_disaggregated_greedy_output_equals_single_engine_output(stack, tokenizer):
-    before = prefill_stats(stack).completed_requests
+    before = worker_stats(stack).completed_requests
     blocks_before = stack.metric("dynamo_lite_frontend_kv_transfer_blocks_sum")
     for topic in TOPICS[:3]:
         prompt_ids = chat_ids(tokenizer, long_text(topic))
@@ -174,7 +174,7 @@ def test_disaggregated_greedy_output_equals_single_engine_output(stack, tokenize
     assert stack.served("disaggregated") == 3
     # The KV router sent each prefill to worker A, which already held the prompt from its reference run
     # (3 references + 3 prefills there).
-    assert prefill_stats(stack).completed_requests == before + 6
+    assert worker_stats(stack).completed_requests == before + 6
     # The decode worker pulled the prompt's KV: blocks handed over and bytes its vLLM measured.
     assert stack.metric("dynamo_lite_frontend_kv_transfer_blocks_sum") - blocks_before >= 3 * 4
     moved = stack.metric("dynamo_lite_frontend_kv_transfer_bytes_sum")
@@ -216,14 +216,14 @@ def test_shared_prefix_goes_to_the_prefill_worker_holding_it(stack, tokenizer):
 
 
 def test_short_prompt_stays_on_the_decode_worker(stack, tokenizer):
-    done = prefill_stats(stack).completed_requests
+    done = worker_stats(stack).completed_requests
     short = stack.served("short_prompt")
     r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=300, json={
         "model": SERVED_MODEL_NAME, "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 16, "temperature": 0})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
     assert stack.served("short_prompt") == short + 1
-    assert prefill_stats(stack).completed_requests == done
+    assert worker_stats(stack).completed_requests == done
 
 
 def ttft(base_url: str, prompt_ids: list[int]) -> float:
@@ -273,14 +273,14 @@ def test_cancelling_during_prefill_transfer_or_decode_leaves_every_engine_servin
     assert len(workers) == 3
 
     def aborted(role: str) -> int:
-        return sum(prefill_stats(stack, a).aborted_requests for a, r in workers.items() if r == role)
+        return sum(worker_stats(stack, a).aborted_requests for a, r in workers.items() if r == role)
 
     before = {role: aborted(role) for role in ("prefill", "decode")}
     # A remote prefill of these prompts takes ~0.3-1 s here, the handoff and 64 decode steps ~2 s more.
     for seconds in (0.05, 0.2, 0.35, 0.5, 0.8, 1.2, 1.8, 2.5):
         hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {seconds} s", 25)),
                       seconds)
-    wait_until(lambda: all(prefill_stats(stack, a).active_requests == 0 for a in workers), 60,
+    wait_until(lambda: all(worker_stats(stack, a).active_requests == 0 for a in workers), 60,
                "every worker to finish or abort the cancelled requests",
                [stack.prefill, stack.prefill_b, stack.decode])
     # Some were stopped on a prefill worker, some on the decode worker after their KV handoff.
