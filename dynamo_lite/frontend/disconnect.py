@@ -28,18 +28,32 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """The result of `work`; ClientDisconnected (after cancelling `work`) if the client leaves first."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_until_disconnected(request))
+    """The result of `work`; ClientDisconnected (after cancelling `work`) if the client leaves first.
+
+    `work` runs inline in the calling task, not in a task of its own: everything it does before its
+    first real wait (routing, sending the request to the worker) happens now. A task would only start
+    after every request already queued on the event loop, so in a burst each request would reach its
+    worker only once the whole burst had been tokenized. A watcher task cancels the caller if the
+    client leaves; that cancellation is turned into ClientDisconnected here.
+    """
+    caller = asyncio.current_task()
+    assert caller is not None
+    state = {"waiting": True, "disconnected": False}
+
+    async def watch() -> None:
+        await _until_disconnected(request)
+        if state["waiting"]:  # never cancel the caller once the work is over
+            state["disconnected"] = True
+            caller.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not state["disconnected"]:
+            raise  # cancelled from elsewhere: not ours to swallow
+        caller.uncancel()  # the cancellation was ours and ends here
+        raise ClientDisconnected() from None
     finally:
-        watch.cancel()
-        if not task.done():
-            # The client left, or we are cancelled ourselves: stop the work and let it unwind (closing
-            # its worker stream) before the caller touches anything the work was using.
-            task.cancel()
-            await asyncio.wait((task,))
-    if task.cancelled():
-        raise ClientDisconnected()
-    return task.result()
+        state["waiting"] = False
+        watcher.cancel()
