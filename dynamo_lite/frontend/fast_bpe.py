@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -23,6 +24,12 @@ logger = logging.getLogger(__name__)
 
 # tokenizers' ByteLevel pre-tokenizer pattern (GPT-2).
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same split for ASCII-only text, for the standard library's `re` (about 3x faster than `regex` with
+# Unicode properties). For ASCII, \p{L} is [A-Za-z], \p{N} is [0-9] and Unicode White_Space is
+# [\t\n\v\f\r ] (not `re`'s \s, which also takes \x1c-\x1f), so the two patterns split alike.
+_ASCII_SPACE = r"\t\n\x0b\x0c\r "
+ASCII_BYTE_LEVEL_PATTERN = (rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_ASCII_SPACE}A-Za-z0-9]+"""
+                            rf"""|[{_ASCII_SPACE}]+(?![^{_ASCII_SPACE}])|[{_ASCII_SPACE}]+""")
 MAX_CACHED_PIECE = 64  # longer pieces (base64 blobs, long digit runs) are rare: encode them directly
 MAX_CACHE_ENTRIES = 200_000  # ~30 MB at most; cleared when full
 
@@ -60,6 +67,7 @@ class FastByteLevelEncoder:
 
         self._tokenizer = tokenizer
         self._pieces = regex.compile(BYTE_LEVEL_PATTERN)
+        self._ascii_pieces = re.compile(ASCII_BYTE_LEVEL_PATTERN)
         # Added tokens are matched first, leftmost-longest, as tokenizers' AddedVocabulary does.
         by_length = sorted(added_tokens, key=len, reverse=True)
         self._added = regex.compile("(" + "|".join(regex.escape(t) for t in by_length) + ")") if by_length else None
@@ -116,7 +124,8 @@ class FastByteLevelEncoder:
             if index % 2:  # odd parts are the added tokens the split captured
                 ids.append(self._added_ids[part])
                 continue
-            for piece in self._pieces.findall(part):
+            pieces = self._ascii_pieces if part.isascii() else self._pieces
+            for piece in pieces.findall(part):
                 piece_ids = cache.get(piece)
                 if piece_ids is None:
                     piece_ids = self._tokenizer.encode(piece, add_special_tokens=False).ids

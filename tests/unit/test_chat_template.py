@@ -8,6 +8,7 @@ folder is used when it exists; a tiny tokenizer with a template exercising the h
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,36 @@ def test_fast_encode_matches_tokenizers_on_default_model(default_model):
     assert_fast_path_exact(ours, reference, texts)
     # Cached pieces give the same answer the second time round.
     assert_fast_path_exact(ours, reference, texts[:200])
+
+
+def test_ascii_split_is_the_unicode_split_on_every_ascii_text():
+    # Every pair of ASCII characters, then random ASCII strings (contractions, runs, spaces before
+    # text and at the end are what the pattern's alternatives tell apart).
+    import random
+
+    import regex
+
+    from dynamo_lite.frontend.fast_bpe import ASCII_BYTE_LEVEL_PATTERN, BYTE_LEVEL_PATTERN
+
+    unicode_split, ascii_split = regex.compile(BYTE_LEVEL_PATTERN), re.compile(ASCII_BYTE_LEVEL_PATTERN)
+    ascii_chars = [chr(c) for c in range(128)]
+    rng = random.Random(7)
+    alphabet = ascii_chars + ["'s", "'ll", "'re", "  ", " \n"]
+    texts = [a + b for a in ascii_chars for b in ascii_chars]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(20_000)]
+    for text in texts:
+        assert ascii_split.findall(text) == unicode_split.findall(text), repr(text)
+
+
+def test_fast_encode_matches_tokenizers_on_ascii_text(default_model):
+    import random
+
+    ours, _ = default_model
+    reference = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    rng = random.Random(11)
+    alphabet = [chr(c) for c in range(128)] + ["the ", "Paris", " 2024", "'s ", "\n\n", "<|im_start|>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(1500)]
+    assert_fast_path_exact(ours, reference, texts)
 
 
 def test_fast_path_is_off_when_it_would_not_be_exact():
