@@ -11,9 +11,10 @@ from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionReques
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.messages import SamplingOptions
 
-# Prompts longer than this (characters) are tokenized in a thread so they don't stall other streams;
-# shorter ones are cheaper to do inline than to hand over.
-THREAD_TOKENIZE_CHARS = 16_384
+# Prompts longer than this (characters) are tokenized in a thread, by the Rust encoder with the GIL
+# released, so they don't stall other streams. Shorter ones take the fast path inline: ~1 ms for 32k
+# characters of English, less than the Rust encoder (~4x slower) plus the hand-over would cost.
+THREAD_TOKENIZE_CHARS = 32_768
 
 
 @dataclass
@@ -30,7 +31,7 @@ class GenerationPlan:
 
 async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
     if len(text) > THREAD_TOKENIZE_CHARS:
-        return await asyncio.to_thread(model.tokenizer.encode, text, add_special_tokens)
+        return await asyncio.to_thread(model.tokenizer.encode_without_gil, text, add_special_tokens)
     return model.tokenizer.encode(text, add_special_tokens)
 
 

@@ -188,6 +188,15 @@ def test_fast_encode_matches_tokenizers_on_ascii_text(default_model):
     assert_fast_path_exact(ours, reference, texts)
 
 
+def test_encode_without_gil_gives_the_ids_of_encode(default_model):
+    # Long prompts are tokenized this way in a thread: it must agree with the inline path.
+    ours, _ = default_model
+    texts = fuzz_texts(300) + [ours.render_chat(c) for c in CONVERSATIONS] + ["word " * 5000]
+    for text in texts:
+        for special in (False, True):
+            assert ours.encode_without_gil(text, special) == ours.encode(text, special), repr(text[:60])
+
+
 def test_fast_path_is_off_when_it_would_not_be_exact():
     tok = tiny_tokenizer()
     from tokenizers import normalizers
