@@ -156,9 +156,11 @@ async def replay(base_url: str, model: str, rows: list[TraceRequest], prompts: P
     bodies = [json.dumps({"model": model, "prompt": prompts.prompt(row), "max_tokens": row.output_length,
                           "ignore_eos": True, "temperature": 0.0, "stream": True,
                           "stream_options": {"include_usage": True}}).encode() for row in rows]
-    # Idle connections expire before the server's keep-alive timeout (uvicorn: 5 s), so a request
-    # never goes out on a connection the server is closing at that moment (a spurious ReadError).
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0)
+    # A fresh connection per request (what aiperf's client effectively measures): on a reused
+    # connection some servers' first chunk waits out the client's delayed ACK (~40 ms; Dynamo 1.6.1's
+    # frontend does), which would charge the client's TCP settings to the server. Local connects cost
+    # ~0.2 ms. It also rules out sending on a connection the server is closing (a spurious ReadError).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     timeout = httpx.Timeout(request_timeout, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         start = time.monotonic() + 0.5  # build the tasks before the first send
