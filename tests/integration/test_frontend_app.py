@@ -600,6 +600,8 @@ async def test_client_disconnect_aborts_the_worker_request(model_dir):
         assert shell.stats.completed_requests == 0
         metrics = (await stack.http.get("/metrics")).text
         assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
+        assert ('dynamo_lite_frontend_requests_total{endpoint="chat_completions",'
+                f'model="{MODEL}",status="499"}} 1.0') in metrics
 
 
 @pytest.mark.parametrize("stream", [True, False])
