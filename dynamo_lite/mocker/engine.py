@@ -5,7 +5,9 @@ out the step's simulated time (timing.py), then hands each request its new token
 step's KV events. Sleeps are only taken once the simulated clock is at least MIN_SLEEP_SECONDS ahead
 of the wall clock (the debt carries over), so sub-millisecond steps cost no timer wake-up and
 --speedup-ratio 100000 runs as fast as Python allows while the average rate stays right; such
-steps run back to back for up to STEP_SLICE_SECONDS between yields to the event loop.
+steps run back to back for up to STEP_SLICE_SECONDS between yields to the event loop. A busy engine's
+next step starts when its last one ended even if the loop woke up late (by up to MAX_CATCH_UP_SECONDS):
+the lateness is the host's, so the simulated GPU keeps its configured speed on a loaded event loop.
 
 Token ids are reproducible: each request draws from its own random.Random seeded with
 sampling.seed, or with a content hash of the prompt when there is none. They come from the model's
@@ -40,6 +42,9 @@ MIN_SLEEP_SECONDS = 1e-3
 # collector merges the tokens a busy consumer has not read yet; this gives the same coalescing
 # (several tokens per frame under load) instead of one wake-up and one frame per token per step.
 STEP_SLICE_SECONDS = 1e-3
+# How far behind the simulated clock may fall and still be caught up (a loop that woke a little late). A
+# longer stall (the process was descheduled) is dropped rather than raced through in zero-time steps.
+MAX_CATCH_UP_SECONDS = 10e-3
 # KV event batches kept while no reader is attached (e.g. a shell running without NATS).
 MAX_UNREAD_KV_BATCHES = 4096
 
@@ -248,12 +253,13 @@ class MockerEngine(Engine):
                     self._publish_events()
                     await wake.wait()
                     wake.clear()
-                    slice_start = loop.time()
+                    # Idle until now: the next step cannot have started earlier.
+                    busy_until = slice_start = loop.time()
                     continue
                 seconds = self._timing.step_seconds(out)
                 self._count(out, seconds)
                 now = loop.time()
-                busy_until = max(busy_until, now) + seconds
+                busy_until = max(busy_until, now - MAX_CATCH_UP_SECONDS) + seconds
                 delay = busy_until - now
                 if delay >= MIN_SLEEP_SECONDS:
                     await asyncio.sleep(delay)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import types
 
 import pytest
 
@@ -201,6 +202,55 @@ async def test_speedup_one_takes_at_least_the_simulated_time(model_dir):
     # 40 prefill tokens (4 ms + attention) and 4 decode steps (4.04 ms each).
     assert engine.stats.simulated_seconds == pytest.approx(40 * 1e-4 + 40 * 40 * 5e-9 + 4 * 4.04e-3)
     assert elapsed >= engine.stats.simulated_seconds * 0.95
+
+
+class _LateClock:
+    """A simulated event-loop clock on which every sleep wakes up `late` seconds after it should."""
+
+    def __init__(self, late: float):
+        self.now = 0.0
+        self.late = late
+
+    async def sleep(self, delay: float, result=None):
+        self.now += max(0.0, delay) + self.late
+        await asyncio.sleep(0)  # let the other tasks run, in no time
+        return result
+
+
+class _LoopOnClock:
+    """The running loop, telling the time of a _LateClock."""
+
+    def __init__(self, loop, clock: _LateClock):
+        self._loop, self._clock = loop, clock
+
+    def time(self) -> float:
+        return self._clock.now
+
+    def __getattr__(self, name):
+        return getattr(self._loop, name)
+
+
+async def test_a_loop_that_wakes_late_does_not_slow_the_simulated_gpu(model_dir, monkeypatch):
+    # Every sleep of the step loop overshoots by 2 ms (a busy event loop): a 20-step decode must still
+    # take 20 step times, not 20 x (step + 2 ms). Only the last sleep's lateness shows.
+    clock = _LateClock(late=2e-3)
+    loop = _LoopOnClock(asyncio.get_running_loop(), clock)
+    fake_asyncio = types.SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio)
+                                            if not name.startswith("__")})
+    fake_asyncio.sleep = clock.sleep
+    fake_asyncio.get_running_loop = lambda: loop
+    monkeypatch.setattr(engine_module, "asyncio", fake_asyncio)
+    timing = StepTimeModel(prefill_seconds_per_token=0.0, prefill_seconds_per_attention=0.0,
+                           decode_seconds_per_step=10e-3, decode_seconds_per_sequence=0.0)
+    engine = MockerEngine(make_config(model_dir, speedup_ratio=1.0), timing=timing)
+    await asyncio.wait_for(engine.start(), TIMEOUT)
+    try:
+        frames = await collect(engine, request(max_tokens=21))  # the prefill step is free: 20 decode steps
+    finally:
+        await asyncio.wait_for(engine.shutdown(), TIMEOUT)
+    assert len(tokens_of(frames)) == 21
+    assert engine.stats.simulated_seconds == pytest.approx(20 * 10e-3)
+    assert clock.now == pytest.approx(20 * 10e-3 + 2e-3)
 
 
 def test_step_time_model_adds_prefill_and_decode_costs_and_divides_by_the_speedup():
