@@ -38,22 +38,22 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """
     caller = asyncio.current_task()
     assert caller is not None
-    state = {"waiting": True, "disconnected": False}
+    disconnected = False
 
     async def watch() -> None:
+        # Cancelled (below) the moment the work is over, so it never cancels the caller after that.
+        nonlocal disconnected
         await _until_disconnected(request)
-        if state["waiting"]:  # never cancel the caller once the work is over
-            state["disconnected"] = True
-            caller.cancel()
+        disconnected = True
+        caller.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await work
     except asyncio.CancelledError:
-        if not state["disconnected"]:
+        if not disconnected:
             raise  # cancelled from elsewhere: not ours to swallow
         caller.uncancel()  # the cancellation was ours and ends here
         raise ClientDisconnected() from None
     finally:
-        state["waiting"] = False
         watcher.cancel()
