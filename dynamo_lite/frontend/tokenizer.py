@@ -120,9 +120,11 @@ class ModelTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_without_gil(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The same ids as `encode`, computed in Rust with the GIL released (`encode_batch` releases it,
-        `encode` does not): slower than the fast path, but a thread running it leaves the event loop
-        free. For long prompts, called from a worker thread."""
+        """The same ids as `encode`, computed with the GIL released, so a thread running it leaves the
+        event loop free: the fast path (tiktoken releases it), else Rust's `encode_batch` (`encode` does
+        not release it)."""
+        if self._fast_encoder is not None:
+            return self._fast_encoder.encode(text, add_special_tokens)
         return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,

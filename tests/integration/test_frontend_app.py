@@ -413,6 +413,27 @@ BAD_REQUESTS = [
 ]
 
 
+async def test_long_prompts_are_tokenized_off_the_event_loop_alike(model_dir):
+    # Prompts over THREAD_TOKENIZE_CHARS are tokenized in a thread: the same count, the same errors.
+    from dynamo_lite.frontend.preprocess import THREAD_TOKENIZE_CHARS
+
+    async with running_stack() as stack:
+        engine = ScriptedEngine(model_dir)
+        await stack.add_worker(engine)
+        long_text = "Once upon a time, " * (THREAD_TOKENIZE_CHARS // 18 + 1)
+        assert len(long_text) > THREAD_TOKENIZE_CHARS
+        for body in ({"model": MODEL, "prompt": long_text},
+                     {"model": MODEL, "messages": [{"role": "user", "content": long_text}]}):
+            path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+            response = await stack.http.post(path, json=body)
+            assert response.status_code == 400
+            error = response.json()["error"]
+            expected = len(TOKENIZER.encode(long_text).ids) if "prompt" in body else len(chat_prompt_ids(long_text))
+            assert error["code"] == "context_length_exceeded"
+            assert f"the prompt has {expected} tokens" in error["message"]
+        assert engine.requests == []
+
+
 async def test_bad_input_gets_openai_errors(model_dir):
     async with running_stack() as stack:
         engine = ScriptedEngine(model_dir)
