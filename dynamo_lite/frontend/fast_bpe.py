@@ -1,4 +1,4 @@
-"""A faster encode for byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen, ...), run by tiktoken.
+"""A faster encode, by tiktoken, for byte-level BPE tokenizers with the GPT-2 pre-tokenizer (SmolLM2, GPT-2).
 
 `tokenizers.Tokenizer.encode` spends most of its time in bookkeeping (offsets, alignments) that the
 frontend never reads (~1.3 µs per token) and holds the GIL while it does. tiktoken runs the same
@@ -6,16 +6,18 @@ byte-level BPE in Rust at ~0.2 µs per token and releases the GIL, so the fronte
 prompts in threads while its event loop goes on serving other requests.
 
 tiktoken is built from tokenizer.json the way its own GPT-2 encoding is built from GPT-2's merge list:
-single bytes first, then each merge's product ranked by the merge's position. tiktoken merges the
-adjacent pair whose concatenation has the lowest rank, which is BPE's rule (merge the pair with the
-earliest merge) when every token comes from exactly one merge. It returns ranks, mapped back to the
-model's ids here. Added tokens are split off first, leftmost-longest, as tokenizers' AddedVocabulary
-does.
+single bytes first, then each merge's product ranked by the merge's position (the model's ids are the
+ranks when they rise in that order, as tokenizers' trainer numbers them; else ranks are mapped back to
+ids). tiktoken merges the adjacent pair whose concatenation has the lowest rank, and takes a piece that
+is a whole token as it is; BPE merges the adjacent pair with the earliest merge rule. They agree when
+every token is made by one merge and the merges rebuild every token from its bytes, both checked at
+load (a vocabulary where a token can only be reached by a merge order BPE never takes fails the second
+check). Added tokens are split off first, leftmost-longest, as tokenizers' AddedVocabulary does.
 
 Only used when this is exact: no normalizer, a plain ByteLevel pre-tokenizer (the GPT-2 pattern), BPE
-without dropout, every token made by one merge, added tokens without strip rules; and only after a
-self-check against the real encode on probe texts at load. Text with a character whose bytes the
-vocabulary lacks (tokenizers drops such bytes, tiktoken cannot) goes to the real encoder.
+without dropout or subword affixes, the two checks above, added tokens without strip rules; and only
+after a self-check against the real encode on probe texts at load. Text with a character whose bytes
+the vocabulary lacks (tokenizers drops such bytes, tiktoken cannot) goes to the real encoder.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ PROBE_TEXTS = (
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """ByteLevel's printable stand-in character -> the byte it stands for (GPT-2's bytes_to_unicode)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     chars = list(printable)
     shifted = 0
     for byte in range(256):
@@ -75,54 +78,65 @@ def _structure_allows_fast_path(config: dict[str, Any]) -> str | None:
     return None
 
 
-class _RankTable:
-    """tokenizer.json's vocabulary as tiktoken ranks, and rank -> the model's id."""
+def unencodable_characters(missing_bytes: list[int]) -> re.Pattern[str]:
+    """Characters whose UTF-8 holds one of `missing_bytes`, and lone surrogates (which are not UTF-8)."""
+    classes = [r"\ud800-\udfff"]
+    for byte in missing_bytes:
+        if byte < 0x80:
+            first = last = byte
+        elif 0xC2 <= byte <= 0xDF:  # a lead byte: the code points whose encoding it starts
+            first = (byte & 0x1F) << 6
+            last = first + 0x3F
+        elif 0xE0 <= byte <= 0xEF:
+            first = max((byte & 0x0F) << 12, 0x800)  # below U+0800 is two bytes
+            last = ((byte & 0x0F) << 12) + 0xFFF
+        elif 0xF0 <= byte <= 0xF4:
+            first = max((byte & 0x07) << 18, 0x10000)  # below U+10000 is three bytes
+            last = min(((byte & 0x07) << 18) + 0x3FFFF, 0x10FFFF)
+        elif 0x80 <= byte <= 0xBF:  # a continuation byte: too many characters hold it
+            raise ValueError(f"the vocabulary lacks byte 0x{byte:02x}")
+        else:  # 0xC0, 0xC1 and 0xF5-0xFF never occur in UTF-8
+            continue
+        classes.append(f"{re.escape(chr(first))}-{re.escape(chr(last))}")
+    return re.compile("[" + "".join(classes) + "]")
 
-    def __init__(self, model: dict[str, Any], added: set[str]):
+
+class _RankTable:
+    """tokenizer.json's vocabulary as tiktoken ranks, and how ranks map back to the model's ids."""
+
+    def __init__(self, tokenizer: Tokenizer, model: dict[str, Any], added_ids: set[int]):
         to_byte = _gpt2_byte_decoder()
         vocab: dict[str, int] = model["vocab"]
-        self.ranks: dict[bytes, int] = {}
-        self.ids: list[int] = []
-        for token, token_id in sorted(vocab.items(), key=lambda item: item[1]):
-            if len(token) == 1 and token not in added:
-                self._add(bytes([to_byte[token]]), token_id)
-        self.missing_bytes = sorted(set(range(256)) - {b[0] for b in self.ranks})
+        singles = {token: token_id for token, token_id in vocab.items()
+                   if len(token) == 1 and token_id not in added_ids}
+        self.missing_bytes = sorted(set(range(256)) - {to_byte[token] for token in singles})
+        ordered: list[tuple[bytes, int]] = [(bytes([to_byte[t]]), i) for t, i in sorted(singles.items())]
+        made: set[str] = set()
         for merge in model["merges"]:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             product = left + right
             if product not in vocab:
                 raise ValueError(f"merge {left!r} + {right!r} makes no token in the vocabulary")
-            as_bytes = bytes(to_byte[c] for c in product)
-            if as_bytes in self.ranks:
+            if product in made:
                 raise ValueError(f"token {product!r} is made by more than one merge")
-            self._add(as_bytes, vocab[product])
-        unranked = len(vocab) - len(self.ids) - len(added & vocab.keys())
+            made.add(product)
+            ordered.append((bytes(to_byte[c] for c in product), vocab[product]))
+        unranked = set(vocab.values()) - {token_id for _, token_id in ordered} - added_ids
         if unranked:
-            raise ValueError(f"{unranked} vocabulary tokens are neither a byte nor made by a merge")
-
-    def _add(self, token: bytes, token_id: int) -> None:
-        self.ranks[token] = len(self.ids)
-        self.ids.append(token_id)
-
-    def unencodable_pattern(self) -> re.Pattern[str]:
-        """Characters whose UTF-8 holds a byte the vocabulary lacks, and lone surrogates (not UTF-8)."""
-        classes = [r"\ud800-\udfff"]
-        for byte in self.missing_bytes:
-            if byte < 0x80:
-                classes.append(re.escape(chr(byte)))
-            elif 0xC2 <= byte <= 0xDF:  # lead byte of the 64 two-byte code points it starts
-                start = (byte & 0x1F) << 6
-                classes.append(f"{re.escape(chr(start))}-{re.escape(chr(start + 0x3F))}")
-            elif 0xE0 <= byte <= 0xEF:
-                start = (byte & 0x0F) << 12
-                classes.append(f"{re.escape(chr(start))}-{re.escape(chr(start + 0xFFF))}")
-            elif 0xF0 <= byte <= 0xF4:
-                start = (byte & 0x07) << 18
-                classes.append(f"{re.escape(chr(start))}-{re.escape(chr(min(start + 0x3FFFF, 0x10FFFF)))}")
-            elif 0x80 <= byte <= 0xBF:  # a continuation byte: too many characters hold it
-                raise ValueError(f"the vocabulary lacks byte 0x{byte:02x}")
-            # 0xC0, 0xC1 and 0xF5-0xFF never occur in UTF-8.
-        return re.compile("[" + "".join(classes) + "]")
+            raise ValueError(f"{len(unranked)} vocabulary tokens are neither a byte nor made by a merge")
+        # tiktoken returns a piece that is a whole token as that token, where BPE runs the merges on it
+        # (unless ignore_merges): the two agree only if every token's merges rebuild the token.
+        for token, token_id in vocab.items():
+            if token_id not in added_ids and [t.id for t in tokenizer.model.tokenize(token)] != [token_id]:
+                raise ValueError(f"BPE does not rebuild token {token!r} from its bytes")
+        merge_ids = [token_id for _, token_id in ordered[len(singles):]]
+        if all(a < b for a, b in zip(merge_ids, merge_ids[1:])):
+            # Ids already rise in merge order (tokenizers' trainer numbers them so): they are the ranks.
+            self.ranks = dict(ordered)
+            self.ids: list[int] | None = None
+        else:
+            self.ranks = {token: rank for rank, (token, _) in enumerate(ordered)}
+            self.ids = [token_id for _, token_id in ordered]
 
 
 class FastByteLevelEncoder:
@@ -131,11 +145,11 @@ class FastByteLevelEncoder:
 
         self._tokenizer = tokenizer
         added = {t["content"]: t["id"] for t in config.get("added_tokens") or []}
-        table = _RankTable(config["model"], set(added))
+        table = _RankTable(tokenizer, config["model"], set(added.values()))
         self._bpe = tiktoken.Encoding("dynamo_lite", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=table.ranks,
                                       special_tokens={})
-        self._rank_to_id = table.ids.__getitem__
-        self._unencodable = table.unencodable_pattern()
+        self._rank_to_id = table.ids.__getitem__ if table.ids is not None else None
+        self._unencodable = unencodable_characters(table.missing_bytes)
         # Leftmost-longest, as tokenizers' AddedVocabulary matches them.
         by_length = sorted(added, key=len, reverse=True)
         self._added = re.compile("(" + "|".join(re.escape(t) for t in by_length) + ")") if by_length else None
@@ -175,6 +189,8 @@ class FastByteLevelEncoder:
     def _self_check(self, added: list[str]) -> str | None:
         texts = list(PROBE_TEXTS) + [f"{a}user\n{PROBE_TEXTS[0]}{a} x{a}" for a in added[:8]]
         for text in texts:
+            if self._unencodable.search(text) is not None:  # would be checked against itself
+                return f"the vocabulary lacks bytes of common text such as {text[:40]!r}"
             for special in (False, True):
                 expected = self._tokenizer.encode(text, add_special_tokens=special).ids
                 if self.encode(text, special) != expected:
@@ -182,10 +198,10 @@ class FastByteLevelEncoder:
         return None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The ids tokenizers would give. tiktoken releases the GIL while it works, so calling this
-        from a thread leaves the event loop free."""
+        """The ids tokenizers would give. Both tiktoken and the fallback release the GIL while they
+        work, so calling this from a thread leaves the event loop free."""
         if self._unencodable.search(text) is not None:
-            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+            return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         ids: list[int] = list(self._prefix) if add_special_tokens else []
         parts = self._added.split(text) if self._added is not None else [text]
         rank_to_id = self._rank_to_id
@@ -193,7 +209,8 @@ class FastByteLevelEncoder:
             if index % 2:  # odd parts are the added tokens the split captured
                 ids.append(self._added_ids[part])
             elif part:
-                ids.extend(map(rank_to_id, self._bpe.encode_ordinary(part)))
+                ranks = self._bpe.encode_ordinary(part)
+                ids.extend(ranks if rank_to_id is None else map(rank_to_id, ranks))
         if add_special_tokens:
             ids.extend(self._suffix)
         return ids

@@ -413,10 +413,21 @@ BAD_REQUESTS = [
 ]
 
 
-async def test_long_prompts_are_tokenized_off_the_event_loop_alike(model_dir):
+async def test_long_prompts_are_tokenized_off_the_event_loop_alike(model_dir, monkeypatch):
     # Prompts over THREAD_TOKENIZE_CHARS are tokenized in a thread: the same count, the same errors.
-    from dynamo_lite.frontend.preprocess import THREAD_TOKENIZE_CHARS
+    import threading
 
+    from dynamo_lite.frontend.preprocess import THREAD_TOKENIZE_CHARS
+    from dynamo_lite.frontend.tokenizer import ModelTokenizer
+
+    threads = []
+    encode_without_gil = ModelTokenizer.encode_without_gil
+
+    def spy(self, text, add_special_tokens=True):
+        threads.append(threading.current_thread())
+        return encode_without_gil(self, text, add_special_tokens)
+
+    monkeypatch.setattr(ModelTokenizer, "encode_without_gil", spy)
     async with running_stack() as stack:
         engine = ScriptedEngine(model_dir)
         await stack.add_worker(engine)
@@ -432,6 +443,9 @@ async def test_long_prompts_are_tokenized_off_the_event_loop_alike(model_dir):
             assert error["code"] == "context_length_exceeded"
             assert f"the prompt has {expected} tokens" in error["message"]
         assert engine.requests == []
+        response = await stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon"})
+        assert response.status_code == 200
+    assert len(threads) == 2 and threading.main_thread() not in threads  # the short prompt stayed inline
 
 
 async def test_bad_input_gets_openai_errors(model_dir):
