@@ -551,7 +551,8 @@ async def test_no_migration_when_the_limit_is_zero(model_dir):
 
 async def test_silent_worker_times_out_with_request_timeout(model_dir):
     async with running_stack(request_timeout=0.2) as stack:
-        shell = await stack.add_worker(ScriptedEngine(model_dir, token_delay=2.0))
+        # Silent for the whole test: a first token can never beat the timeout, however loaded the host.
+        shell = await stack.add_worker(ScriptedEngine(model_dir, token_delay=60.0))
         response = await stack.http.post("/v1/chat/completions", json=chat_body())
         assert response.status_code == 503
         message = response.json()["error"]["message"]
