@@ -8,7 +8,7 @@ folder is used when it exists; a tiny tokenizer with a template exercising the h
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,12 +41,29 @@ TINY_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> Tokenizer:
+def bpe_tokenizer(extra_tokens: Sequence[str] = (), merges: Sequence[tuple[str, str]] = ()) -> Tokenizer:
+    """A byte-level BPE over the whole byte alphabet, plus `extra_tokens` made by `merges`."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({token: len(alphabet) + i for i, token in enumerate(extra_tokens)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tok
+
+
+def tiny_tokenizer() -> Tokenizer:
+    tok = bpe_tokenizer()
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    return tok
+
+
+def lowercasing_tiny_tokenizer() -> Tokenizer:
+    """tiny_tokenizer with a normalizer: a structure the fast encode path refuses."""
+    from tokenizers import normalizers
+
+    tok = tiny_tokenizer()
+    tok.normalizer = normalizers.Lowercase()
     return tok
 
 
@@ -196,15 +213,6 @@ def test_fast_encode_matches_tokenizers_on_long_real_text(default_model):
         assert ours.encode(text, special) == reference.encode(text, add_special_tokens=special).ids
 
 
-def bpe_tokenizer(extra_tokens: list[str], merges: list[tuple[str, str]]) -> Tokenizer:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({token: len(alphabet) + i for i, token in enumerate(extra_tokens)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return tok
-
-
 @pytest.mark.parametrize("extra_tokens, merges", [
     # "abc" is made by ab + c, but BPE merges bc first and has no a + bc rule: it never rebuilds "abc",
     # where tiktoken would take the piece "abc" whole and join a + bc in "abcd".
@@ -243,10 +251,7 @@ def test_encode_without_gil_gives_the_ids_of_encode(default_model):
     # Rust's encode_batch where it is off (a normalizer); either way the ids of tokenizers' encode.
     ours, _ = default_model
     reference = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
-    plain = tiny_tokenizer()
-    from tokenizers import normalizers
-
-    plain.normalizer = normalizers.Lowercase()
+    plain = lowercasing_tiny_tokenizer()
     slow = ModelTokenizer.from_files({"tokenizer.json": plain.to_str().encode()})
     assert slow._fast_encoder is None
     texts = fuzz_texts(300) + [ours.render_chat(c) for c in CONVERSATIONS] + ["word " * 5000]
@@ -258,10 +263,7 @@ def test_encode_without_gil_gives_the_ids_of_encode(default_model):
 
 
 def test_fast_path_is_off_when_it_would_not_be_exact():
-    tok = tiny_tokenizer()
-    from tokenizers import normalizers
-
-    tok.normalizer = normalizers.Lowercase()
+    tok = lowercasing_tiny_tokenizer()
     ours = ModelTokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
     assert ours._fast_encoder is None
     assert ours.encode("HeLLo") == tok.encode("HeLLo").ids
