@@ -139,6 +139,7 @@ class NatsEventBus(EventBus):
                 servers=urls, name=name, error_cb=on_error, disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected, allow_reconnect=True, max_reconnect_attempts=-1,
                 reconnect_time_wait=RECONNECT_WAIT, connect_timeout=min(2, connect_timeout),
+                flush_timeout=FLUSH_TIMEOUT,
                 ping_interval=20, max_outstanding_pings=3), connect_timeout)
         except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
             with contextlib.suppress(Exception):
@@ -158,10 +159,19 @@ class NatsEventBus(EventBus):
         except _DISCONNECTED as e:
             logger.debug("publish on %s dropped: %s", subject, e)
 
+    async def _round_trip(self) -> None:
+        """Return once the server has everything written so far (raises nats-py's errors)."""
+        # nats-py's flush() writes its PING straight to the socket, ahead of the commands still queued
+        # for its flusher task, such as the SUB just made; the PONG would then prove nothing about
+        # them, and a message published right after subscribe() could miss the subscription. So the
+        # queue is written first, then the ping.
+        await self._nc._flush_pending(force_flush=True)
+        await self._nc.flush(timeout=FLUSH_TIMEOUT)
+
     async def _settle(self) -> None:
         """Round-trip to the server so a new subscription is active before we return."""
         try:
-            await self._nc.flush(timeout=FLUSH_TIMEOUT)
+            await self._round_trip()
         except (*_DISCONNECTED, nats.errors.TimeoutError) as e:
             # nats-py replays the subscription when the connection comes back.
             logger.debug("subscription not confirmed by the server yet: %s", e)
@@ -204,6 +214,6 @@ class NatsEventBus(EventBus):
             await served.close()
         if self._nc.is_connected:
             with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=FLUSH_TIMEOUT)
+                await self._round_trip()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._nc.close(), FLUSH_TIMEOUT + 3)

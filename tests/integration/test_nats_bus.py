@@ -52,6 +52,39 @@ async def test_publish_subscribe_keeps_order(nats_url):
             await wildcard.close()
 
 
+class WireRecorder:
+    """Speaks just enough of the NATS protocol to a client to record, at each PONG it sends, how many
+    SUBs it had already read: what a real server would know when the client's flush returns."""
+
+    def __init__(self):
+        self.subs_seen_at_pong: list[int] = []
+        self._subs = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"server_id":"rec","version":"2.10.0","proto":1,"max_payload":1048576}\r\n')
+        while line := await reader.readline():
+            if line.startswith(b"SUB "):
+                self._subs += 1
+            elif line == b"PING\r\n":
+                self.subs_seen_at_pong.append(self._subs)
+                writer.write(b"PONG\r\n")
+        writer.close()
+
+
+async def test_subscription_reaches_the_server_before_subscribe_returns():
+    # nats-py's own flush() sends its PING ahead of a queued SUB; a PONG for it would prove nothing.
+    recorder = WireRecorder()
+    server = await asyncio.start_server(recorder.serve, "127.0.0.1", 0)
+    url = "nats://127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    try:
+        async with connected(url) as bus:
+            for expected_subs in (1, 2):
+                await bus.subscribe(unique_subject("x"))
+                assert recorder.subs_seen_at_pong[-1] == expected_subs
+    finally:
+        server.close()
+
+
 async def test_subscription_iterator_ends_when_closed(nats_url):
     async with connected(nats_url) as bus:
         sub = await bus.subscribe(unique_subject("x"))
