@@ -18,6 +18,11 @@ over a prefix we never saw, so hashing it as a root would announce a prefix the 
 batch from the engine's start (vLLM stores a parent before its children, and re-announces reused
 blocks), only after lost messages; a later full store of the prefix repairs it.
 
+Lost messages: ZMQ PUB drops batches a slow subscriber cannot take, and the per-batch sequence number
+shows the gap. We then ask the publisher's replay socket (a ROUTER holding its last buffer_steps
+batches, vllm's KVEventsConfig.replay_endpoint) for the missing ones and translate them before the
+batch that showed the gap, so neither our block set nor the routers' view misses them.
+
 The map never needs invalidation: an engine hash always denotes the same token prefix, so an entry is
 a cached value of a pure function. It is an LRU bounded at a few times the KV cache size, so it holds
 every block that can be cached at once.
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TOPIC = "kv-events"
 POLL_INTERVAL_MS = 250
+# How long a replay of lost batches may take; vLLM's publisher thread answers between its events, within
+# ~0.1 s when idle.
+REPLAY_TIMEOUT_MS = 2000
+END_SEQ = -1  # vLLM's replay socket ends its answer with this sequence number
 # vLLM's device tier; other media (CPU offload, storage) are other tiers the router does not index.
 ROUTED_MEDIA = (None, "GPU")
 
@@ -134,6 +145,11 @@ def _is_bind_endpoint(endpoint: str) -> bool:
     return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
+def _reachable(bind_endpoint: str) -> str:
+    """Where to connect to reach a socket bound at a wildcard address: this host's loopback."""
+    return bind_endpoint.replace("*", "127.0.0.1").replace("[::]", "[::1]")
+
+
 class KvEventSubscriber:
     """Receives vLLM's KV event batches over ZMQ and yields translated event lists.
 
@@ -151,7 +167,10 @@ class KvEventSubscriber:
         self._consuming = False
         self._last_seq: int | None = None
         self._decoder: msgspec.msgpack.Decoder | None = None
+        self._replay_endpoint: str | None = None
+        self._replay_socket: zmq.asyncio.Socket | None = None
         self.translator = KvEventTranslator()
+        self.lost_batches = 0  # batches neither received nor replayed
 
     def configure(self, engine_args: Any) -> bool:
         """Set up the socket and engine_args.kv_events_config. False when events are disabled by the user."""
@@ -176,20 +195,28 @@ class KvEventSubscriber:
             sock.setsockopt(zmq.SUBSCRIBE, DEFAULT_TOPIC.encode())
             sock.bind("tcp://127.0.0.1:0")
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            # The publisher binds its replay socket. A name of our own in Linux's abstract socket
+            # namespace cannot be taken by another process the way a free TCP port could between our
+            # choice and its bind, and leaves no file behind when the engine is killed.
+            self._replay_endpoint = f"ipc://@dynamo-lite-kv-replay-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             engine_args.kv_events_config = KVEventsConfig(
-                enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic=DEFAULT_TOPIC)
+                enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint,
+                replay_endpoint=self._replay_endpoint, topic=DEFAULT_TOPIC)
         else:
             self._topic = user.topic
             sock.setsockopt(zmq.SUBSCRIBE, user.topic.encode())
             if _is_bind_endpoint(user.endpoint):
-                endpoint = user.endpoint.replace("*", "127.0.0.1").replace("[::]", "[::1]")
+                endpoint = _reachable(user.endpoint)
                 sock.connect(endpoint)
             else:
                 endpoint = user.endpoint
                 sock.bind(endpoint)
+            if user.replay_endpoint:
+                self._replay_endpoint = _reachable(user.replay_endpoint)
             engine_args.kv_events_config = dataclasses.replace(user)
         self._socket = sock
-        logger.info("subscribed to vLLM KV events at %s (topic %r)", endpoint, self._topic)
+        logger.info("subscribed to vLLM KV events at %s (topic %r, replay %s)", endpoint, self._topic,
+                    self._replay_endpoint or "off: set replay_endpoint in --kv-events-config")
         return True
 
     async def events(self) -> AsyncIterator[list[KvEvent]]:
@@ -203,29 +230,82 @@ class KvEventSubscriber:
                 if not await sock.poll(POLL_INTERVAL_MS, zmq.POLLIN):
                     continue
                 frames = await sock.recv_multipart()
-                events = self._decode(frames, decoder)
-                if events:
+                if len(frames) != 3:
+                    logger.warning("dropping KV event message of %d frames (want topic, seq, payload)",
+                                   len(frames))
+                    continue
+                seq = int.from_bytes(frames[1], "big", signed=True)
+                last = self._last_seq
+                if last is not None and seq > last + 1:
+                    for missed_seq, payload in await self._replay(last + 1, seq):
+                        if events := self._translate(missed_seq, payload, decoder):
+                            yield events
+                elif last is not None and seq <= last:
+                    logger.warning("KV event batch %d after %d: the publisher restarted its numbering",
+                                   seq, last)
+                self._last_seq = seq
+                if events := self._translate(seq, frames[2], decoder):
                     yield events
         finally:
             self._consuming = False
             if self._closed:
                 self._close_socket()
 
-    def _decode(self, frames: list[bytes], decoder: msgspec.msgpack.Decoder) -> list[KvEvent]:
-        if len(frames) != 3:
-            logger.warning("dropping KV event message of %d frames (want topic, seq, payload)", len(frames))
-            return []
-        seq = int.from_bytes(frames[1], "big", signed=True)
-        if self._last_seq is not None and seq != self._last_seq + 1:
-            logger.warning("KV event gap: batch %d after %d (dropped by the publisher)", seq,
-                           self._last_seq)
-        self._last_seq = seq
+    def _translate(self, seq: int, payload: bytes, decoder: msgspec.msgpack.Decoder) -> list[KvEvent]:
         try:
-            batch = decoder.decode(frames[2])
+            batch = decoder.decode(payload)
         except msgspec.DecodeError as e:
             logger.warning("dropping undecodable KV event batch %d: %s", seq, e)
             return []
         return self.translator.translate(batch.events)
+
+    async def _replay(self, first: int, end: int) -> list[tuple[int, bytes]]:
+        """Batches first..end-1 from the publisher's replay buffer, in order; what it no longer holds is
+        counted as lost and logged (the routers' view of this worker then misses those changes)."""
+        replayed: list[tuple[int, bytes]] = []
+        if self._replay_endpoint is not None and self._context is not None:
+            try:
+                replayed = await self.fetch_replay(first, end)
+            except TimeoutError:
+                logger.warning("vLLM's KV event replay at %s did not answer within %d ms",
+                               self._replay_endpoint, REPLAY_TIMEOUT_MS)
+                self._close_replay_socket()  # a late answer must not be read as the next one
+        lost = (end - first) - len(replayed)
+        if lost:
+            self.lost_batches += lost
+            logger.warning("KV event gap: %d of batches %d..%d lost (dropped by the publisher%s); routers "
+                           "may misjudge this worker's cache until those blocks change again", lost, first,
+                           end - 1, "" if self._replay_endpoint else ", and replay is off")
+        else:
+            logger.info("KV event gap: batches %d..%d replayed", first, end - 1)
+        return replayed
+
+    async def fetch_replay(self, first: int, end: int) -> list[tuple[int, bytes]]:
+        """(seq, payload) of the batches first..end-1 the publisher's replay buffer still holds, in order.
+        TimeoutError when it does not answer within REPLAY_TIMEOUT_MS."""
+        if self._replay_socket is None:
+            self._replay_socket = self._context.socket(zmq.DEALER)
+            self._replay_socket.setsockopt(zmq.LINGER, 0)
+            self._replay_socket.connect(self._replay_endpoint)
+        replay = self._replay_socket
+        await replay.send_multipart([b"", first.to_bytes(8, "big")])
+        wanted: list[tuple[int, bytes]] = []
+        while True:
+            if not await replay.poll(REPLAY_TIMEOUT_MS, zmq.POLLIN):
+                raise TimeoutError
+            frames = await replay.recv_multipart()  # b"", topic, seq, payload
+            if len(frames) != 4:
+                continue
+            seq = int.from_bytes(frames[2], "big", signed=True)
+            if seq == END_SEQ:
+                return wanted
+            if first <= seq < end:
+                wanted.append((seq, frames[3]))
+
+    def _close_replay_socket(self) -> None:
+        if self._replay_socket is not None:
+            self._replay_socket.close(linger=0)
+            self._replay_socket = None
 
     def close(self) -> None:
         """Stop; the socket closes now, or when a running events() generator notices."""
@@ -234,6 +314,7 @@ class KvEventSubscriber:
             self._close_socket()
 
     def _close_socket(self) -> None:
+        self._close_replay_socket()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None

@@ -167,6 +167,27 @@ async def test_kv_events_carry_the_prompts_content_hashes(engine_and_events, tok
     assert first.token_ids[:2 * block] == prompt[:2 * block]
 
 
+async def test_the_engines_publisher_replays_the_batches_it_sent(engine_and_events, tokenizer):
+    # What the worker falls back on when ZMQ drops a batch: vLLM's engine core serves its replay buffer
+    # on the endpoint the worker configured, and the replayed batches translate to the events relayed.
+    import msgspec
+    from vllm.distributed.kv_events import KVEventBatch
+
+    from dynamo_lite.vllm.kv_events import KvEventTranslator
+
+    engine, log = engine_and_events
+    prompt = long_prompt(tokenizer, "replay", 2 * engine.info.kv_block_size + 5)
+    expected = set(block_hashes(prompt, engine.info.kv_block_size))
+    await collect(engine, request("replayed", prompt, max_tokens=1))
+    assert await wait_for(lambda: expected <= log.stored_hashes(), timeout=10)
+    replayed = await engine._subscriber.fetch_replay(0, 1 << 62)
+    assert [seq for seq, _ in replayed] == list(range(len(replayed))) and replayed  # every batch, in order
+    translator, decoder = KvEventTranslator(), msgspec.msgpack.Decoder(KVEventBatch)
+    events = [event for _, payload in replayed
+              for event in translator.translate(decoder.decode(payload).events)]
+    assert {h for e in events if isinstance(e, BlockStored) for h in e.block_hashes} == log.stored_hashes()
+
+
 async def test_cancelling_the_consumer_aborts_the_request(engine, tokenizer):
     prompt = chat_token_ids(tokenizer, [{"role": "user", "content": "Write a very long story about a cat."}])
     long_request = request("to-cancel", prompt, max_tokens=1500, ignore_eos=True)
