@@ -25,7 +25,8 @@
 #   MAX_MODEL_LEN (2048)          --max-model-len for workers
 #   WORKER_ARGS                   extra worker arguments (word-split), e.g. "--namespace test"
 #   FRONTEND_ARGS                 extra frontend arguments (word-split), e.g. "--router-mode round-robin"
-#   STOP_TIMEOUT (20)             seconds between TERM and KILL when stopping
+#   STOP_TIMEOUT (45)             seconds between TERM and KILL when stopping: more than a worker's
+#                                 --drain-timeout (30) plus stopping its engine, so requests can finish
 #   PYTHON                        interpreter (default: the repo's .venv/bin/python)
 
 DL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +38,7 @@ DL_DEFAULT_MODEL_PATH="${HOME}/.cache/dynamo_lite/models/SmolLM2-135M-Instruct"
 : "${VLLM_CPU_KVCACHE_SPACE:=1}"
 : "${MAX_MODEL_LEN:=2048}"
 : "${INFRA_HOST:=127.0.0.1}"
-: "${STOP_TIMEOUT:=20}"
+: "${STOP_TIMEOUT:=45}"
 # Workers on a node that joins a remote etcd (ETCD_ENDPOINTS set, ADVERTISE_HOST not) let the worker
 # detect its address: the interface that reaches etcd. Otherwise everything is local to this node.
 WORKER_DETECTS_ADDRESS=0
