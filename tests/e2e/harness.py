@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_PATH = Path(os.environ.get(
@@ -112,3 +113,15 @@ def healthy_instances(base_url: str, model: str | None = None) -> list[dict]:
         return []
     instances = r.json().get("instances", [])
     return [i for i in instances if model is None or i.get("model") == model]
+
+
+def metric_samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of each sample called `name` in Prometheus text whose labels include `labels`."""
+    return [(sample.labels, sample.value)
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == str(v) for k, v in labels.items())]
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when there is none)."""
+    return sum(value for _, value in metric_samples(text, name, **labels))

@@ -26,7 +26,7 @@ import pytest
 from dynamo_lite.protocol.messages import GenerateRequest, SamplingOptions, WorkerStatsRequest
 from dynamo_lite.transport.client import RequestClient
 from tests.e2e.conftest import _new_group
-from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, Proc, wait_until
+from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, Proc, metric_sum, wait_until
 from tests.services import free_port
 
 pytestmark = pytest.mark.vllm
@@ -58,13 +58,7 @@ class DisaggStack:
 
     def metric(self, name: str, **labels) -> float:
         """Sum of the samples of `name` whose labels include `labels`."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
-        total = 0.0
-        for line in text.splitlines():
-            if (line.startswith((name + "{", name + " "))
-                    and all(f'{k}="{v}"' in line for k, v in labels.items())):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(httpx.get(f"{self.base_url}/metrics", timeout=5).text, name, **labels)
 
     def served(self, reason: str) -> float:
         return self.metric("dynamo_lite_frontend_disagg_requests_total", reason=reason)

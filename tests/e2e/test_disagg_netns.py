@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import DEFAULT_MODEL_PATH, REPO, SERVED_MODEL_NAME
+from tests.e2e.harness import DEFAULT_MODEL_PATH, REPO, SERVED_MODEL_NAME, metric_sum
 
 pytestmark = pytest.mark.vllm
 
@@ -154,9 +154,7 @@ def wait_for(predicate, timeout: float, what: str, procs: NsProcs, interval: flo
 
 
 def metric(ns: str, name: str, **labels) -> float:
-    text = http(ns, "GET", "/metrics", timeout=10)["body"]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()))
+    return metric_sum(http(ns, "GET", "/metrics", timeout=10)["body"], name, **labels)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import openai
 from dynamo_lite.protocol.messages import WorkerStatsRequest
 from dynamo_lite.transport.client import RequestClient
 from tests.e2e.conftest import _new_group, start_stack
-from tests.e2e.harness import DEFAULT_MODEL_PATH, healthy_instances, wait_until
+from tests.e2e.harness import DEFAULT_MODEL_PATH, healthy_instances, metric_samples, wait_until
 
 
 async def _stats(addresses: list[str]):
@@ -72,13 +72,8 @@ def test_restarted_frontend_sees_workers_already_up(mocker_stack):
 def indexed_blocks(base_url: str, model: str) -> dict[str, float]:
     """worker label -> blocks the kv router's index holds for it, from /metrics."""
     text = httpx.get(f"{base_url}/metrics", timeout=5).text
-    prefix = "dynamo_lite_router_indexed_blocks{"
-    result = {}
-    for line in text.splitlines():
-        if line.startswith(prefix) and f'model="{model}"' in line:
-            worker = line.split('worker="', 1)[1].split('"', 1)[0]
-            result[worker] = float(line.rsplit(" ", 1)[1])
-    return result
+    return {labels["worker"]: value
+            for labels, value in metric_samples(text, "dynamo_lite_router_indexed_blocks", model=model)}
 
 
 def test_killed_worker_disappears_within_lease_ttl_with_its_blocks(tmp_path_factory, etcd_endpoint, nats_url):
