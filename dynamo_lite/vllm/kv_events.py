@@ -198,7 +198,9 @@ class KvEventSubscriber:
             # The publisher binds its replay socket. A name of our own in Linux's abstract socket
             # namespace cannot be taken by another process the way a free TCP port could between our
             # choice and its bind, and leaves no file behind when the engine is killed.
-            self._replay_endpoint = f"ipc://@dynamo-lite-kv-replay-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            # (vLLM suffixes an endpoint per data-parallel rank and refuses ipc ones then: replay stays off.)
+            if getattr(engine_args, "data_parallel_size", 1) in (None, 1):
+                self._replay_endpoint = f"ipc://@dynamo-lite-kv-replay-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             engine_args.kv_events_config = KVEventsConfig(
                 enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint,
                 replay_endpoint=self._replay_endpoint, topic=DEFAULT_TOPIC)
