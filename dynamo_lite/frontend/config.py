@@ -31,12 +31,11 @@ class FrontendConfig:
                                             "softmax over normalized costs.")
     kv_cache_block_size: int = option(0, "kv router: tokens per KV block (0 = from the model card).")
     kv_events: bool = option(True, "kv router: follow the workers' KV events over NATS (--no-kv-events: "
-                                   "approximate mode, the router remembers the prefixes it routed).",
-                             negatable=True)
+                                   "approximate mode, the router remembers the prefixes it routed).")
     router_ttl: float = option(120.0, "kv router, approximate mode: seconds a routed prefix counts as cached.")
     disaggregation: bool = option(True, "Disaggregated serving when prefill workers are registered: prefill on a "
                                         "prefill worker, decode on a backend worker (--no-disaggregation: every "
-                                        "request is served aggregated on a backend worker).", negatable=True)
+                                        "request is served aggregated on a backend worker).")
     disagg_min_prefill_tokens: int = option(256, "Disaggregated serving: prompts whose uncached part (prompt "
                                                  "tokens minus what the router predicts the decode worker has "
                                                  "cached) is shorter than this prefill on the decode worker.")
@@ -44,7 +43,7 @@ class FrontendConfig:
                                        "the pool counts as busy and requests prefill on the decode worker "
                                        "(0 = no limit).")
     enforce_disagg: bool = option(False, "Disaggregated serving only: with no prefill worker registered, answer "
-                                         "503 instead of serving aggregated.", negatable=True)
+                                         "503 instead of serving aggregated.")
     log_level: str = option("info", "Log level (debug, info, warning, error).", env="DYN_LOG",
                             choices=["debug", "info", "warning", "error", "critical"])
 
