@@ -39,8 +39,7 @@ from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.preprocess import GenerationPlan
 from dynamo_lite.protocol import keys
-from dynamo_lite.protocol.errors import (EngineError, InvalidRequestError, NoWorkerAvailableError,
-                                         WorkerFailedError)
+from dynamo_lite.protocol.errors import EngineError, NoWorkerAvailableError, WorkerFailedError, worker_error
 from dynamo_lite.protocol.messages import ErrorFrame, GenerateFrame, GenerateRequest, InstanceRecord, Reply
 from dynamo_lite.router.base import Router
 from dynamo_lite.transport.client import RequestClient
@@ -245,13 +244,9 @@ class DisaggCoordinator:
         # aclosing: a cancelled request closes the stream here, which aborts the prefill on the worker.
         async with contextlib.aclosing(stream), contextlib.aclosing(frames):
             async for frame in frames:
-                if isinstance(frame, ErrorFrame):
-                    if frame.status == 503:
-                        raise WorkerFailedError(f"prefill worker {record.instance_id:x} is unavailable: "
-                                                f"{frame.message}", instance_id=record.instance_id)
-                    if 400 <= frame.status < 500:
-                        raise InvalidRequestError(frame.message)  # the decode worker would refuse it too
-                    raise EngineError(f"prefill worker {record.instance_id:x}: {frame.message}")
+                if isinstance(frame, ErrorFrame):  # a 4xx propagates: the decode worker would refuse it too
+                    raise worker_error(frame.status, frame.message, worker=f"prefill worker {record.instance_id:x}",
+                                       instance_id=record.instance_id)
                 if not isinstance(frame, GenerateFrame):
                     raise EngineError(f"prefill worker {record.instance_id:x} answered with an unexpected "
                                       f"{type(frame).__name__}")

@@ -31,8 +31,7 @@ from dynamo_lite.frontend.disagg import POOL_DECODE, DisaggCoordinator, frames_w
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.preprocess import GenerationPlan
 from dynamo_lite.protocol import keys
-from dynamo_lite.protocol.errors import (EngineError, InvalidRequestError, NoWorkerAvailableError,
-                                         WorkerFailedError)
+from dynamo_lite.protocol.errors import EngineError, NoWorkerAvailableError, WorkerFailedError, worker_error
 from dynamo_lite.protocol.messages import ErrorFrame, GenerateFrame, GenerateRequest, InstanceRecord, Reply
 from dynamo_lite.router.base import Router
 from dynamo_lite.transport.client import RequestClient
@@ -225,10 +224,6 @@ class Generation:
     @staticmethod
     def _raise_for(frame: Reply, record: InstanceRecord) -> None:
         if isinstance(frame, ErrorFrame):
-            if frame.status == 503:
-                raise WorkerFailedError(f"worker {record.instance_id:x} is unavailable: {frame.message}",
-                                        instance_id=record.instance_id)
-            if 400 <= frame.status < 500:
-                raise InvalidRequestError(frame.message)
-            raise EngineError(f"worker {record.instance_id:x} failed the request: {frame.message}")
+            raise worker_error(frame.status, frame.message, worker=f"worker {record.instance_id:x}",
+                               instance_id=record.instance_id)
         raise EngineError(f"worker {record.instance_id:x} answered with an unexpected {type(frame).__name__}")

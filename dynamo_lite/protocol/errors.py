@@ -74,3 +74,17 @@ class TransportError(DynamoLiteError):
 
     status = 503
     error_type = "service_unavailable"
+
+
+def worker_error(status: int, message: str, *, worker: str, instance_id: int) -> DynamoLiteError:
+    """The error a worker's ErrorFrame (status, message) stands for: the request plane's one mapping.
+
+    503: the worker cannot take requests now (draining, engine dead): another worker can, so it is a
+    WorkerFailedError (retried, or migrated). 4xx: the request itself is at fault, and would be on any
+    worker. Anything else: the engine failed this request. `worker` names it in messages ("worker 1f").
+    """
+    if status == 503:
+        return WorkerFailedError(f"{worker} is unavailable: {message}", instance_id=instance_id)
+    if 400 <= status < 500:
+        return InvalidRequestError(message)
+    return EngineError(f"{worker} failed the request: {message}")
