@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -23,7 +26,7 @@ from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.routing import build_router
 from dynamo_lite.protocol.errors import ConfigError
-from dynamo_lite.runtime.config import add_config_arguments, config_from_args
+from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
 from dynamo_lite.runtime.lifecycle import install_shutdown_signals
 from dynamo_lite.runtime.logging import configure_logging
 from dynamo_lite.transport.client import RequestClient
@@ -61,10 +64,52 @@ async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExit
                               f"ETCD_ENDPOINTS): {type(e).__name__}: {e}") from e
 
 
+def _names(field_name: str) -> str:
+    """'--http-port / DYN_HTTP_PORT': the flag and environment twin that set a FrontendConfig field."""
+    field = next(f for f in dataclasses.fields(FrontendConfig) if f.name == field_name)
+    return f"{flag_name(field)} / {env_name(field)}"
+
+
+def bind_http_sockets(host: str, port: int) -> list[socket.socket]:
+    """The HTTP server's sockets, bound (not yet listening) the way asyncio's create_server binds them.
+
+    Bound here, before anything else starts, so a taken port is one clear ConfigError at once instead of
+    uvicorn's sys.exit(3) from inside its serving task (a traceback, after the etcd connection).
+    Connections are refused until uvicorn listens on them, as they were before the port was bound.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot resolve the HTTP address {host!r} ({e.strerror}): set it with "
+                          f"{_names('http_host')}", param="--http-host") from e
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # getaddrinfo may repeat an address
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+            sock.bind(address)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"the HTTP port {host}:{port} is already in use: choose another with "
+                              f"{_names('http_port')}", param="--http-port") from e
+        raise ConfigError(f"cannot bind the HTTP server to {host}:{port}: {e.strerror}: set the address with "
+                          f"{_names('http_host')} and the port with {_names('http_port')}",
+                          param="--http-port") from e
+    return sockets
+
+
 async def serve(config: FrontendConfig) -> None:
     shutdown = asyncio.Event()
     install_shutdown_signals(shutdown)
     async with contextlib.AsyncExitStack() as stack:
+        sockets = bind_http_sockets(config.http_host, config.http_port)
+        for sock in sockets:
+            stack.callback(sock.close)
         watcher = await _connect_discovery(config, stack)
         client = RequestClient(connect_timeout=config.connect_timeout)
         stack.push_async_callback(client.close)
@@ -76,12 +121,13 @@ async def serve(config: FrontendConfig) -> None:
                                         http="httptools", access_log=False, lifespan="off",
                                         log_level=config.log_level.lower(),
                                         timeout_graceful_shutdown=GRACEFUL_TIMEOUT))
-        serving = asyncio.create_task(server.serve())
+        logger.info("serving HTTP on %s:%d", config.http_host, config.http_port)
+        serving = asyncio.create_task(server.serve(sockets=sockets))
         stopping = asyncio.create_task(shutdown.wait())
         await asyncio.wait((serving, stopping), return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         stopping.cancel()
-        await serving  # re-raises if uvicorn failed (e.g. the port is taken)
+        await serving  # re-raises if uvicorn failed
         if not server.started and not shutdown.is_set():
             raise ConfigError(f"HTTP server could not start on {config.http_host}:{config.http_port}",
                               param="--http-port")

@@ -44,3 +44,24 @@ def test_a_bad_flag_value_is_an_argparse_error(capsys):
         parse_config(["--router-mode", "bogus"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_a_taken_http_port_is_one_line_naming_the_flag_and_a_clean_exit():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # No etcd at that address: the port is checked before anything is connected.
+        result = subprocess.run([sys.executable, "-m", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
+                                 "--http-port", str(port), "--etcd-endpoints", "http://127.0.0.1:9"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port} is already in use" in lines[0]
+    assert "--http-port / DYN_HTTP_PORT" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
