@@ -24,7 +24,7 @@ from dynamo_lite.discovery.etcd import DEFAULT_CONNECT_WAIT, EtcdDiscovery
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
-from dynamo_lite.frontend.routing import build_router
+from dynamo_lite.frontend.router_setup import build_router
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
 from dynamo_lite.runtime.lifecycle import install_shutdown_signals

@@ -24,19 +24,18 @@ from starlette.responses import Response, StreamingResponse
 
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend import errors, responses
+from dynamo_lite.frontend.attempt import POOL_DECODE, POOL_PREFILL, Dispatcher
 from dynamo_lite.frontend.config import FrontendConfig
-from dynamo_lite.frontend.disagg import DisaggCoordinator, DisaggSettings
 from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnected
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
+from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
 from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
-from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
-from dynamo_lite.protocol.messages import InstanceRecord, json_encoder
+from dynamo_lite.protocol.messages import json_encoder
 from dynamo_lite.router.base import Router
-from dynamo_lite.router.service import KvRoutingService
 from dynamo_lite.transport.client import RequestClient
 
 logger = logging.getLogger(__name__)
@@ -69,20 +68,16 @@ class OpenAIService:
         self.metrics = FrontendMetrics(deps.registry)
         self.models = ModelRegistry(deps.watcher, deps.client, deps.config.tokenizer_timeout)
         config = deps.config
-        self.disagg = DisaggCoordinator(
+        self.dispatcher = Dispatcher(deps.watcher, deps.client, deps.router, self.metrics, config.request_timeout)
+        self.prefill = PrefillPolicy(
             DisaggSettings(enabled=config.disaggregation, min_prefill_tokens=config.disagg_min_prefill_tokens,
-                           max_prefill_queue=config.max_prefill_queue, enforce=config.enforce_disagg,
-                           request_timeout=config.request_timeout),
-            deps.watcher, deps.client, deps.router, self.metrics)
-        self.pipeline = PipelineDeps(watcher=deps.watcher, client=deps.client, router=deps.router,
-                                     metrics=self.metrics, request_timeout=config.request_timeout,
-                                     disagg=self.disagg)
+                           max_prefill_queue=config.max_prefill_queue, enforce=config.enforce_disagg),
+            self.dispatcher, self.metrics)
+        self.pipeline = PipelineDeps(dispatcher=self.dispatcher, prefill=self.prefill, metrics=self.metrics)
         self.started = int(time.time())
-        deps.watcher.add_listener(self._on_instance_change)
-
-    def _on_instance_change(self, kind: str, record: InstanceRecord) -> None:
-        if kind == "removed":
-            self.deps.router.worker_removed(record.instance_id)
+        # The one path by which the router hears of workers leaving (a KvRoutingService follows the
+        # watcher from its start already; following again changes nothing).
+        deps.router.follow(deps.watcher)
 
     # ------------------------------------------------------------------ generation endpoints
 
@@ -126,8 +121,7 @@ class OpenAIService:
         self.metrics.output_tokens.labels(model).inc(generation.completion_tokens)
         if generation.engine_reported_usage:
             self.metrics.cached_tokens.labels(model).inc(generation.cached_tokens)
-            if isinstance(self.deps.router, KvRoutingService):
-                self.deps.router.record_usage(model, generation.prompt_tokens, generation.cached_tokens)
+            self.deps.router.record_usage(model, generation.prompt_tokens, generation.cached_tokens)
 
     async def _complete(self, http_request: Request, generation: Generation, endpoint: str, chat: bool,
                         arrival: float) -> Response:
@@ -233,13 +227,11 @@ class OpenAIService:
         return _json({"status": "live"})
 
     async def debug_route(self, request: Request) -> Response:
-        """What the kv router would weigh for a prompt ({"model", "messages" | "prompt"}), per worker,
+        """What the router would weigh for a prompt ({"model", "messages" | "prompt"}), per worker,
         and the worker it would choose. Nothing is dispatched and no load is recorded."""
         router = self.deps.router
-        if not isinstance(router, KvRoutingService):
-            return errors.error_response(
-                400, f"/debug/route explains the kv router, but this frontend routes with --router-mode "
-                     f"{self.deps.config.router_mode} (start it with --router-mode kv)", "invalid_request_error")
+        if not router.knows_cache_overlap:
+            return self._nothing_to_explain()
         try:
             try:
                 data = msgspec.json.decode(await request.body())
@@ -251,21 +243,28 @@ class OpenAIService:
             body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
             served = await self.models.get(body.model)
             plan = await (plan_chat(served, body) if chat else plan_completion(served, body))
-            explanation = router.explain(served.name, plan.prompt_ids)
+            pools = {pool: self.dispatcher.workers(served.name, pool) for pool in (POOL_DECODE, POOL_PREFILL)}
+            explanation = router.explain(served.name, plan.prompt_ids, [r.instance_id for r in pools[POOL_DECODE]])
+            if explanation is None:
+                return self._nothing_to_explain()
+            if pools[POOL_PREFILL]:
+                # Disaggregated serving: how the same router would pick among the prefill workers.
+                explanation["prefill"] = router.explain(served.name, plan.prompt_ids,
+                                                        [r.instance_id for r in pools[POOL_PREFILL]])
         except pydantic.ValidationError as e:
             return errors.pydantic_error_response(e)
         except DynamoLiteError as e:
             return errors.dynamo_error_response(e)
-        prefill_ids = [r.instance_id for r in self.deps.watcher.instances(served.name, keys.COMPONENT_PREFILL)]
-        kv_router = router.router_for(served.name)
-        if prefill_ids and kv_router is not None:
-            # Disaggregated serving: how the same router would pick among the prefill workers.
-            explanation["prefill"] = kv_router.explain(plan.prompt_ids, prefill_ids)
         addresses = {r.instance_id: r.address for r in self.deps.watcher.instances(served.name)}
-        for row in [*explanation["workers"], *explanation.get("prefill", {}).get("workers", [])]:
+        for row in [*explanation["workers"], *(explanation.get("prefill") or {}).get("workers", [])]:
             row["worker"] = f"{row['worker_id']:x}"
             row["address"] = addresses.get(row["worker_id"])
         return _json({"model": served.name, "prompt_tokens": len(plan.prompt_ids), **explanation})
+
+    def _nothing_to_explain(self) -> Response:
+        return errors.error_response(
+            400, f"/debug/route explains the kv router, but this frontend routes with --router-mode "
+                 f"{self.deps.config.router_mode} (start it with --router-mode kv)", "invalid_request_error")
 
     async def prometheus(self, request: Request) -> Response:
         counts: dict[str, int] = {}

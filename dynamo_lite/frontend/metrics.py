@@ -42,7 +42,7 @@ class FrontendMetrics:
                              registry=registry)
         self.migrations = Counter(f"{PREFIX}_migrations", "Requests moved to another worker mid-stream",
                                   ["model"], registry=registry)
-        # Disaggregated serving (frontend/disagg.py).
+        # Disaggregated serving (frontend/prefill_policy.py).
         self.disagg_requests = Counter(f"{PREFIX}_disagg_requests", "Requests by how their prompt was prefilled: "
                                        "mode disaggregated (on a prefill worker) or aggregated (on the decode "
                                        "worker itself), and why", ["model", "mode", "reason"], registry=registry)

@@ -1,7 +1,7 @@
 """ActiveBlockTracker: the load the router itself has put on each worker, in KV blocks.
 
 The router cannot wait for load reports to learn about the requests it just dispatched, so it counts
-them itself (DESIGN §2: "added on dispatch, prefill part dropped at first token, freed at the end"):
+them itself: added on dispatch, prefill part dropped at first token, freed at the end:
 
 - On dispatch (`add_request`), the request's prompt blocks become active on its worker: the full
   blocks it passes by content hash (the KV router passes those the worker does not have cached yet:

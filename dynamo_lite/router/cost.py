@@ -1,4 +1,4 @@
-"""The KV router's cost (DESIGN §2) and worker selection. Pure functions, deterministic given the rng.
+"""The KV router's cost and worker selection (docs/architecture.md, "Life of a request"). Pure functions, deterministic given the rng.
 
 cost(worker) = overlap_weight * (prompt blocks not cached on the worker) + active blocks on the worker
 

@@ -1,6 +1,7 @@
-"""KvRouter: KV-cache-aware routing (DESIGN §2) — the indexer, the active-block tracker and the cost.
+"""KvRouter: one model's KV-cache-aware routing — the indexer, the active-block tracker and the cost.
 
-Event intake (DESIGN §7.5) is ordered per worker by `KvEventBatch.seq`:
+Event intake is ordered per worker by `KvEventBatch.seq` (NATS core delivers at most once: a
+batch can be lost, and the sequence number is how the router notices):
 - The next expected seq is applied. An older or repeated seq is ignored.
 - A worker's sequence starts at FIRST_SEQ (1), as the worker shell numbers it (a worker that
   re-registers under a new lease is a new worker id and starts at 1 again, with its whole block set).
@@ -35,7 +36,7 @@ from dynamo_lite.protocol.errors import NoWorkerAvailableError
 from dynamo_lite.protocol.hashing import block_hashes
 from dynamo_lite.protocol.messages import KvEventBatch
 from dynamo_lite.router.active_blocks import ActiveBlockTracker
-from dynamo_lite.router.base import RouteDecision, Router
+from dynamo_lite.router.base import RouteDecision
 from dynamo_lite.router.cost import (WorkerCost, lowest_cost, prompt_block_count, select_worker,
                                      softmax_probabilities, worker_costs)
 from dynamo_lite.router.indexer import KvIndexer
@@ -54,7 +55,9 @@ class _EventStream:
     pending: deque[KvEventBatch] = field(default_factory=deque)  # buffered while out of date
 
 
-class KvRouter(Router):
+class KvRouter:
+    """One model's KV-aware routing (KvRoutingService holds one per model behind the Router interface)."""
+
     def __init__(self, block_size: int, *, overlap_weight: float = 1.0, temperature: float = 0.0,
                  approximate: bool = False, approx_ttl: float = 120.0,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
@@ -83,7 +86,7 @@ class KvRouter(Router):
         self._approx_queue: deque[tuple[float, int, list[int]]] = deque()
         self.resyncs_requested = 0
 
-    # ------------------------------------------------------------------ Router
+    # ------------------------------------------------------------------ routing
 
     def route(self, request_id: str, token_ids: Sequence[int], workers: Sequence[int]) -> RouteDecision:
         if not workers:

@@ -14,7 +14,7 @@ class RoundRobinRouter(Router):
     def __init__(self) -> None:
         self._counter = 0
 
-    def route(self, request_id: str, token_ids: Sequence[int], workers: Sequence[int]) -> RouteDecision:
+    def route(self, model: str, request_id: str, token_ids: Sequence[int], workers: Sequence[int]) -> RouteDecision:
         worker = workers[self._counter % len(workers)]
         self._counter += 1
         return RouteDecision(worker)
@@ -24,5 +24,5 @@ class RandomRouter(Router):
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def route(self, request_id: str, token_ids: Sequence[int], workers: Sequence[int]) -> RouteDecision:
+    def route(self, model: str, request_id: str, token_ids: Sequence[int], workers: Sequence[int]) -> RouteDecision:
         return RouteDecision(self._rng.choice(workers))

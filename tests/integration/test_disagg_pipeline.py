@@ -27,7 +27,7 @@ from dynamo_lite.protocol.errors import EngineError
 from dynamo_lite.protocol.messages import GenerateRequest, InstanceRecord, ModelCard, json_encoder
 from dynamo_lite.router.base import Router
 from dynamo_lite.router.policies import RoundRobinRouter
-from dynamo_lite.router.service import KvRoutingService, KvRoutingSettings
+from dynamo_lite.router.kv_routing import KvRoutingService, KvRoutingSettings
 from dynamo_lite.transport.client import RequestClient
 from tests.integration.test_frontend_app import TOKENIZER, closed_port_address, tokenizer_files
 

@@ -135,7 +135,7 @@ class PreferRouter(Router):
         self.preferred = preferred
         self.removed: list[int] = []
 
-    def route(self, request_id: str, token_ids: Sequence[int], workers: Sequence[int]) -> RouteDecision:
+    def route(self, model: str, request_id: str, token_ids: Sequence[int], workers: Sequence[int]) -> RouteDecision:
         return RouteDecision(self.preferred if self.preferred in workers else workers[0])
 
     def worker_removed(self, worker_id: int) -> None:

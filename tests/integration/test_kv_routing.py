@@ -20,7 +20,7 @@ from dynamo_lite.events.base import EventBus
 from dynamo_lite.events.nats import NatsEventBus
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
-from dynamo_lite.frontend.routing import build_router
+from dynamo_lite.frontend.router_setup import build_router
 from dynamo_lite.mocker.config import MockerConfig, ModelFacts
 from dynamo_lite.mocker.engine import MockerEngine
 from dynamo_lite.protocol import keys
@@ -29,7 +29,7 @@ from dynamo_lite.protocol.hashing import block_hashes
 from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, SamplingOptions
 from dynamo_lite.router.metrics import KvRouterMetrics
 from dynamo_lite.router.policies import RoundRobinRouter
-from dynamo_lite.router.service import KvRoutingService, KvRoutingSettings
+from dynamo_lite.router.kv_routing import KvRoutingService, KvRoutingSettings
 from dynamo_lite.transport.client import RequestClient
 from tests.integration.test_frontend_app import TOKENIZER, tokenizer_files
 
@@ -194,7 +194,7 @@ async def test_events_reach_the_router_and_it_routes_the_prefix_back(nats_url, m
                        "a's blocks in the index")
         assert metric(c.registry, "dynamo_lite_router_kv_events_total", model=MODEL, outcome="dropped") == 1
         assert metric(c.registry, "dynamo_lite_router_kv_events_total", model=MODEL, outcome="applied") > 0
-        decision = service.route("r1", tokens + [9, 9], sorted([a.instance_id, b.instance_id]))
+        decision = service.route(MODEL, "r1", tokens + [9, 9], sorted([a.instance_id, b.instance_id]))
         assert (decision.worker_id, decision.overlap_blocks) == (b.instance_id, len(hashes))
         service.finished("r1")
         await wait_for(lambda: b.instance_id in service.load_reports, "a load report from b")
@@ -249,7 +249,7 @@ async def test_a_worker_removed_from_discovery_loses_its_blocks_at_once(nats_url
         assert router.indexer.block_count(a.instance_id) == 0  # at the removal itself, not later
         assert router.indexer.find_matches(block_hashes(tokens, BLOCK)) == {}
         assert a.instance_id not in service.load_reports
-        assert service.route("r2", tokens, [b.instance_id]).worker_id == b.instance_id
+        assert service.route(MODEL, "r2", tokens, [b.instance_id]).worker_id == b.instance_id
         await asyncio.sleep(0.2)  # batches still in flight from a must not revive it
         assert router.indexer.block_count(a.instance_id) == 0
 
@@ -338,7 +338,7 @@ async def test_kv_mode_starts_without_nats_and_follows_events_once_it_is_up(mode
             c.nats_url = nats.url
             await c.start()
             shell, engine, _ = await c.add_worker()
-            assert service.route("r0", prompt(9), [shell.instance_id]).worker_id == shell.instance_id
+            assert service.route(MODEL, "r0", prompt(9), [shell.instance_id]).worker_id == shell.instance_id
             service.finished("r0")
             await wait_for(lambda: service.events_attached, "the background NATS connection", timeout=10)
             await c.generate(shell, prompt(9))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dynamo_lite.frontend.config import FrontendConfig
-from dynamo_lite.frontend.disagg import remote_block_count
+from dynamo_lite.frontend.prefill_policy import remote_block_count
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.vllm.disagg import kv_transfer_config
 

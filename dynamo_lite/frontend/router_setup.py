@@ -1,6 +1,6 @@
 """Build the router named by --router-mode.
 
-`kv` builds a KvRoutingService (router/service.py). With KV events (the default) it needs NATS: if
+`kv` builds a KvRoutingService (router/kv_routing.py). With KV events (the default) it needs NATS: if
 NATS cannot be reached at start, the frontend still serves (the router then weighs only the load it
 tracks itself) and keeps connecting in the background; once connected, it subscribes and resyncs
 every worker. With --no-kv-events (approximate mode) it never touches NATS.
@@ -21,7 +21,7 @@ from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.router.base import Router
 from dynamo_lite.router.metrics import KvRouterMetrics
 from dynamo_lite.router.policies import RandomRouter, RoundRobinRouter
-from dynamo_lite.router.service import KvRoutingService, KvRoutingSettings
+from dynamo_lite.router.kv_routing import KvRoutingService, KvRoutingSettings
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,172 @@
+"""One attempt: one request on one worker of one pool.
+
+Every request the frontend sends to a worker goes through here: the aggregated or decode request (and
+each retry or migration of it) on the decode pool (backend workers), the remote prefill on the prefill
+pool. `Dispatcher.route` picks a worker of the pool through the Router, which starts tracking the
+request, and returns an `Attempt`; `Attempt.frames` sends the request and yields the worker's
+GenerateFrames, an ErrorFrame raised as its typed error (protocol.errors.worker_error), a frame that
+takes longer than the per-frame timeout, or a stream without its last frame, as WorkerFailedError.
+Closing the attempt (the end of its `with` block) ends the router's tracking and the pool's in-flight
+count once, however the attempt ended.
+
+The in-flight counts are this frontend's own (streams it has open per worker, while they are open): the
+prefill policy reads them to find a busy prefill pool, and to spread decodes when the router knows no load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+from dynamo_lite.discovery.watcher import InstanceWatcher
+from dynamo_lite.frontend.metrics import FrontendMetrics
+from dynamo_lite.protocol import keys
+from dynamo_lite.protocol.errors import EngineError, WorkerFailedError, worker_error
+from dynamo_lite.protocol.messages import ErrorFrame, GenerateFrame, GenerateRequest, InstanceRecord, Reply
+from dynamo_lite.router.base import RouteDecision, Router
+from dynamo_lite.transport.client import RequestClient
+
+logger = logging.getLogger(__name__)
+
+POOL_PREFILL = "prefill"
+POOL_DECODE = "decode"  # the backend workers: aggregated and decode requests
+_POOL_COMPONENT = {POOL_PREFILL: keys.COMPONENT_PREFILL, POOL_DECODE: keys.COMPONENT_BACKEND}
+_POOL_NAME = {POOL_PREFILL: "prefill worker", POOL_DECODE: "worker"}  # how messages name a worker
+
+
+class Dispatcher:
+    """The frontend's workers by pool, its router, and the attempts it runs on them."""
+
+    def __init__(self, watcher: InstanceWatcher, client: RequestClient, router: Router, metrics: FrontendMetrics,
+                 request_timeout: float = 0.0):
+        self.watcher = watcher
+        self.client = client
+        self.router = router
+        self.metrics = metrics
+        self.request_timeout = request_timeout  # seconds per frame; 0 = no limit
+        self._inflight: dict[str, dict[int, int]] = {POOL_PREFILL: {}, POOL_DECODE: {}}
+
+    def workers(self, model: str, pool: str) -> list[InstanceRecord]:
+        """The pool's live workers serving `model`, sorted by id."""
+        return self.watcher.instances(model, _POOL_COMPONENT[pool])
+
+    def inflight(self, pool: str, worker_id: int) -> int:
+        return self._inflight[pool].get(worker_id, 0)
+
+    def route(self, pool: str, model: str, request_id: str, token_ids: Sequence[int],
+              workers: Sequence[InstanceRecord]) -> Attempt:
+        """Pick one of `workers` (non-empty) through the router, which starts tracking `request_id`."""
+        by_id = {record.instance_id: record for record in workers}
+        decision = self.router.route(model, request_id, token_ids, list(by_id))
+        return Attempt(self, pool, model, request_id, by_id[decision.worker_id], decision)
+
+    def attempt_on(self, pool: str, model: str, request_id: str, record: InstanceRecord) -> Attempt:
+        """An attempt on a worker the caller chose itself (the router tracks nothing for it)."""
+        return Attempt(self, pool, model, request_id, record, RouteDecision(record.instance_id))
+
+
+class Attempt:
+    """One request on one worker; see the module doc. Use as a context manager: leaving it closes it."""
+
+    def __init__(self, dispatcher: Dispatcher, pool: str, model: str, request_id: str, worker: InstanceRecord,
+                 decision: RouteDecision):
+        self.pool = pool
+        self.model = model
+        self.request_id = request_id  # the id the router tracks (the same across a request's retries)
+        self.worker = worker
+        self.decision = decision
+        self.name = f"{_POOL_NAME[pool]} {worker.instance_id:x}"
+        self.sent_at = 0.0  # time.monotonic() when frames() sent the request
+        self._dispatcher = dispatcher
+        self._counted = False  # in the pool's in-flight count
+        self._closed = False
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    async def frames(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]:
+        """Send `request` to the worker and yield its frames, up to and including the last one.
+
+        Closing this generator early (a stop string, a client that left) closes the worker stream,
+        which makes the worker abort the request.
+        """
+        dispatcher = self._dispatcher
+        if self._closed:
+            raise RuntimeError("attempt already closed")
+        self._count_inflight()
+        self.sent_at = time.monotonic()
+        stream = dispatcher.client.stream(self.worker.address, request)
+        timeout = dispatcher.request_timeout
+        replies = self._with_timeout(stream, timeout) if timeout > 0 else stream
+        first_token = True
+        async with contextlib.aclosing(stream), contextlib.aclosing(replies):
+            async for reply in replies:
+                frame = self._generate_frame(reply)
+                if first_token and frame.token_ids:
+                    first_token = False
+                    dispatcher.router.first_token(self.request_id)
+                yield frame
+                if frame.last:
+                    return
+        raise WorkerFailedError(f"{self.name} ended the stream without a last frame",
+                                instance_id=self.worker.instance_id)
+
+    def worker_failed(self, error: WorkerFailedError) -> None:
+        """The worker failed this attempt: exclude it (the watcher tells the router it is gone)."""
+        logger.warning("%s failed on request %s: %s", self.name, self.request_id, error.message)
+        self._dispatcher.watcher.mark_failed(self.worker.instance_id)
+
+    def close(self) -> None:
+        """End the router's tracking and the in-flight count. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        dispatcher = self._dispatcher
+        try:
+            if self._counted:
+                dispatcher.metrics.pool_inflight.labels(self.model, self.pool).dec()
+                counts = dispatcher._inflight[self.pool]
+                left = counts.get(self.worker.instance_id, 1) - 1
+                if left > 0:
+                    counts[self.worker.instance_id] = left
+                else:
+                    counts.pop(self.worker.instance_id, None)
+        finally:
+            dispatcher.router.finished(self.request_id)
+
+    def _count_inflight(self) -> None:
+        if self._counted:
+            return
+        self._counted = True
+        counts = self._dispatcher._inflight[self.pool]
+        counts[self.worker.instance_id] = counts.get(self.worker.instance_id, 0) + 1
+        self._dispatcher.metrics.pool_inflight.labels(self.model, self.pool).inc()
+
+    def _generate_frame(self, reply: Reply) -> GenerateFrame:
+        if isinstance(reply, GenerateFrame):
+            return reply
+        if isinstance(reply, ErrorFrame):
+            raise worker_error(reply.status, reply.message, worker=self.name, instance_id=self.worker.instance_id)
+        raise EngineError(f"{self.name} answered with an unexpected {type(reply).__name__}")
+
+    async def _with_timeout(self, replies: AsyncIterator[Reply], timeout: float) -> AsyncIterator[Reply]:
+        """`replies`, failing the worker if one takes longer than `timeout` seconds to arrive."""
+        iterator = replies.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as e:
+                raise WorkerFailedError(f"{self.name} sent nothing for {timeout}s",
+                                        instance_id=self.worker.instance_id) from e
+            yield reply
