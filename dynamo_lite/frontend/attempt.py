@@ -57,6 +57,15 @@ class Dispatcher:
     def inflight(self, pool: str, worker_id: int) -> int:
         return self._inflight[pool].get(worker_id, 0)
 
+    def _count(self, pool: str, model: str, worker_id: int, change: int) -> None:
+        counts = self._inflight[pool]
+        left = counts.get(worker_id, 0) + change
+        if left > 0:
+            counts[worker_id] = left
+        else:
+            counts.pop(worker_id, None)
+        self.metrics.pool_inflight.labels(model, pool).inc(change)
+
     def route(self, pool: str, model: str, request_id: str, token_ids: Sequence[int],
               workers: Sequence[InstanceRecord]) -> Attempt:
         """Pick one of `workers` (non-empty) through the router, which starts tracking `request_id`."""
@@ -101,7 +110,9 @@ class Attempt:
         dispatcher = self._dispatcher
         if self._closed:
             raise RuntimeError("attempt already closed")
-        self._count_inflight()
+        if not self._counted:
+            self._counted = True
+            dispatcher._count(self.pool, self.model, self.worker.instance_id, +1)
         self.sent_at = time.monotonic()
         stream = dispatcher.client.stream(self.worker.address, request)
         timeout = dispatcher.request_timeout
@@ -129,26 +140,11 @@ class Attempt:
         if self._closed:
             return
         self._closed = True
-        dispatcher = self._dispatcher
         try:
             if self._counted:
-                dispatcher.metrics.pool_inflight.labels(self.model, self.pool).dec()
-                counts = dispatcher._inflight[self.pool]
-                left = counts.get(self.worker.instance_id, 1) - 1
-                if left > 0:
-                    counts[self.worker.instance_id] = left
-                else:
-                    counts.pop(self.worker.instance_id, None)
+                self._dispatcher._count(self.pool, self.model, self.worker.instance_id, -1)
         finally:
-            dispatcher.router.finished(self.request_id)
-
-    def _count_inflight(self) -> None:
-        if self._counted:
-            return
-        self._counted = True
-        counts = self._dispatcher._inflight[self.pool]
-        counts[self.worker.instance_id] = counts.get(self.worker.instance_id, 0) + 1
-        self._dispatcher.metrics.pool_inflight.labels(self.model, self.pool).inc()
+            self._dispatcher.router.finished(self.request_id)
 
     def _generate_frame(self, reply: Reply) -> GenerateFrame:
         if isinstance(reply, GenerateFrame):

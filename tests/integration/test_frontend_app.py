@@ -501,6 +501,31 @@ async def test_unreachable_worker_is_skipped_when_another_serves(model_dir):
         assert router.removed == [router.preferred]
 
 
+async def test_a_failed_worker_reaches_the_kv_router_once(model_dir):
+    """The app wires whatever router it is given to the watcher, and a KvRoutingService follows the
+    watcher itself: a removal still reaches the router by one path, once."""
+    from dynamo_lite.router.kv_routing import KvRoutingService, KvRoutingSettings
+
+    class CountingKvRouting(KvRoutingService):
+        def worker_removed(self, worker_id: int) -> None:
+            self.removals.append(worker_id)
+            super().worker_removed(worker_id)
+
+    stack = Stack(RoundRobinRouter(), FrontendConfig(namespace=NAMESPACE, router_mode="kv", kv_events=False))
+    router = CountingKvRouting(stack.watcher, KvRoutingSettings(namespace=NAMESPACE, use_kv_events=False))
+    router.removals = []
+    stack.router = router
+    await stack.start()
+    try:
+        worker = await stack.register(closed_port_address(), str(model_dir))
+        response = await stack.http.post("/v1/chat/completions", json=chat_body())
+        assert response.status_code == 503  # the worker refused the connection: marked failed
+        assert worker not in [r.instance_id for r in stack.watcher.instances()]
+        assert router.removals == [worker]
+    finally:
+        await stack.close()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_migration_after_a_worker_dies_mid_stream(model_dir, stream):
     router = PreferRouter()
