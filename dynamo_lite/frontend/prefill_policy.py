@@ -169,8 +169,7 @@ class PrefillPolicy:
         with self._dispatcher.route(POOL_PREFILL, model, request.request_id, plan.prompt_ids, candidates) as attempt:
             try:
                 async with contextlib.aclosing(attempt.frames(request)) as frames:
-                    async for last in frames:
-                        pass
+                    last = [frame async for frame in frames][-1]  # frames() ends with the last frame, or raises
             except WorkerFailedError as e:
                 attempt.worker_failed(e)
                 logger.info("request %s: prefilling on the decode worker instead", plan.request_id)
