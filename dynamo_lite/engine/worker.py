@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynamo_lite import planes
 from dynamo_lite.discovery.base import Discovery, Lease
 from dynamo_lite.engine.base import Engine, EngineInfo
 from dynamo_lite.engine.kv_publisher import KvEventPublisher
@@ -20,7 +21,7 @@ from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
     TOKENIZER_FILE_NAMES, GenerateRequest, InstanceRecord, ModelCard, Reply, Request, TokenizerFiles,
     TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
-from dynamo_lite.protocol.errors import InvalidRequestError
+from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
 from dynamo_lite.runtime.config import option
 from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
@@ -238,28 +239,18 @@ class WorkerShell:
         return self._publisher.relayed_blocks() if self._publisher is not None else set()
 
 
-async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], etcd_endpoints: str,
-                      nats_server: str | None, *, nats_connect_timeout: float = 5.0) -> None:
-    """Serve every engine until SIGTERM/SIGINT, sharing one etcd and one NATS connection.
+async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], discovery: Discovery,
+                      events: EventBus | None, *, shutdown: asyncio.Event | None = None) -> None:
+    """Serve every engine on the planes given until `shutdown` is set (default: until SIGTERM/SIGINT).
 
-    NATS is optional: without it (empty, or unreachable within nats_connect_timeout) workers serve
-    without KV events and load reports, and routers fall back to approximate routing.
+    Without an event bus, workers serve without KV events and load reports, and routers fall back to
+    approximate routing. The caller keeps ownership of `discovery` and `events`.
     """
-    from dynamo_lite.discovery.etcd import EtcdDiscovery
-    from dynamo_lite.events.nats import NatsEventBus
-
     if len(engines) != len(configs):
         raise ValueError("run_workers needs one WorkerShellConfig per engine")
-    shutdown = asyncio.Event()
-    install_shutdown_signals(shutdown)
-    discovery = await EtcdDiscovery.connect(etcd_endpoints)
-    events: EventBus | None = None
-    if nats_server:
-        try:
-            events = await asyncio.wait_for(NatsEventBus.connect(nats_server), nats_connect_timeout)
-        except Exception as e:
-            logger.warning("NATS at %s unreachable (%r): serving without KV events or load reports",
-                           nats_server, e)
+    if shutdown is None:
+        shutdown = asyncio.Event()
+        install_shutdown_signals(shutdown)
     shells = [WorkerShell(engine, discovery, events, config) for engine, config in zip(engines, configs)]
     starting = asyncio.ensure_future(asyncio.gather(*(shell.start() for shell in shells)))
     stopping = asyncio.ensure_future(shutdown.wait())
@@ -275,6 +266,35 @@ async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], e
             task.cancel()
         await asyncio.gather(starting, stopping, return_exceptions=True)
         await asyncio.gather(*(shell.shutdown() for shell in shells), return_exceptions=True)
+
+
+async def serve_workers(engines: list[Engine], configs: list[WorkerShellConfig], *, discovery_url: str,
+                        event_bus_url: str | None, event_bus_connect_timeout: float = 5.0,
+                        client_name: str | None = None) -> None:
+    """What a worker command runs: connect the planes the URLs name (dynamo_lite.planes), then
+    run_workers on them until SIGTERM/SIGINT, sharing one discovery and one event-bus connection.
+
+    The event bus is optional: without it (empty url, or unreachable within
+    event_bus_connect_timeout) workers serve without KV events and load reports.
+    """
+    shutdown = asyncio.Event()
+    install_shutdown_signals(shutdown)  # before connecting: a signal while waiting for etcd still counts
+    discovery = await planes.connect_discovery(discovery_url)
+    events: EventBus | None = None
+    try:
+        if event_bus_url:
+            try:
+                events = await asyncio.wait_for(
+                    planes.connect_event_bus(event_bus_url, name=client_name,
+                                             connect_timeout=event_bus_connect_timeout),
+                    event_bus_connect_timeout)
+            except ConfigError:
+                raise
+            except Exception as e:
+                logger.warning("event bus at %s unreachable (%r): serving without KV events or load reports",
+                               event_bus_url, e)
+        await run_workers(engines, configs, discovery, events, shutdown=shutdown)
+    finally:
         if events is not None:
             await events.close()
         await discovery.close()

@@ -46,7 +46,7 @@ def _exit_with_error(message: str) -> NoReturn:
 
 async def serve(config: MockerConfig) -> None:
     # The worker shell pulls in etcd/NATS clients; import here so --help stays instant.
-    from dynamo_lite.engine.worker import WorkerShellConfig, run_workers
+    from dynamo_lite.engine.worker import WorkerShellConfig, serve_workers
     from dynamo_lite.mocker.engine import MockerEngine
 
     facts = await asyncio.to_thread(load_model_facts, config)
@@ -58,8 +58,8 @@ async def serve(config: MockerConfig) -> None:
                                      migration_limit=config.migration_limit, engine_kind="mocker")
     logger.info("starting %d mocker worker(s) for %s (%s)", config.num_workers, facts.served_model_name,
                 config.role)
-    await run_workers(engines, [shell_config] * config.num_workers, config.etcd_endpoints,
-                      config.nats_server)
+    await serve_workers(engines, [shell_config] * config.num_workers, discovery_url=config.etcd_endpoints,
+                        event_bus_url=config.nats_server)
 
 
 def run_event_loop(main_coroutine) -> None:

@@ -13,7 +13,7 @@ logger = logging.getLogger("dynamo_lite.vllm")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dynamo_lite.engine.worker import WorkerShellConfig, run_workers
+    from dynamo_lite.engine.worker import WorkerShellConfig, serve_workers
     from dynamo_lite.vllm import nixl_progress
     from dynamo_lite.vllm.args import nixl_environment, parse_args
     from dynamo_lite.vllm.engine import VllmEngine
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" (NIXL side channel {os.environ.get('VLLM_NIXL_SIDE_CHANNEL_HOST')}:"
                 f"{os.environ.get('VLLM_NIXL_SIDE_CHANNEL_PORT')})" if config.connector == "nixl" else "")
     try:
-        asyncio.run(run_workers([VllmEngine(engine_args)], [shell_config], config.etcd_endpoints,
-                                config.nats_server or None))
+        asyncio.run(serve_workers([VllmEngine(engine_args)], [shell_config], discovery_url=config.etcd_endpoints,
+                                  event_bus_url=config.nats_server or None))
     except KeyboardInterrupt:
         return 130
     return 0

@@ -12,7 +12,7 @@ import pytest
 
 from dynamo_lite.discovery.memory import MemoryDiscovery
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
-from dynamo_lite.engine.worker import WorkerShell, WorkerShellConfig, run_workers
+from dynamo_lite.engine.worker import WorkerShell, WorkerShellConfig, serve_workers
 from dynamo_lite.events.memory import MemoryEventBus
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import EngineError, WorkerFailedError
@@ -309,8 +309,8 @@ async def test_run_workers_serves_through_etcd_and_nats_until_sigterm(etcd_endpo
     bus = await NatsEventBus.connect(nats_url)
     loads = await bus.subscribe(keys.load_subject(namespace, MODEL))
     client = RequestClient()
-    runner = asyncio.create_task(run_workers([engine], [config], etcd_endpoint, nats_server,
-                                             nats_connect_timeout=1.0))
+    runner = asyncio.create_task(serve_workers([engine], [config], discovery_url=etcd_endpoint,
+                                               event_bus_url=nats_server, event_bus_connect_timeout=1.0))
     try:
         [record] = await _wait_for_instances(discovery, namespace)
         frames = await _collect(client, record.address, request("via-etcd", max_tokens=2))
@@ -322,7 +322,7 @@ async def test_run_workers_serves_through_etcd_and_nats_until_sigterm(etcd_endpo
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(anext(aiter(loads)), 0.5)
 
-        os.kill(os.getpid(), signal.SIGTERM)  # run_workers installed the handler before registering
+        os.kill(os.getpid(), signal.SIGTERM)  # serve_workers installed the handler before registering
         await asyncio.wait_for(runner, 3 * WAIT)
         assert (await discovery.get_prefix(f"/{namespace}/"))[0] == []
         assert engine.shutdown_calls == 1
