@@ -9,12 +9,12 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from dynamo_lite import planes
 from dynamo_lite.discovery.base import Discovery, Lease
 from dynamo_lite.engine.base import Engine, EngineInfo
+from dynamo_lite.engine.config import WorkerShellConfig
 from dynamo_lite.engine.kv_publisher import KvEventPublisher
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol import keys
@@ -22,29 +22,10 @@ from dynamo_lite.protocol.messages import (
     TOKENIZER_FILE_NAMES, GenerateRequest, InstanceRecord, ModelCard, Reply, Request, TokenizerFiles,
     TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
 from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
-from dynamo_lite.runtime.config import option
 from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerShellConfig:
-    namespace: str = option("dynamo", "Namespace of every etcd key and NATS subject.")
-    component: str = option(keys.COMPONENT_BACKEND, "Component the instance registers under.",
-                            choices=[keys.COMPONENT_BACKEND, keys.COMPONENT_PREFILL])
-    role: str = option("aggregated", "What this worker does in the pipeline.",
-                       choices=["aggregated", "decode", "prefill"])
-    advertise_host: str = option("127.0.0.1", "Host other machines reach this worker at (never localhost "
-                                 "across hosts).")
-    host: str = option("0.0.0.0", "Interface the request-plane server binds.")
-    port: int = option(0, "Request-plane port (0 = any free port).")
-    lease_ttl: float = option(10.0, "etcd lease TTL in seconds: how long a dead worker stays listed.")
-    drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown.")
-    migration_limit: int = option(0, "How many times the frontend may migrate a request of this model.")
-    load_report_interval: float = option(0.25, "Seconds between load reports on the event plane.")
-    engine_kind: str = option("vllm", "Engine name recorded in the model card.", choices=["vllm", "mocker"])
 
 
 class WorkerShell:
@@ -87,10 +68,18 @@ class WorkerShell:
                            aborted_requests=self._aborted, generated_tokens=self._generated_tokens)
 
     async def start(self) -> InstanceRecord:
-        self._info = await self._engine.start()
-        self._server = RequestServer(self._handle, self._config.host, self._config.port)
-        port = await self._server.start()
+        # The port first: a taken port is then reported at once, not after the engine took its time to load.
+        # Nobody sends requests before the address is registered, which needs the engine's info.
+        server = RequestServer(self._handle, self._config.host, self._config.request_plane_port)
+        try:
+            port = await server.start()
+        except OSError as e:
+            raise ConfigError(f"cannot bind the request plane to {self._config.host}:"
+                              f"{self._config.request_plane_port} ({e.strerror or e}): choose another port with "
+                              "--request-plane-port (0 = any free port)", param="--request-plane-port") from e
+        self._server = server
         self._address = f"{self._config.advertise_host}:{port}"
+        self._info = await self._engine.start()
         await self._register()
         if self._events is not None:
             publisher = self._publisher = KvEventPublisher(self._events, self._config.namespace,

@@ -334,3 +334,31 @@ async def test_run_workers_serves_through_etcd_and_nats_until_sigterm(etcd_endpo
         await loads.close()
         await bus.close()
         await discovery.close()
+
+
+def _worker_command(*args: str, timeout: float = 60.0):
+    """Run a worker command to its end (bounded); -> (exit status, stderr)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return done.returncode, done.stderr
+
+
+def test_a_taken_request_plane_port_is_one_line_naming_the_flag(etcd_endpoint, tmp_path):
+    import json
+    import socket
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1000, "max_position_embeddings": 512}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, stderr = _worker_command(
+            "dynamo_lite.mocker", "--model-path", str(tmp_path), "--namespace", "taken-port",
+            "--etcd-endpoints", etcd_endpoint, "--nats-server", "", "--request-plane-port", str(port))
+    assert status != 0
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert f"cannot bind the request plane to 0.0.0.0:{port}" in line and "--request-plane-port" in line
