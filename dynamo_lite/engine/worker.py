@@ -74,9 +74,10 @@ class WorkerShell:
         try:
             port = await server.start()
         except OSError as e:
-            raise ConfigError(f"cannot bind the request plane to {self._config.host}:"
-                              f"{self._config.request_plane_port} ({e.strerror or e}): choose another port with "
-                              "--request-plane-port (0 = any free port)", param="--request-plane-port") from e
+            where = f"{self._config.host}:{self._config.request_plane_port}"
+            raise ConfigError(f"cannot bind the request plane to {where} ({e.strerror or e}): choose another "
+                              "port with --request-plane-port (0 = any free port)",
+                              param="--request-plane-port") from e
         self._server = server
         self._address = f"{self._config.advertise_host}:{port}"
         self._info = await self._engine.start()

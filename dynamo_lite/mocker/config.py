@@ -1,8 +1,8 @@
 """The mocker's configuration (flags after NVIDIA Dynamo's mocker) and what it reads from the model folder.
 
 It extends the worker shell's config (engine.config): every option is a flag with an environment twin
-(runtime.config), and the role follows from --is-prefill-worker / --is-decode-worker. Values that depend on the model
-folder (served name, context length, vocabulary) are resolved by `load_model_facts`, so building the
+(runtime.config), and the role follows from --is-prefill-worker / --is-decode-worker. Values that
+depend on the model folder (served name, context length, vocabulary) are resolved by `load_model_facts`, so building the
 config never touches the disk.
 """
 

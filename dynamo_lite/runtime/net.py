@@ -70,5 +70,5 @@ def require_bindable(host: str, port: int, flag: str) -> None:
         try:
             sock.bind((host, port))
         except OSError as e:
-            raise ConfigError(f"cannot bind {host}:{port} ({e.strerror or e}): choose another port with {flag}",
-                              param=flag) from e
+            raise ConfigError(f"cannot bind {host}:{port} ({e.strerror or e}): choose another port with "
+                              f"{flag}", param=flag) from e

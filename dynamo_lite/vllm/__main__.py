@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{os.environ.get('VLLM_NIXL_SIDE_CHANNEL_PORT')})" if config.connector == "nixl" else "")
     try:
         asyncio.run(serve_workers([VllmEngine(engine_args)], [config], discovery_url=config.etcd_endpoints,
-                                  event_bus_url=config.nats_server or None, client_name=f"vllm-{config.role}"))
+                                  event_bus_url=config.nats_server or None,
+                                  client_name=f"vllm-{config.role}"))
     except KeyboardInterrupt:
         return 130
     except DynamoLiteError as e:

@@ -52,8 +52,8 @@ class VllmWorkerConfig(WorkerShellConfig):
                                          "free port; VLLM_NIXL_SIDE_CHANNEL_PORT, if set, wins).",
                                          minimum=0, maximum=65535)
     kv_lease_duration: int = option(60, "--connector nixl, prefill worker: seconds it keeps finished prefill "
-                                    "blocks that no decode worker has pulled yet (vLLM's default is 30; keep it "
-                                    "well above the worst prefill-to-decode handoff).", exclusive_minimum=0)
+                                    "blocks that no decode worker has pulled yet (vLLM's default is 30; keep "
+                                    "it well above the worst prefill-to-decode handoff).", exclusive_minimum=0)
     kv_load_failure_policy: str = option("recompute", "--connector nixl, decode worker: when pulling a "
                                          "prefill's KV fails (dead prefill worker), recompute = prefill locally, "
                                          "fail = end the request with an error.", choices=["recompute", "fail"])

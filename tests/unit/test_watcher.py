@@ -176,7 +176,8 @@ async def test_listeners_get_instance_change_members_and_records_decode_roles_as
         assert type(decoded.role) is WorkerRole and decoded.role == "aggregated"  # equal to the wire string
         await lease.revoke()
         assert await watcher.wait_for(lambda: len(seen) == 2, timeout=2.0)
-        assert seen == [(InstanceChange.ADDED, record.instance_id), (InstanceChange.REMOVED, record.instance_id)]
+        assert seen == [(InstanceChange.ADDED, record.instance_id),
+                        (InstanceChange.REMOVED, record.instance_id)]
         assert all(type(kind) is InstanceChange for kind, _ in seen)
     finally:
         await watcher.close()
