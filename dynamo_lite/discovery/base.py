@@ -8,20 +8,27 @@ Invariants every implementation keeps:
   start_revision)` yields every change after that revision, in order, exactly once, so
   snapshot + watch never misses or repeats an event.
 - A lost connection is retried inside the implementation; a watch that cannot resume from its
-  revision (compacted, store restarted) yields a `WatchEvent(kind="reset")`, after which the
+  revision (compacted, store restarted) yields a `WatchEvent(kind=WatchEventKind.RESET)`, after which the
   consumer must re-read with get_prefix and watch again.
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 
+class WatchEventKind(enum.StrEnum):
+    PUT = "put"  # a key was written (value holds the new value)
+    DELETE = "delete"  # a key was deleted or its lease ended
+    RESET = "reset"  # the watch cannot resume: re-read with get_prefix and watch again
+
+
 @dataclass(frozen=True)
 class WatchEvent:
-    kind: str  # "put" | "delete" | "reset"
+    kind: WatchEventKind
     key: str
     value: bytes = b""
     revision: int = 0

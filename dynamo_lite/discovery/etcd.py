@@ -4,7 +4,7 @@ Connection failures are retried here, not by callers: unary calls retry until th
 lease keep-alives retry until the store answers again (and mark the lease `lost` if the store
 says it no longer exists), and watches resume from the revision after the last event they yielded.
 A watch that cannot resume (compacted revision, a store that came back empty or as another
-cluster) yields WatchEvent("reset") and ends, as the Discovery interface requires.
+cluster) yields a RESET WatchEvent and ends, as the Discovery interface requires.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import aetcd
 from aetcd import rpc
 
-from dynamo_lite.discovery.base import Discovery, Lease, WatchEvent
+from dynamo_lite.discovery.base import Discovery, Lease, WatchEvent, WatchEventKind
 from dynamo_lite.protocol.errors import TransportError
 
 logger = logging.getLogger(__name__)
@@ -279,12 +279,12 @@ class EtcdDiscovery(Discovery):
                     logger.warning("etcd at %s was reset (cluster %x rev %s, expected rev >= %s): "
                                    "watch of %s must restart", self.endpoint, cluster_id, revision,
                                    next_revision - 1, prefix)
-                    yield WatchEvent("reset", "")
+                    yield WatchEvent(WatchEventKind.RESET, "")
                     return
                 identity = cluster_id
                 watch = await client.watch_prefix(key, start_revision=next_revision)
             except aetcd.RevisionCompactedError:
-                yield WatchEvent("reset", "")
+                yield WatchEvent(WatchEventKind.RESET, "")
                 return
             except (DiscoveryError, *_RETRYABLE) as e:
                 failures += 1
@@ -298,13 +298,13 @@ class EtcdDiscovery(Discovery):
             failures = 0
             try:
                 async for event in watch:
-                    kind = "put" if event.kind == aetcd.EventKind.PUT else "delete"
+                    kind = WatchEventKind.PUT if event.kind == aetcd.EventKind.PUT else WatchEventKind.DELETE
                     revision = event.kv.mod_revision
-                    yield WatchEvent(kind, event.kv.key.decode(), event.kv.value if kind == "put" else b"",
-                                     revision)
+                    value = event.kv.value if kind == WatchEventKind.PUT else b""
+                    yield WatchEvent(kind, event.kv.key.decode(), value, revision)
                     next_revision = revision + 1
             except aetcd.RevisionCompactedError:
-                yield WatchEvent("reset", "")
+                yield WatchEvent(WatchEventKind.RESET, "")
                 return
             except Exception as e:  # aetcd passes gRPC stream errors through, not only ClientError
                 failures += 1

@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from dynamo_lite.discovery.base import Discovery, Lease, WatchEvent
+from dynamo_lite.discovery.base import Discovery, Lease, WatchEvent, WatchEventKind
 from dynamo_lite.protocol.errors import TransportError
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class MemoryDiscovery(Discovery):
             lease_id = lease.id
         self._revision += 1
         self._data[key] = (bytes(value), lease_id)
-        self._emit([WatchEvent("put", key, bytes(value), self._revision)])
+        self._emit([WatchEvent(WatchEventKind.PUT, key, bytes(value), self._revision)])
 
     async def delete(self, key: str) -> None:
         self._check_open()
@@ -82,7 +82,7 @@ class MemoryDiscovery(Discovery):
             return  # etcd does not advance the revision for a delete that matched nothing
         self._revision += 1
         del self._data[key]
-        self._emit([WatchEvent("delete", key, b"", self._revision)])
+        self._emit([WatchEvent(WatchEventKind.DELETE, key, b"", self._revision)])
 
     async def get_prefix(self, prefix: str) -> tuple[list[tuple[str, bytes]], int]:
         self._check_open()
@@ -93,7 +93,7 @@ class MemoryDiscovery(Discovery):
         if self._closed:
             return
         if start_revision < self._compact_revision:
-            yield WatchEvent("reset", "")
+            yield WatchEvent(WatchEventKind.RESET, "")
             return
         watch = _Watch(prefix)
         # Replay and registration happen without an await between them: nothing is missed or repeated.
@@ -107,7 +107,7 @@ class MemoryDiscovery(Discovery):
                 if event is None:  # store closed
                     return
                 yield event
-                if event.kind == "reset":
+                if event.kind == WatchEventKind.RESET:
                     return
         finally:
             self._watches.discard(watch)
@@ -132,7 +132,7 @@ class MemoryDiscovery(Discovery):
     def break_watches(self) -> None:
         """Make every open watch yield a reset and end (as after an unrecoverable store restart)."""
         for watch in self._watches:
-            watch.queue.put_nowait(WatchEvent("reset", ""))
+            watch.queue.put_nowait(WatchEvent(WatchEventKind.RESET, ""))
 
     def compact(self) -> None:
         """Drop the history: watches from an older revision get a reset."""
@@ -163,7 +163,7 @@ class MemoryDiscovery(Discovery):
         self._revision += 1
         for key in keys:
             del self._data[key]
-        self._emit([WatchEvent("delete", key, b"", self._revision) for key in keys])
+        self._emit([WatchEvent(WatchEventKind.DELETE, key, b"", self._revision) for key in keys])
 
     def _emit(self, events: list[WatchEvent]) -> None:
         self._history.extend(events)

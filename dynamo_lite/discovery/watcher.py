@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Callable
 
 import msgspec
 
-from dynamo_lite.discovery.base import Discovery, WatchEvent
+from dynamo_lite.discovery.base import Discovery, WatchEvent, WatchEventKind
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import InstanceRecord, ModelCard, card_json_decoder, instance_json_decoder
 
 logger = logging.getLogger(__name__)
 
-Listener = Callable[[str, InstanceRecord], None]
+
+class InstanceChange(enum.StrEnum):
+    """What a listener is told about an instance (a StrEnum: equal to its string)."""
+
+    ADDED = "added"  # registered, or back after its failure cooldown
+    REMOVED = "removed"  # deregistered, lease expired, or marked failed
+
+
+Listener = Callable[[InstanceChange, InstanceRecord], None]
 MAX_RELIST_BACKOFF = 2.0
 
 
@@ -117,7 +126,7 @@ class InstanceWatcher:
         if was_live:
             logger.warning("instance %x marked failed: excluded for %ss", instance_id, self._failed_cooldown)
             for record in records:
-                self._notify("removed", record)
+                self._notify(InstanceChange.REMOVED, record)
         self._signal_change()
 
     def _cooldown_over(self, instance_id: int) -> None:
@@ -128,7 +137,7 @@ class InstanceWatcher:
         if records:
             logger.info("instance %x is back after its failure cooldown", instance_id)
         for record in records:
-            self._notify("added", record)
+            self._notify(InstanceChange.ADDED, record)
         self._signal_change()
 
     def _is_live(self, instance_id: int) -> bool:
@@ -154,7 +163,7 @@ class InstanceWatcher:
             try:
                 async with contextlib.aclosing(self._discovery.watch_prefix(self._root, revision)) as events:
                     async for event in events:
-                        if event.kind == "reset":
+                        if event.kind == WatchEventKind.RESET:
                             reset = True
                             break
                         self._apply(event)
@@ -185,9 +194,9 @@ class InstanceWatcher:
         items, revision = await self._discovery.get_prefix(self._root)
         present = {key for key, _ in items}
         for key in [k for k in (*self._instances, *self._cards) if k not in present]:
-            self._apply(WatchEvent("delete", key, b"", revision))
+            self._apply(WatchEvent(WatchEventKind.DELETE, key, b"", revision))
         for key, value in items:
-            self._apply(WatchEvent("put", key, value, revision))
+            self._apply(WatchEvent(WatchEventKind.PUT, key, value, revision))
         self._signal_change()
         return revision + 1
 
@@ -203,7 +212,7 @@ class InstanceWatcher:
     def _apply_instance(self, event: WatchEvent) -> None:
         old = self._instances.get(event.key)
         new = None
-        if event.kind == "put":
+        if event.kind == WatchEventKind.PUT:
             try:
                 new = instance_json_decoder.decode(event.value)
             except msgspec.DecodeError as e:
@@ -218,16 +227,16 @@ class InstanceWatcher:
             if self._is_live(old.instance_id):
                 logger.info("instance %x removed (%s %s at %s)", old.instance_id, old.component, old.model,
                             old.address)
-                self._notify("removed", old)
+                self._notify(InstanceChange.REMOVED, old)
             if new is None:
                 self._forget_failure_if_gone(old.instance_id)
         if new is not None and self._is_live(new.instance_id):
             logger.info("instance %x added (%s %s at %s)", new.instance_id, new.component, new.model,
                         new.address)
-            self._notify("added", new)
+            self._notify(InstanceChange.ADDED, new)
 
     def _apply_card(self, event: WatchEvent) -> None:
-        if event.kind == "put":
+        if event.kind == WatchEventKind.PUT:
             try:
                 keys.parse_instance_id(event.key)  # card keys end with the instance id
                 self._cards[event.key] = card_json_decoder.decode(event.value)
@@ -236,7 +245,7 @@ class InstanceWatcher:
                 logger.warning("skipping undecodable model card at %s: %s", event.key, e)
         self._cards.pop(event.key, None)
 
-    def _notify(self, kind: str, record: InstanceRecord) -> None:
+    def _notify(self, kind: InstanceChange, record: InstanceRecord) -> None:
         for listener in self._listeners:
             try:
                 listener(kind, record)

@@ -1,103 +1,31 @@
 """The worker shell shared by every engine: serve the request plane, register in discovery under a
-lease, relay the engine's KV events and load to the event bus, answer resync requests, and shut
+lease, run the engine, hand its KV events and load to the event plane (engine.kv_publisher), and shut
 down gracefully (deregister, drain, cancel).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from dynamo_lite import planes
 from dynamo_lite.discovery.base import Discovery, Lease
 from dynamo_lite.engine.base import Engine, EngineInfo
-from dynamo_lite.events.base import EventBus, Subscription
+from dynamo_lite.engine.config import WorkerShellConfig
+from dynamo_lite.engine.kv_publisher import KvEventPublisher
+from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
-    TOKENIZER_FILE_NAMES, AllBlocksCleared, BlockRemoved, BlockStored, GenerateRequest, InstanceRecord, KvEvent,
-    KvEventBatch, LoadReport, ModelCard, Reply, Request, TokenizerFiles, TokenizerFilesRequest, WorkerStats,
-    WorkerStatsRequest, json_encoder, msgpack_encoder)
-from dynamo_lite.protocol.errors import InvalidRequestError
-from dynamo_lite.runtime.config import option
+    TOKENIZER_FILE_NAMES, GenerateRequest, InstanceRecord, ModelCard, Reply, Request, TokenizerFiles,
+    TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
+from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
 from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerShellConfig:
-    namespace: str = option("dynamo", "Namespace of every etcd key and NATS subject.")
-    component: str = option(keys.COMPONENT_BACKEND, "Component the instance registers under.",
-                            choices=[keys.COMPONENT_BACKEND, keys.COMPONENT_PREFILL])
-    role: str = option("aggregated", "What this worker does in the pipeline.",
-                       choices=["aggregated", "decode", "prefill"])
-    advertise_host: str = option("127.0.0.1", "Host other machines reach this worker at (never localhost "
-                                 "across hosts).")
-    host: str = option("0.0.0.0", "Interface the request-plane server binds.")
-    port: int = option(0, "Request-plane port (0 = any free port).")
-    lease_ttl: float = option(10.0, "etcd lease TTL in seconds: how long a dead worker stays listed.")
-    drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown.")
-    migration_limit: int = option(0, "How many times the frontend may migrate a request of this model.")
-    load_report_interval: float = option(0.25, "Seconds between load reports on the event plane.")
-    engine_kind: str = option("vllm", "Engine name recorded in the model card.", choices=["vllm", "mocker"])
-
-
-class _BlockSet:
-    """The worker's cached blocks as announced by its relayed events, to rebuild them on resync.
-
-    Only hashes, parents and block sizes are kept: routers index content hashes, so snapshots carry
-    no token ids (`token_ids=[]`). That keeps a resync reply of a large cache small: ~10 bytes a
-    block, so 100k blocks fit in NATS's default 1 MiB payload.
-    """
-
-    def __init__(self) -> None:
-        # content hash -> (parent hash, block size); insertion = chain order
-        self.blocks: dict[int, tuple[int | None, int]] = {}
-
-    def apply(self, events: list[KvEvent]) -> None:
-        for event in events:
-            if isinstance(event, BlockStored):
-                parent, size = event.parent_block_hash, event.block_size
-                for block_hash in event.block_hashes:
-                    self.blocks[block_hash] = (parent, size)
-                    parent = block_hash
-            elif isinstance(event, BlockRemoved):
-                for block_hash in event.block_hashes:
-                    self.blocks.pop(block_hash, None)
-            elif isinstance(event, AllBlocksCleared):
-                self.blocks.clear()
-
-    def snapshot(self) -> list[KvEvent]:
-        """A clear, then one BlockStored per linear run of every chain, parents before children."""
-        children: dict[int, list[int]] = {}
-        roots: list[int] = []
-        for block_hash, (parent, _) in self.blocks.items():
-            if parent is not None and parent in self.blocks:
-                children.setdefault(parent, []).append(block_hash)
-            else:
-                roots.append(block_hash)
-        events: list[KvEvent] = [AllBlocksCleared()]
-        stack = list(reversed(roots))
-        while stack:
-            start = stack.pop()
-            parent, size = self.blocks[start]
-            run, node = [start], start
-            while kids := children.get(node):
-                # Follow the first child; the others start their own runs after this one is out.
-                stack.extend(reversed(kids[1:]))
-                node = kids[0]
-                if self.blocks[node][1] != size:
-                    stack.append(node)
-                    break
-                run.append(node)
-            events.append(BlockStored(block_hashes=run, parent_block_hash=parent, token_ids=[], block_size=size))
-        return events
 
 
 class WorkerShell:
@@ -116,12 +44,8 @@ class WorkerShell:
         self._address = ""
         self._lease: Lease | None = None
         self._record: InstanceRecord | None = None
-        self._resync_sub: Subscription | None = None
+        self._publisher: KvEventPublisher | None = None
         self._tasks: list[asyncio.Task] = []
-        self._blocks = _BlockSet()
-        self._seq = 0
-        self._publish_lock = asyncio.Lock()
-        self._publish_failing = False
         self._active = self._completed = self._aborted = self._generated_tokens = 0
         self._shutdown_started = False
         self._shutdown_done = asyncio.Event()
@@ -144,15 +68,28 @@ class WorkerShell:
                            aborted_requests=self._aborted, generated_tokens=self._generated_tokens)
 
     async def start(self) -> InstanceRecord:
-        self._info = await self._engine.start()
-        self._server = RequestServer(self._handle, self._config.host, self._config.port)
-        port = await self._server.start()
+        # The port first: a taken port is then reported at once, not after the engine took its time to load.
+        # Nobody sends requests before the address is registered, which needs the engine's info.
+        server = RequestServer(self._handle, self._config.host, self._config.request_plane_port)
+        try:
+            port = await server.start()
+        except OSError as e:
+            where = f"{self._config.host}:{self._config.request_plane_port}"
+            raise ConfigError(f"cannot bind the request plane to {where} ({e.strerror or e}): choose another "
+                              "port with --request-plane-port (0 = any free port)",
+                              param="--request-plane-port") from e
+        self._server = server
         self._address = f"{self._config.advertise_host}:{port}"
+        self._info = await self._engine.start()
         await self._register()
         if self._events is not None:
-            await self._serve_resync()
-            self._tasks.append(asyncio.create_task(self._relay_kv_events(), name="kv-event-relay"))
-            self._tasks.append(asyncio.create_task(self._report_load(), name="load-report"))
+            publisher = self._publisher = KvEventPublisher(self._events, self._config.namespace,
+                                                           self._info.model_name)
+            publisher.worker_id = self.instance_id
+            await publisher.serve_resync()
+            self._tasks.append(asyncio.create_task(publisher.relay(self._engine), name="kv-event-relay"))
+            self._tasks.append(asyncio.create_task(
+                publisher.report_load(self._engine, self._config.load_report_interval), name="load-report"))
         self._tasks.append(asyncio.create_task(self._keep_registered(), name="lease-monitor"))
         assert self._record is not None
         logger.info("worker %x serving %s at %s (%s)", self.instance_id, self._info.model_name,
@@ -184,7 +121,8 @@ class WorkerShell:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._stop_resync()
+            if self._publisher is not None:
+                await self._publisher.stop_resync()
             await self._engine.shutdown()
             if self._owns_clients:
                 if self._events is not None:
@@ -249,7 +187,8 @@ class WorkerShell:
 
     # ------------------------------------------------------------------ discovery
 
-    async def _register(self) -> None:
+    async def _register(self) -> int:
+        """Register under a new lease; returns the instance id (the lease id)."""
         info, config = self._info, self._config
         assert info is not None
         lease = await self._discovery.grant_lease(config.lease_ttl)
@@ -265,6 +204,7 @@ class WorkerShell:
         await self._discovery.put(keys.instance_key(config.namespace, config.component, lease.id),
                                   json_encoder.encode(record), lease)
         self._lease, self._record = lease, record
+        return lease.id
 
     async def _keep_registered(self) -> None:
         """Re-register under a new lease if the store lost ours (e.g. etcd restarted meanwhile)."""
@@ -275,126 +215,32 @@ class WorkerShell:
                 continue
             old_id = self._lease.id
             try:
-                # Under the publish lock no batch goes out between the id change and the new
-                # sequence: a new instance id is a new worker to every router, so its sequence
-                # starts afresh with the whole block set (a router that missed nothing still
-                # learns every block).
-                async with self._publish_lock:
+                if self._publisher is not None:
+                    await self._publisher.reregister(self._register)
+                else:
                     await self._register()
-                    self._seq = 0
-                    if self._events is not None:
-                        await self._publish_batch_locked(None)
             except Exception as e:
                 logger.warning("lease %x lost and re-registration failed (retrying): %r", old_id, e)
                 continue
             logger.warning("lease %x was lost: re-registered as instance %x", old_id, self.instance_id)
-            if self._events is not None:
-                await self._stop_resync()
-                await self._serve_resync()
-
-    # ------------------------------------------------------------------ event plane
 
     def relayed_blocks(self) -> set[int]:
         """Content hashes of the blocks this worker has announced on the event plane (what a resync sends)."""
-        return set(self._blocks.blocks)
-
-    async def _relay_kv_events(self) -> None:
-        try:
-            async for events in self._engine.kv_events():
-                await self._publish_batch(events)
-        except Exception:
-            # Routers notice the silence only as stale routing; make the cause visible.
-            logger.exception("KV event relay stopped")
-
-    async def _publish_batch(self, events: list[KvEvent]) -> None:
-        async with self._publish_lock:
-            await self._publish_batch_locked(events)
-
-    async def _publish_batch_locked(self, events: list[KvEvent] | None) -> None:
-        """Publish the next batch (events=None: a snapshot of every block) with the next seq."""
-        assert self._events is not None and self._info is not None
-        if events is None:
-            events = self._blocks.snapshot()
-        else:
-            self._blocks.apply(events)
-        self._seq += 1
-        batch = KvEventBatch(worker_id=self.instance_id, seq=self._seq, events=events, timestamp=time.time())
-        subject = keys.kv_events_subject(self._config.namespace, self._info.model_name)
-        await self._publish(subject, msgpack_encoder.encode(batch))
-
-    async def _publish(self, subject: str, data: bytes) -> None:
-        """Publish; an event-plane outage is logged (once per outage) and never stops serving."""
-        assert self._events is not None
-        try:
-            await self._events.publish(subject, data)
-        except Exception as e:
-            if not self._publish_failing:
-                logger.warning("event bus publish failed, continuing without it: %r", e)
-            self._publish_failing = True
-            return
-        if self._publish_failing:
-            logger.info("event bus publishing works again")
-            self._publish_failing = False
-
-    async def _report_load(self) -> None:
-        assert self._info is not None
-        subject = keys.load_subject(self._config.namespace, self._info.model_name)
-        while True:
-            try:
-                load = self._engine.load()
-            except Exception:
-                logger.exception("engine.load() failed; skipping this load report")
-            else:
-                report = LoadReport(worker_id=self.instance_id, active_blocks=load.active_blocks,
-                                    total_blocks=load.total_blocks, running_requests=load.running_requests,
-                                    waiting_requests=load.waiting_requests, timestamp=time.time())
-                await self._publish(subject, msgpack_encoder.encode(report))
-            await asyncio.sleep(self._config.load_report_interval)
-
-    async def _answer_resync(self, _request: bytes) -> bytes:
-        # No await between reading seq and the block set: the snapshot is exactly the state after
-        # batch `seq` (a batch being published now has already been applied and numbered).
-        batch = KvEventBatch(worker_id=self.instance_id, seq=self._seq, events=self._blocks.snapshot(),
-                             timestamp=time.time())
-        return msgpack_encoder.encode(batch)
-
-    async def _serve_resync(self) -> None:
-        assert self._events is not None
-        subject = keys.resync_subject(self._config.namespace, self.instance_id)
-        try:
-            self._resync_sub = await self._events.serve(subject, self._answer_resync)
-        except Exception as e:
-            logger.warning("cannot serve resync on %s (routers will not resync from us): %r", subject, e)
-
-    async def _stop_resync(self) -> None:
-        if self._resync_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._resync_sub.close()
-            self._resync_sub = None
+        return self._publisher.relayed_blocks() if self._publisher is not None else set()
 
 
-async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], etcd_endpoints: str,
-                      nats_server: str | None, *, nats_connect_timeout: float = 5.0) -> None:
-    """Serve every engine until SIGTERM/SIGINT, sharing one etcd and one NATS connection.
+async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], discovery: Discovery,
+                      events: EventBus | None, *, shutdown: asyncio.Event | None = None) -> None:
+    """Serve every engine on the planes given until `shutdown` is set (default: until SIGTERM/SIGINT).
 
-    NATS is optional: without it (empty, or unreachable within nats_connect_timeout) workers serve
-    without KV events and load reports, and routers fall back to approximate routing.
+    Without an event bus, workers serve without KV events and load reports, and routers fall back to
+    approximate routing. The caller keeps ownership of `discovery` and `events`.
     """
-    from dynamo_lite.discovery.etcd import EtcdDiscovery
-    from dynamo_lite.events.nats import NatsEventBus
-
     if len(engines) != len(configs):
         raise ValueError("run_workers needs one WorkerShellConfig per engine")
-    shutdown = asyncio.Event()
-    install_shutdown_signals(shutdown)
-    discovery = await EtcdDiscovery.connect(etcd_endpoints)
-    events: EventBus | None = None
-    if nats_server:
-        try:
-            events = await asyncio.wait_for(NatsEventBus.connect(nats_server), nats_connect_timeout)
-        except Exception as e:
-            logger.warning("NATS at %s unreachable (%r): serving without KV events or load reports",
-                           nats_server, e)
+    if shutdown is None:
+        shutdown = asyncio.Event()
+        install_shutdown_signals(shutdown)
     shells = [WorkerShell(engine, discovery, events, config) for engine, config in zip(engines, configs)]
     starting = asyncio.ensure_future(asyncio.gather(*(shell.start() for shell in shells)))
     stopping = asyncio.ensure_future(shutdown.wait())
@@ -410,6 +256,35 @@ async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], e
             task.cancel()
         await asyncio.gather(starting, stopping, return_exceptions=True)
         await asyncio.gather(*(shell.shutdown() for shell in shells), return_exceptions=True)
+
+
+async def serve_workers(engines: list[Engine], configs: list[WorkerShellConfig], *, discovery_url: str,
+                        event_bus_url: str | None, event_bus_connect_timeout: float = 5.0,
+                        client_name: str | None = None) -> None:
+    """What a worker command runs: connect the planes the URLs name (dynamo_lite.planes), then
+    run_workers on them until SIGTERM/SIGINT, sharing one discovery and one event-bus connection.
+
+    The event bus is optional: without it (empty url, or unreachable within
+    event_bus_connect_timeout) workers serve without KV events and load reports.
+    """
+    shutdown = asyncio.Event()
+    install_shutdown_signals(shutdown)  # before connecting: a signal while waiting for etcd still counts
+    discovery = await planes.connect_discovery(discovery_url)
+    events: EventBus | None = None
+    try:
+        if event_bus_url:
+            try:
+                events = await asyncio.wait_for(
+                    planes.connect_event_bus(event_bus_url, name=client_name,
+                                             connect_timeout=event_bus_connect_timeout),
+                    event_bus_connect_timeout)
+            except ConfigError:
+                raise
+            except Exception as e:
+                logger.warning("event bus at %s unreachable (%r): serving without KV events or load reports",
+                               event_bus_url, e)
+        await run_workers(engines, configs, discovery, events, shutdown=shutdown)
+    finally:
         if events is not None:
             await events.close()
         await discovery.close()

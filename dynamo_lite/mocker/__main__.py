@@ -9,7 +9,6 @@ import sys
 from typing import NoReturn
 
 from dynamo_lite.mocker.config import MockerConfig, load_model_facts
-from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import ConfigError, DynamoLiteError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args
 from dynamo_lite.runtime.logging import configure_logging
@@ -46,20 +45,15 @@ def _exit_with_error(message: str) -> NoReturn:
 
 async def serve(config: MockerConfig) -> None:
     # The worker shell pulls in etcd/NATS clients; import here so --help stays instant.
-    from dynamo_lite.engine.worker import WorkerShellConfig, run_workers
+    from dynamo_lite.engine.worker import serve_workers
     from dynamo_lite.mocker.engine import MockerEngine
 
     facts = await asyncio.to_thread(load_model_facts, config)
     engines = [MockerEngine(config, facts=facts) for _ in range(config.num_workers)]
-    component = keys.COMPONENT_PREFILL if config.is_prefill_worker else keys.COMPONENT_BACKEND
-    shell_config = WorkerShellConfig(namespace=config.namespace, component=component, role=config.role,
-                                     advertise_host=config.advertise_host, lease_ttl=config.lease_ttl,
-                                     drain_timeout=config.drain_timeout,
-                                     migration_limit=config.migration_limit, engine_kind="mocker")
     logger.info("starting %d mocker worker(s) for %s (%s)", config.num_workers, facts.served_model_name,
                 config.role)
-    await run_workers(engines, [shell_config] * config.num_workers, config.etcd_endpoints,
-                      config.nats_server)
+    await serve_workers(engines, [config] * config.num_workers, discovery_url=config.etcd_endpoints,
+                        event_bus_url=config.nats_server, client_name="mocker")
 
 
 def run_event_loop(main_coroutine) -> None:

@@ -1,7 +1,8 @@
 """The mocker's configuration (flags after NVIDIA Dynamo's mocker) and what it reads from the model folder.
 
-Every field is a flag with an environment twin (runtime.config). Values that depend on the model
-folder (served name, context length, vocabulary) are resolved by `load_model_facts`, so building the
+It extends the worker shell's config (engine.config): every option is a flag with an environment twin
+(runtime.config), and the role follows from --is-prefill-worker / --is-decode-worker. Values that
+depend on the model folder (served name, context length, vocabulary) are resolved by `load_model_facts`, so building the
 config never touches the disk.
 """
 
@@ -11,10 +12,13 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from dynamo_lite.engine.config import WorkerShellConfig, derived
+from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import ConfigError
+from dynamo_lite.protocol.messages import WorkerRole
 from dynamo_lite.runtime.config import option
+from dynamo_lite.runtime.models import DEFAULT_MODEL_PATH, refuse_hub_id
 
-DEFAULT_MODEL_PATH = os.path.join("~", ".cache", "dynamo_lite", "models", "SmolLM2-135M-Instruct")
 DEFAULT_CONTEXT_LENGTH = 8192
 # Without a tokenizer we cannot know which ids are special; real tokenizers keep them low
 # (SmolLM2: 0..16, Llama 2: 0..2), so draw above this one.
@@ -22,63 +26,44 @@ FIRST_ORDINARY_TOKEN_WITHOUT_TOKENIZER = 100
 
 
 @dataclass(frozen=True)
-class MockerConfig:
+class MockerConfig(WorkerShellConfig):
+    """The worker shell's flags plus the simulated engine's."""
+
     model_path: str = option(DEFAULT_MODEL_PATH, "Model folder holding config.json (tokenizer files are "
                              "served to the frontend if present; no weights are read)")
-    served_model_name: str = option("", "Model name clients use (default: the model folder's name)")
-    num_workers: int = option(1, "Simulated workers in this process, each registered as its own instance")
-    block_size: int = option(16, "Tokens per KV block")
-    num_gpu_blocks_override: int = option(16384, "KV blocks per simulated worker")
-    max_num_seqs: int = option(256, "Most requests running at once per worker")
-    max_num_batched_tokens: int = option(8192, "Most tokens computed per step (prefill is chunked to fit)")
+    served_model_name: str = option("", "Model name clients use (default: the --model-path value as given)")
+    num_workers: int = option(1, "Simulated workers in this process, each registered as its own instance",
+                              minimum=1)
+    block_size: int = option(16, "Tokens per KV block", minimum=1)
+    num_gpu_blocks_override: int = option(16384, "KV blocks per simulated worker", minimum=1)
+    max_num_seqs: int = option(256, "Most requests running at once per worker", minimum=1)
+    max_num_batched_tokens: int = option(8192, "Most tokens computed per step (prefill is chunked to fit)",
+                                         minimum=1)
     speedup_ratio: float = option(1.0, "Divide every simulated step time by this (100000: as fast as "
-                                  "possible)")
-    enable_prefix_caching: bool = option(True, "Reuse cached KV blocks across requests and publish KV events",
-                                         negatable=True)
+                                  "possible)", exclusive_minimum=0)
+    enable_prefix_caching: bool = option(True, "Reuse cached KV blocks across requests and publish KV events")
     context_length: int = option(0, "Longest prompt + output in tokens (0: max_position_embeddings from "
-                                 f"config.json, else {DEFAULT_CONTEXT_LENGTH})")
-    is_prefill_worker: bool = option(False, "Register as a prefill worker (disaggregated serving)")
+                                 f"config.json, else {DEFAULT_CONTEXT_LENGTH})", minimum=0)
     is_decode_worker: bool = option(False, "Register with role 'decode' (disaggregated serving)")
-    namespace: str = option("dynamo", "Namespace of etcd keys and NATS subjects")
-    migration_limit: int = option(0, "How many times the frontend may migrate a request off a failed worker")
-    advertise_host: str = option("127.0.0.1", "Address other hosts use to reach this worker")
-    lease_ttl: float = option(10.0, "etcd lease TTL in seconds: how long a dead worker stays listed")
-    drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown")
-    etcd_endpoints: str = option("http://127.0.0.1:2379", "etcd endpoints, comma-separated",
-                                 env="ETCD_ENDPOINTS")
-    nats_server: str = option("nats://127.0.0.1:4222", "NATS server URL", env="NATS_SERVER")
+    component: str = derived(keys.COMPONENT_BACKEND)
+    role: WorkerRole = derived(WorkerRole.AGGREGATED)
+    engine_kind: str = derived("mocker")
 
     def __post_init__(self) -> None:
-        positive = {"--num-workers": self.num_workers, "--block-size": self.block_size,
-                    "--num-gpu-blocks-override": self.num_gpu_blocks_override,
-                    "--max-num-seqs": self.max_num_seqs,
-                    "--max-num-batched-tokens": self.max_num_batched_tokens}
-        for flag, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1 (got {value})", param=flag)
-        if not self.speedup_ratio > 0:
-            raise ConfigError(f"--speedup-ratio must be > 0 (got {self.speedup_ratio})",
-                              param="--speedup-ratio")
-        for flag, seconds in {"--lease-ttl": self.lease_ttl, "--drain-timeout": self.drain_timeout}.items():
-            if not seconds > 0:
-                raise ConfigError(f"{flag} must be > 0 (got {seconds})", param=flag)
-        if self.context_length < 0:
-            raise ConfigError(f"--context-length must be >= 0 (got {self.context_length})",
-                              param="--context-length")
-        if self.migration_limit < 0:
-            raise ConfigError(f"--migration-limit must be >= 0 (got {self.migration_limit})",
-                              param="--migration-limit")
+        super().__post_init__()
         if self.is_prefill_worker and self.is_decode_worker:
             raise ConfigError("--is-prefill-worker and --is-decode-worker are mutually exclusive",
                               param="--is-prefill-worker")
+        if self.request_plane_port and self.num_workers > 1:
+            raise ConfigError(f"--request-plane-port {self.request_plane_port} can serve one worker, not "
+                              f"--num-workers {self.num_workers} (0 = a free port for each)",
+                              param="--request-plane-port")
         if self.context_length:
             check_pool_fits_context(self, self.context_length)
-
-    @property
-    def role(self) -> str:
         if self.is_prefill_worker:
-            return "prefill"
-        return "decode" if self.is_decode_worker else "aggregated"
+            self.derive(component=keys.COMPONENT_PREFILL, role=WorkerRole.PREFILL)
+        elif self.is_decode_worker:
+            self.derive(role=WorkerRole.DECODE)
 
 
 def check_pool_fits_context(config: MockerConfig, context_length: int) -> None:
@@ -108,6 +93,7 @@ class ModelFacts:
 
 def load_model_facts(config: MockerConfig) -> ModelFacts:
     """Read config.json (required) and tokenizer.json (optional) from --model-path."""
+    refuse_hub_id(config.model_path, "--model-path")
     path = os.path.abspath(os.path.expanduser(config.model_path))
     config_file = os.path.join(path, "config.json")
     try:
@@ -128,7 +114,8 @@ def load_model_facts(config: MockerConfig) -> ModelFacts:
     check_pool_fits_context(config, context_length)
     special, tokenizer_size = _read_tokenizer(path)
     first, end = ordinary_token_range(vocab_size, special, tokenizer_size)
-    return ModelFacts(path=path, served_model_name=config.served_model_name or os.path.basename(path),
+    # The name a vLLM worker would serve too: what was given, unless --served-model-name says otherwise.
+    return ModelFacts(path=path, served_model_name=config.served_model_name or config.model_path,
                       context_length=context_length, vocab_size=vocab_size, first_token_id=first,
                       end_token_id=end, special_token_ids=frozenset(special))
 

@@ -31,7 +31,7 @@ from dynamo_lite.mocker.scheduler import Scheduler, SchedRequest, StepOutput
 from dynamo_lite.mocker.timing import StepTimeModel
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
 from dynamo_lite.protocol.hashing import hash_block
-from dynamo_lite.protocol.messages import BlockStored, GenerateFrame, GenerateRequest, KvEvent
+from dynamo_lite.protocol.messages import BlockStored, FinishReason, GenerateFrame, GenerateRequest, KvEvent
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class _TokenStream:
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.block_ids: list[int] = []  # blocks held at finish (a prefill's transfer params name them)
         self.error: str | None = None
         self.waiter: asyncio.Future | None = None

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from dynamo_lite.mocker.block_pool import BlockPool
 from dynamo_lite.protocol.hashing import block_hashes, hash_block
+from dynamo_lite.protocol.messages import FinishReason
 
 
 class SchedRequest:
@@ -56,7 +57,7 @@ class SchedRequest:
         self.hashes: list[int] = []  # content hashes of full blocks of `tokens`, grown lazily
         self.num_committed = 0  # leading blocks already committed to (or taken from) the prefix cache
         self.cached_tokens: int | None = None  # prefix-cache hit at first admission
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.final_block_ids: list[int] = []  # blocks held when it finished (freed, maybe still cached)
         self.num_preemptions = 0
         self.sink = sink
@@ -125,7 +126,7 @@ class Scheduler:
             self.waiting.remove(request)
         else:
             return False
-        request.finish_reason = "abort"
+        request.finish_reason = FinishReason.ABORT
         self._release(request)
         return True
 
@@ -237,9 +238,9 @@ class Scheduler:
         out.new_tokens.append((request, token))
         produced = len(tokens) - request.prompt_len
         if request.stop_token_ids and token in request.stop_token_ids and produced >= request.min_tokens:
-            request.finish_reason = "stop"
+            request.finish_reason = FinishReason.STOP
         elif produced >= request.max_tokens or len(tokens) >= self.max_model_len:
-            request.finish_reason = "length"
+            request.finish_reason = FinishReason.LENGTH
         else:
             return
         out.finished.append(request)

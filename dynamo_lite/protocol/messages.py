@@ -8,7 +8,28 @@ is a worker failure. Closing the connection cancels the request on the worker.
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
+
+
+class WorkerRole(enum.StrEnum):
+    """What a worker does in the pipeline (InstanceRecord.role). A StrEnum: equal to its wire string."""
+
+    AGGREGATED = "aggregated"  # prefill and decode of its own requests
+    DECODE = "decode"  # decode of requests prefilled elsewhere (disaggregated serving)
+    PREFILL = "prefill"  # prefill only, handing its KV cache to a decode worker
+
+
+class FinishReason(enum.StrEnum):
+    """Why a generation ended (GenerateFrame.finish_reason on the last frame); the OpenAI values plus
+    "abort" (cancelled) and "error" (the engine failed it: the frontend retries or migrates)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
 
 # --------------------------------------------------------------------------- discovery (etcd)
 
@@ -22,7 +43,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     model: str  # served model name
     host: str  # the host name / address the worker advertises
     pid: int
-    role: str = "aggregated"  # "aggregated" | "decode" | "prefill"
+    role: WorkerRole = WorkerRole.AGGREGATED
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,7 +105,7 @@ class GenerateFrame(msgspec.Struct, kw_only=True, omit_defaults=True, tag="gen")
     """A piece of a generation stream. token_ids are the new tokens since the previous frame."""
 
     token_ids: list[int] = []
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (set on the last frame)
+    finish_reason: FinishReason | None = None  # set on the last frame
     prompt_tokens: int | None = None  # on the first frame
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache (first frame)
     kv_transfer_params: dict | None = None  # prefill result for the decode worker (last frame)

@@ -3,7 +3,13 @@
 Each component declares one frozen dataclass whose fields are built with `option()`. The field's
 help text doubles as its docstring; the flag is `--field-name`, the environment twin `DYN_FIELD_NAME`
 unless the option names another (ETCD_ENDPOINTS, NATS_SERVER follow Dynamo's names). Precedence:
-command line > environment > dataclass default.
+command line > environment > dataclass default. Fields not built with `option()` are no flags: code
+sets them (a worker command derives them from its flags). Bools get --x/--no-x.
+
+Range checks are declared on the option (`minimum`, `maximum`, `exclusive_minimum`): an environment
+twin out of range is refused while the parser is built, and `check_ranges(config)`, called from the
+dataclass's __post_init__, refuses a flag or a value given in code, each with a ConfigError naming the
+flag.
 """
 
 from __future__ import annotations
@@ -20,10 +26,38 @@ ENV_PREFIX = "DYN_"
 
 
 def option(default: Any, help: str, *, env: str | None = None, flag: str | None = None,
-           choices: list[str] | None = None, negatable: bool = False) -> Any:
-    """A config field. `negatable` bools get --x/--no-x."""
+           choices: list[str] | None = None, minimum: float | None = None, maximum: float | None = None,
+           exclusive_minimum: float | None = None) -> Any:
+    """A config field that is a flag with an environment twin. `minimum`/`maximum` bound the value
+    inclusively, `exclusive_minimum` strictly (a value that must be above it)."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "env": env, "flag": flag, "choices": choices, "negatable": negatable})
+        "help": help, "env": env, "flag": flag, "choices": choices, "minimum": minimum, "maximum": maximum,
+        "exclusive_minimum": exclusive_minimum})
+
+
+def is_option(field: dataclasses.Field) -> bool:
+    return "help" in field.metadata
+
+
+def range_error(field: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with `value` for the field's declared range, or None if it is within it."""
+    meta, flag = field.metadata, flag_name(field)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        return f"{flag} must be at least {meta['minimum']} (got {value})"
+    if meta.get("exclusive_minimum") is not None and not value > meta["exclusive_minimum"]:
+        return f"{flag} must be > {meta['exclusive_minimum']} (got {value})"
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        return f"{flag} must be at most {meta['maximum']} (got {value})"
+    return None
+
+
+def check_ranges(config: Any) -> None:
+    """Raise ConfigError naming the flag of the first option whose value is out of its declared range."""
+    for field in dataclasses.fields(config):
+        if is_option(field) and (problem := range_error(field, getattr(config, field.name))):
+            raise ConfigError(problem, param=flag_name(field))
 
 
 def flag_name(field: dataclasses.Field) -> str:
@@ -44,12 +78,19 @@ def _parse_env(field: dataclasses.Field, raw: str) -> Any:
                 return False
             raise ValueError(raw)
         if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
+            value: Any = int(raw)
+        elif kind.startswith("float"):
+            value = float(raw)
+        else:
+            value = None
     except ValueError as e:
         raise ConfigError(f"environment variable {env_name(field)}={raw!r} is not a valid {kind}",
                           param=flag_name(field)) from e
+    if value is not None:
+        if problem := range_error(field, value):
+            raise ConfigError(f"environment variable {env_name(field)}={raw!r}: {problem}",
+                              param=flag_name(field))
+        return value
     choices = field.metadata.get("choices")
     if choices and raw not in choices:  # argparse checks choices only for values given on the command line
         raise ConfigError(f"environment variable {env_name(field)}={raw!r} is not one of "
@@ -62,6 +103,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, group: str 
     """Add one flag per field of `cls`; defaults come from the environment twin, else the field."""
     target = parser.add_argument_group(group) if group else parser
     for field in dataclasses.fields(cls):
+        if not is_option(field):
+            continue
         env = env_name(field)
         default = field.default
         if env in os.environ:
@@ -82,10 +125,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, group: str 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Build the frozen config from parsed args (fields not in args keep their defaults)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if is_option(f) and f.init and hasattr(args, f.name)}
     return cls(**values)
 
 
 def config_help(cls: type) -> dict[str, str]:
     """field name -> help text, for docs generation and tests."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if is_option(f)}

@@ -7,15 +7,16 @@ import logging
 import os
 import sys
 
+from dynamo_lite.protocol.errors import ConfigError, DynamoLiteError
 from dynamo_lite.runtime.logging import configure_logging
 
 logger = logging.getLogger("dynamo_lite.vllm")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dynamo_lite.engine.worker import WorkerShellConfig, run_workers
+    from dynamo_lite.engine.worker import serve_workers
     from dynamo_lite.vllm import nixl_progress
-    from dynamo_lite.vllm.args import nixl_environment, parse_args
+    from dynamo_lite.vllm.args import PROG, nixl_environment, parse_args
     from dynamo_lite.vllm.engine import VllmEngine
 
     engine_args, config = parse_args(argv)
@@ -25,21 +26,26 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(nixl_progress.ENV, str(nixl_progress.NIXL_PROGRESS_DELAY_US))
     if config.connector == "nixl":
         # Process-wide settings NIXL reads when the engine starts; set before building it.
-        os.environ.update(nixl_environment(config.advertise_host, dict(os.environ),
-                                           config.nixl_side_channel_port))
-    shell_config = WorkerShellConfig(
-        namespace=config.namespace, component=config.component, role=config.role,
-        advertise_host=config.advertise_host, port=config.request_plane_port,
-        drain_timeout=config.drain_timeout, migration_limit=config.migration_limit, engine_kind="vllm")
+        try:
+            os.environ.update(nixl_environment(config.advertise_host, dict(os.environ),
+                                               config.nixl_side_channel_port))
+        except ConfigError as e:
+            print(f"{PROG}: error: {e.message}", file=sys.stderr)
+            return 2
     logger.info("starting vLLM worker for %s as %s in namespace %s, advertising %s%s", engine_args.model,
                 config.role, config.namespace, config.advertise_host,
                 f" (NIXL side channel {os.environ.get('VLLM_NIXL_SIDE_CHANNEL_HOST')}:"
                 f"{os.environ.get('VLLM_NIXL_SIDE_CHANNEL_PORT')})" if config.connector == "nixl" else "")
     try:
-        asyncio.run(run_workers([VllmEngine(engine_args)], [shell_config], config.etcd_endpoints,
-                                config.nats_server or None))
+        asyncio.run(serve_workers([VllmEngine(engine_args)], [config], discovery_url=config.etcd_endpoints,
+                                  event_bus_url=config.nats_server or None,
+                                  client_name=f"vllm-{config.role}"))
     except KeyboardInterrupt:
         return 130
+    except DynamoLiteError as e:
+        # A taken request-plane port, etcd unreachable and the like: one clear line, not a traceback.
+        logger.error("cannot serve: %s", e.message)
+        return 1
     return 0
 
 

@@ -6,7 +6,8 @@ VllmWorkerConfig (one field per flag, each with an environment twin, runtime.con
 
 Two defaults differ from `vllm serve`:
 - --model defaults to the prepared default model folder ($DYN_MODEL_PATH, else
-  ~/.cache/dynamo_lite/models/SmolLM2-135M-Instruct), so a bare `python -m dynamo_lite.vllm` serves.
+  runtime.models.DEFAULT_MODEL_PATH), so a bare `python -m dynamo_lite.vllm` serves. It must be a local
+  path: a hub id is refused at start (there is no hub access; runtime.models explains).
 - On a CPU-only vLLM build, --enforce-eager defaults to on: vLLM's compiled (inductor) bf16 graph
   answered with wrong tokens on this project's AVX2-only CPU box (eager and float32-compiled were
   right), and compiling costs minutes at start. Pass --no-enforce-eager to compile anyway.
@@ -19,62 +20,54 @@ Two defaults differ from `vllm serve`:
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynamo_lite.engine.config import WorkerShellConfig, derived
+from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import ConfigError
+from dynamo_lite.protocol.messages import WorkerRole
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, option
+from dynamo_lite.runtime.models import default_model_path, refuse_hub_id
+from dynamo_lite.runtime.net import default_advertise_host, free_tcp_port, require_bindable
 
-DEFAULT_MODEL_PATH = Path.home() / ".cache" / "dynamo_lite" / "models" / "SmolLM2-135M-Instruct"
 PROG = "python -m dynamo_lite.vllm"
 WORKER_GROUP = "DynamoLiteWorker"  # titled like vLLM's groups, so --help=DynamoLiteWorker finds it
 
 
 @dataclass(frozen=True)
-class VllmWorkerConfig:
-    namespace: str = option("dynamo", "Namespace of every etcd key and NATS subject.")
-    migration_limit: int = option(0, "How many times the frontend may migrate a request of this model to "
-                                  "another worker when this one dies mid-stream (0 = never).")
-    is_prefill_worker: bool = option(False, "Serve as a prefill worker of disaggregated serving "
-                                     "(registers under the prefill component; needs a KV connector).")
+class VllmWorkerConfig(WorkerShellConfig):
+    """The worker shell's flags plus the vLLM worker's own (vLLM's engine flags stay vLLM's)."""
+
     connector: str = option("none", "KV connector for disaggregated serving: nixl = vLLM's NixlConnector "
                             "(kv_producer on a prefill worker, kv_consumer on a decode worker), none = "
                             "aggregated only. Or pass --kv-transfer-config instead.",
                             choices=["nixl", "none"])
+    # Redeclared: a vLLM worker finds its address itself, since its NIXL side channel must be reachable too.
     advertise_host: str = option("", "Address other hosts reach this worker at: request plane and NIXL side "
                                  "channel (never localhost across hosts). Empty = the address of the "
                                  "interface that reaches etcd (127.0.0.1 when etcd is local).")
     nixl_side_channel_port: int = option(0, "Port of vLLM's NIXL handshake listener (--connector nixl; 0 = a "
-                                         "free port; VLLM_NIXL_SIDE_CHANNEL_PORT, if set, wins).")
+                                         "free port; VLLM_NIXL_SIDE_CHANNEL_PORT, if set, wins).",
+                                         minimum=0, maximum=65535)
     kv_lease_duration: int = option(60, "--connector nixl, prefill worker: seconds it keeps finished prefill "
-                                    "blocks that no decode worker has pulled yet (vLLM's default is 30; keep it "
-                                    "well above the worst prefill-to-decode handoff).")
+                                    "blocks that no decode worker has pulled yet (vLLM's default is 30; keep "
+                                    "it well above the worst prefill-to-decode handoff).", exclusive_minimum=0)
     kv_load_failure_policy: str = option("recompute", "--connector nixl, decode worker: when pulling a "
                                          "prefill's KV fails (dead prefill worker), recompute = prefill locally, "
                                          "fail = end the request with an error.", choices=["recompute", "fail"])
-    request_plane_port: int = option(0, "TCP port of the request plane (0 = any free port).")
-    etcd_endpoints: str = option("http://127.0.0.1:2379", "etcd endpoints, comma-separated.",
-                                 env="ETCD_ENDPOINTS")
-    nats_server: str = option("nats://127.0.0.1:4222", "NATS server URL for KV events and load reports "
-                              "(empty = serve without them).", env="NATS_SERVER")
-    drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown.")
+    component: str = derived(keys.COMPONENT_BACKEND)
+    role: WorkerRole = derived(WorkerRole.AGGREGATED)
+    engine_kind: str = derived("vllm")
 
-    @property
-    def component(self) -> str:
-        from dynamo_lite.protocol import keys
-        return keys.COMPONENT_PREFILL if self.is_prefill_worker else keys.COMPONENT_BACKEND
-
-    @property
-    def role(self) -> str:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.is_prefill_worker:
-            return "prefill"
-        return "aggregated" if self.connector == "none" else "decode"
-
-
-def default_model_path() -> str:
-    return str(Path(os.environ.get("DYN_MODEL_PATH") or DEFAULT_MODEL_PATH).expanduser())
+            self.derive(component=keys.COMPONENT_PREFILL, role=WorkerRole.PREFILL)
+        else:
+            self.derive(component=keys.COMPONENT_BACKEND,
+                        role=WorkerRole.AGGREGATED if self.connector == "none" else WorkerRole.DECODE)
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -111,22 +104,7 @@ def build_parser():
 
 
 def validate(config: VllmWorkerConfig, kv_transfer_config: Any, kv_events_config: Any) -> None:
-    """Raise ConfigError naming the flags of an invalid combination."""
-    if config.migration_limit < 0:
-        raise ConfigError("--migration-limit must be >= 0", param="--migration-limit")
-    if config.drain_timeout < 0:
-        raise ConfigError("--drain-timeout must be >= 0", param="--drain-timeout")
-    if not 0 <= config.request_plane_port <= 65535:
-        raise ConfigError("--request-plane-port must be in 0..65535", param="--request-plane-port")
-    if not 0 <= config.nixl_side_channel_port <= 65535:
-        raise ConfigError("--nixl-side-channel-port must be in 0..65535", param="--nixl-side-channel-port")
-    if config.kv_lease_duration <= 0:
-        raise ConfigError("--kv-lease-duration must be > 0", param="--kv-lease-duration")
-    if config.advertise_host in ("0.0.0.0", "::") or config.advertise_host.startswith("localhost"):
-        raise ConfigError("--advertise-host must be an address other processes can connect to, "
-                          f"not {config.advertise_host!r}", param="--advertise-host")
-    if not config.etcd_endpoints:
-        raise ConfigError("--etcd-endpoints (ETCD_ENDPOINTS) must not be empty", param="--etcd-endpoints")
+    """Raise ConfigError naming the flags of an invalid combination (ranges are checked by the config)."""
     if config.connector != "none" and kv_transfer_config is not None:
         raise ConfigError("pass either --connector or --kv-transfer-config, not both", param="--connector")
     if config.is_prefill_worker and config.connector == "none" and kv_transfer_config is None:
@@ -145,7 +123,8 @@ def _as_dict(value: Any) -> dict | None:
 
 
 def nixl_transfer_config(config: VllmWorkerConfig):
-    """vLLM's KVTransferConfig for --connector (settings from disagg.py; host memory on CPU, DESIGN §4).
+    """vLLM's KVTransferConfig for --connector (settings from nixl_settings.py; on a CPU build vLLM
+    registers the KV cache as host memory, so NIXL is told kv_buffer_device "cpu").
 
     A prefill worker is vLLM's kv_producer and holds its finished blocks for --kv-lease-duration; a
     decode worker is a kv_consumer that, with --kv-load-failure-policy recompute, prefills locally
@@ -154,7 +133,7 @@ def nixl_transfer_config(config: VllmWorkerConfig):
     from vllm.config import KVTransferConfig
     from vllm.platforms import current_platform
 
-    from dynamo_lite.vllm.disagg import kv_transfer_config
+    from dynamo_lite.vllm.nixl_settings import kv_transfer_config
 
     if config.is_prefill_worker:
         params = kv_transfer_config(config.connector, current_platform.is_cpu(), kv_role="kv_producer",
@@ -167,12 +146,21 @@ def nixl_transfer_config(config: VllmWorkerConfig):
 
 def nixl_environment(advertise_host: str, environ: dict[str, str], port: int = 0) -> dict[str, str]:
     """NIXL side-channel env vars the operator did not set: listen on the advertised host (vLLM's default
-    is localhost) and on `port`, else a free one (two workers on one host would collide on vLLM's fixed 5600)."""
-    from dynamo_lite.vllm.disagg import SIDE_CHANNEL_HOST_ENV, SIDE_CHANNEL_PORT_ENV, side_channel_env
-    from dynamo_lite.vllm.kv_events import free_tcp_port
+    is localhost) and on `port`, else a free one (two workers on one host would collide on vLLM's fixed 5600).
 
-    port = int(environ.get(SIDE_CHANNEL_PORT_ENV) or port or free_tcp_port(advertise_host))
-    wanted = side_channel_env(environ.get(SIDE_CHANNEL_HOST_ENV) or advertise_host, port)
+    A port given (flag or VLLM_NIXL_SIDE_CHANNEL_PORT) that cannot be bound now is a ConfigError naming
+    its flag: vLLM would otherwise fail deep inside its engine process, after loading the model."""
+    from dynamo_lite.vllm.nixl_settings import SIDE_CHANNEL_HOST_ENV, SIDE_CHANNEL_PORT_ENV, side_channel_env
+
+    host = environ.get(SIDE_CHANNEL_HOST_ENV) or advertise_host
+    if environ.get(SIDE_CHANNEL_PORT_ENV):
+        port = int(environ[SIDE_CHANNEL_PORT_ENV])
+        require_bindable(host, port, f"{SIDE_CHANNEL_PORT_ENV} (the NIXL side-channel port)")
+    elif port:
+        require_bindable(host, port, "--nixl-side-channel-port")
+    else:
+        port = free_tcp_port(advertise_host)
+    wanted = side_channel_env(host, port)
     return {key: value for key, value in wanted.items() if key not in environ}
 
 
@@ -180,8 +168,6 @@ def resolve_advertise_host(config: VllmWorkerConfig) -> VllmWorkerConfig:
     """Fill an empty --advertise-host with the address of the interface that reaches etcd."""
     if config.advertise_host:
         return config
-    from dynamo_lite.vllm.disagg import default_advertise_host
-
     return dataclasses.replace(config, advertise_host=default_advertise_host(config.etcd_endpoints))
 
 
@@ -195,6 +181,7 @@ def parse_args(argv: list[str] | None = None):
         raise SystemExit(f"{PROG}: error: {e}") from e
     args = parser.parse_args(argv)
     try:
+        refuse_hub_id(args.model, "--model")
         config = resolve_advertise_host(config_from_args(VllmWorkerConfig, args))
         validate(config, args.kv_transfer_config, args.kv_events_config)
         transfer_config = nixl_transfer_config(config) if config.connector != "none" else None

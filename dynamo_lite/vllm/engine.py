@@ -116,7 +116,7 @@ def _restore_pinning() -> None:
     """Undo the NIXL worker's CPU re-pinning (disagg.restore_worker_affinity explains why)."""
     import os
 
-    from dynamo_lite.vllm.disagg import bound_cpus, restore_worker_affinity
+    from dynamo_lite.vllm.cpu_pinning import bound_cpus, restore_worker_affinity
 
     try:
         cpus = bound_cpus(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""))

@@ -31,9 +31,9 @@ every block that can be cached at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-import socket
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -58,10 +58,12 @@ END_SEQ = -1  # vLLM's replay socket ends its answer with this sequence number
 ROUTED_MEDIA = (None, "GPU")
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+@functools.cache
+def _vllm_event_types() -> tuple[type, type, type]:
+    """vLLM's BlockStored, BlockRemoved, AllBlocksCleared (imported on first use: vLLM is heavy)."""
+    from vllm.distributed import kv_events
+
+    return kv_events.BlockStored, kv_events.BlockRemoved, kv_events.AllBlocksCleared
 
 
 def _routed_tier(event: Any) -> bool:
@@ -81,19 +83,19 @@ class KvEventTranslator:
         self._capacity = max(self._capacity, 4 * total_blocks)
 
     def translate(self, events: list[Any]) -> list[KvEvent]:
+        """vLLM's events (vllm.distributed.kv_events) -> ours; events of other kinds are skipped."""
+        VllmStored, VllmRemoved, VllmCleared = _vllm_event_types()
         out: list[KvEvent] = []
         for event in events:
-            name = type(event).__name__
-            if name == "BlockStored":
-                stored = self._stored(event)
-                if stored is not None:
-                    out.append(stored)
-            elif name == "BlockRemoved":
-                removed = self._removed(event)
-                if removed is not None:
-                    out.append(removed)
-            elif name == "AllBlocksCleared":
-                out.append(AllBlocksCleared())
+            translated: KvEvent | None = None
+            if isinstance(event, VllmStored):
+                translated = self._stored(event)
+            elif isinstance(event, VllmRemoved):
+                translated = self._removed(event)
+            elif isinstance(event, VllmCleared):
+                translated = AllBlocksCleared()
+            if translated is not None:
+                out.append(translated)
         return out
 
     def _stored(self, event: Any) -> BlockStored | None:

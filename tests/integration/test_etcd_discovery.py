@@ -254,3 +254,18 @@ async def test_watcher_relists_when_etcd_comes_back_empty():
                 assert await watcher.wait_for(lambda: watcher.instances() == [again], timeout=5)
             finally:
                 await watcher.close()
+
+
+@pytest.mark.parametrize("scheme", ["etcd://", ""], ids=["etcd-scheme", "bare-host-port"])
+async def test_planes_connect_etcd_by_url_scheme(etcd_endpoint, scheme):
+    from dynamo_lite import planes
+
+    host_port = etcd_endpoint.split("://", 1)[1]
+    discovery = await planes.connect_discovery(scheme + host_port)
+    try:
+        assert isinstance(discovery, EtcdDiscovery)
+        prefix = unique_prefix()
+        await discovery.put(prefix + "k", b"v")
+        assert (await discovery.get_prefix(prefix))[0] == [(prefix + "k", b"v")]
+    finally:
+        await discovery.close()

@@ -168,3 +168,19 @@ async def test_bus_survives_a_nats_server_restart():
             finally:
                 await sub.close()
                 await served.close()
+
+
+@pytest.mark.parametrize("scheme", ["nats://", ""], ids=["nats-scheme", "bare-host-port"])
+async def test_planes_connect_nats_by_url_scheme(nats_url, scheme):
+    from dynamo_lite import planes
+
+    bus = await planes.connect_event_bus(scheme + nats_url.split("://", 1)[1], name="planes-test")
+    try:
+        assert isinstance(bus, NatsEventBus)
+        subject = f"planes.{uuid.uuid4().hex}"
+        sub = await bus.subscribe(subject)
+        await bus.publish(subject, b"hello")
+        assert await asyncio.wait_for(anext(aiter(sub)), 5.0) == b"hello"
+        await sub.close()
+    finally:
+        await bus.close()

@@ -12,7 +12,7 @@ import pytest
 
 from dynamo_lite.discovery.memory import MemoryDiscovery
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
-from dynamo_lite.engine.worker import WorkerShell, WorkerShellConfig, run_workers
+from dynamo_lite.engine.worker import WorkerShell, WorkerShellConfig, serve_workers
 from dynamo_lite.events.memory import MemoryEventBus
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import EngineError, WorkerFailedError
@@ -309,8 +309,8 @@ async def test_run_workers_serves_through_etcd_and_nats_until_sigterm(etcd_endpo
     bus = await NatsEventBus.connect(nats_url)
     loads = await bus.subscribe(keys.load_subject(namespace, MODEL))
     client = RequestClient()
-    runner = asyncio.create_task(run_workers([engine], [config], etcd_endpoint, nats_server,
-                                             nats_connect_timeout=1.0))
+    runner = asyncio.create_task(serve_workers([engine], [config], discovery_url=etcd_endpoint,
+                                               event_bus_url=nats_server, event_bus_connect_timeout=1.0))
     try:
         [record] = await _wait_for_instances(discovery, namespace)
         frames = await _collect(client, record.address, request("via-etcd", max_tokens=2))
@@ -322,7 +322,7 @@ async def test_run_workers_serves_through_etcd_and_nats_until_sigterm(etcd_endpo
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(anext(aiter(loads)), 0.5)
 
-        os.kill(os.getpid(), signal.SIGTERM)  # run_workers installed the handler before registering
+        os.kill(os.getpid(), signal.SIGTERM)  # serve_workers installed the handler before registering
         await asyncio.wait_for(runner, 3 * WAIT)
         assert (await discovery.get_prefix(f"/{namespace}/"))[0] == []
         assert engine.shutdown_calls == 1
@@ -334,3 +334,31 @@ async def test_run_workers_serves_through_etcd_and_nats_until_sigterm(etcd_endpo
         await loads.close()
         await bus.close()
         await discovery.close()
+
+
+def _worker_command(*args: str, timeout: float = 60.0):
+    """Run a worker command to its end (bounded); -> (exit status, stderr)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return done.returncode, done.stderr
+
+
+def test_a_taken_request_plane_port_is_one_line_naming_the_flag(etcd_endpoint, tmp_path):
+    import json
+    import socket
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1000, "max_position_embeddings": 512}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, stderr = _worker_command(
+            "dynamo_lite.mocker", "--model-path", str(tmp_path), "--namespace", "taken-port",
+            "--etcd-endpoints", etcd_endpoint, "--nats-server", "", "--request-plane-port", str(port))
+    assert status != 0
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert f"cannot bind the request plane to 0.0.0.0:{port}" in line and "--request-plane-port" in line

@@ -7,7 +7,7 @@ import pytest
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.prefill_policy import remote_block_count
 from dynamo_lite.protocol.errors import ConfigError
-from dynamo_lite.vllm.disagg import kv_transfer_config
+from dynamo_lite.vllm.nixl_settings import kv_transfer_config
 
 
 def test_prefill_worker_is_a_producer_with_a_lease():

@@ -66,7 +66,7 @@ def tokens_of(frames: list[GenerateFrame]) -> list[int]:
 
 async def test_stream_starts_with_prompt_info_and_ends_after_exactly_max_tokens(model_dir):
     async with running_engine(make_config(model_dir)) as engine:
-        assert engine.info.model_name == "tiny-model" and engine.info.context_length == CONTEXT
+        assert engine.info.model_name == str(model_dir) and engine.info.context_length == CONTEXT
         assert engine.info.kv_block_size == 16 and engine.info.total_kv_blocks == 64
         frames = await collect(engine, request(max_tokens=10))
     assert frames[0].prompt_tokens == 40 and frames[0].cached_tokens == 0
@@ -266,7 +266,8 @@ def test_step_time_model_adds_prefill_and_decode_costs_and_divides_by_the_speedu
 
 def test_model_facts_come_from_config_json_and_the_tokenizer(model_dir):
     facts = load_model_facts(make_config(model_dir))
-    assert (facts.served_model_name, facts.context_length, facts.vocab_size) == ("tiny-model", CONTEXT, VOCAB)
+    assert (facts.served_model_name, facts.context_length, facts.vocab_size) == \
+        (str(model_dir), CONTEXT, VOCAB)
     assert (facts.first_token_id, facts.end_token_id) == (100, VOCAB)
 
     # Specials at both ends and a config vocab padded past the tokenizer: draw strictly between.
@@ -310,3 +311,31 @@ def test_cli_flags_and_env_twins(monkeypatch, capsys, model_dir):
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--max-num-seqs must be at least 1" in err and "invalid float value: 'fast'" in err
+
+
+def test_the_served_name_is_the_model_path_as_given_unless_named(model_dir, monkeypatch):
+    # The rule every engine follows (vLLM serves --model as given): no folder base name.
+    monkeypatch.chdir(model_dir.parent)
+    relative = model_dir.name
+    assert load_model_facts(make_config(model_dir)).served_model_name == str(model_dir)
+    facts = load_model_facts(make_config(relative))
+    assert facts.served_model_name == relative and facts.path == str(model_dir)
+    assert load_model_facts(make_config(relative, served_model_name="org/m")).served_model_name == "org/m"
+
+
+def test_a_hub_id_as_model_path_is_refused_with_what_to_do(model_dir):
+    with pytest.raises(ConfigError, match="--model-path HuggingFaceTB/SmolLM2-135M-Instruct: a model hub id, "
+                                          "and there is no hub access; pass a local model folder"):
+        load_model_facts(make_config("HuggingFaceTB/SmolLM2-135M-Instruct"))
+
+
+def test_range_checks_name_the_flag_for_flags_and_env_twins(monkeypatch, capsys, model_dir):
+    with pytest.raises(ConfigError, match=r"--request-plane-port must be at most 65535 \(got 70000\)"):
+        make_config(model_dir, request_plane_port=70000)
+    with pytest.raises(ConfigError, match="--request-plane-port 5000 can serve one worker, not --num-workers"):
+        make_config(model_dir, request_plane_port=5000, num_workers=2)
+    monkeypatch.setenv("DYN_NUM_WORKERS", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config([])
+    assert exit_info.value.code == 2
+    assert "DYN_NUM_WORKERS='0': --num-workers must be at least 1 (got 0)" in capsys.readouterr().err

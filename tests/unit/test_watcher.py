@@ -161,3 +161,23 @@ async def test_a_failing_listener_does_not_stop_the_others():
         assert await watcher.wait_for(lambda: seen == ["added"], timeout=1)
     finally:
         await watcher.close()
+
+
+async def test_listeners_get_instance_change_members_and_records_decode_roles_as_enums():
+    from dynamo_lite.discovery.watcher import InstanceChange
+    from dynamo_lite.protocol.messages import WorkerRole
+
+    d = MemoryDiscovery()
+    watcher, seen = await started(d)
+    try:
+        lease, record = await register(d, port=3)
+        assert await watcher.wait_for(lambda: bool(seen), timeout=2.0)
+        [decoded] = watcher.instances()  # read back from the store's JSON
+        assert type(decoded.role) is WorkerRole and decoded.role == "aggregated"  # equal to the wire string
+        await lease.revoke()
+        assert await watcher.wait_for(lambda: len(seen) == 2, timeout=2.0)
+        assert seen == [(InstanceChange.ADDED, record.instance_id),
+                        (InstanceChange.REMOVED, record.instance_id)]
+        assert all(type(kind) is InstanceChange for kind, _ in seen)
+    finally:
+        await watcher.close()

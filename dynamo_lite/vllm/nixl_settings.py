@@ -1,4 +1,4 @@
-"""NIXL disaggregation settings for a vLLM worker: pure helpers, no vLLM import.
+"""vLLM's NIXL connector settings for a disaggregated worker: pure helpers, no vLLM import.
 
 The worker builds vLLM's `--kv-transfer-config` and the NIXL side-channel environment from these,
 before vLLM is imported (vLLM reads `VLLM_NIXL_SIDE_CHANNEL_*` through `vllm.envs` when its
@@ -8,20 +8,12 @@ See docs/disaggregation-notes.md for what flows between prefill and decode and w
 
 from __future__ import annotations
 
-import ipaddress
-import logging
-import os
-import socket
-from urllib.parse import urlsplit
-
 # Connector names accepted on our `--connector` flag, mapped to vLLM's registered class names.
 # NixlConnector is vLLM's pull (READ) connector: the decode worker reads the prefill worker's blocks.
 _CONNECTORS = {"nixl": "NixlConnector", "nixlconnector": "NixlConnector"}
 _NO_CONNECTOR = {"", "none", "null"}
 _KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
 _LOAD_FAILURE_POLICIES = ("recompute", "fail")
-
-logger = logging.getLogger(__name__)
 
 # Side channel env vars read by vLLM's NixlConnector scheduler (vllm/envs.py).
 SIDE_CHANNEL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
@@ -88,100 +80,3 @@ def side_channel_env(host: str, port: int) -> dict[str, str]:
     if not 0 < port < 65536:
         raise ValueError(f"NIXL side channel port must be in 1..65535, got {port}")
     return {SIDE_CHANNEL_HOST_ENV: host, SIDE_CHANNEL_PORT_ENV: str(port)}
-
-
-def default_advertise_host(etcd_endpoints: str) -> str:
-    """The local address of the interface that routes to etcd's host; "127.0.0.1" if etcd is local.
-
-    The frontend and the other workers reach etcd, so the interface facing etcd is the best guess
-    for an address they can reach us on. Connecting a UDP socket only asks the kernel for a route:
-    no packet is sent. Uses the first endpoint of a comma-separated list ("http://h:2379" or
-    "h:2379"). Falls back to "127.0.0.1" if the host does not resolve or no route exists.
-    """
-    host = _first_endpoint_host(etcd_endpoints)
-    if not host or host == "localhost":
-        return "127.0.0.1"
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return "127.0.0.1"
-    except ValueError:
-        pass  # a host name: resolve it below
-    try:
-        infos = socket.getaddrinfo(host, 2379, type=socket.SOCK_DGRAM)
-    except OSError:
-        return "127.0.0.1"
-    for family, _, _, _, sockaddr in infos:
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.connect(sockaddr)
-                local = probe.getsockname()[0]
-        except OSError:
-            continue
-        if ipaddress.ip_address(local).is_loopback:
-            return "127.0.0.1"
-        return local
-    return "127.0.0.1"
-
-
-def _first_endpoint_host(etcd_endpoints: str) -> str:
-    first = etcd_endpoints.split(",")[0].strip()
-    if not first:
-        return ""
-    if "://" not in first:
-        first = "//" + first  # let urlsplit parse "host:port" and "[v6]:port"
-    try:
-        return urlsplit(first).hostname or ""
-    except ValueError:
-        return ""
-
-
-def bound_cpus(omp_threads_bind: str) -> set[int] | None:
-    """The CPU set of a single-rank `VLLM_CPU_OMP_THREADS_BIND` value ("1", "0-3", "0,2-3").
-
-    None for values that do not name one fixed set ("", "auto", "nobind", or "a|b" per-rank lists).
-    """
-    spec = omp_threads_bind.strip()
-    if not spec or spec in ("auto", "nobind") or "|" in spec:
-        return None
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def restore_worker_affinity(root_pid: int, cpus: set[int]) -> list[int]:
-    """Re-pin the main thread of every `VLLM::Worker` process under `root_pid` to `cpus`.
-
-    Why: on the CPU platform vLLM's NIXL worker calls `os.sched_setaffinity(0, last core of each
-    NUMA node)` while it initialises, from the worker's main thread, which is also the thread
-    that runs the model (the OpenMP master). On a 2-core box that moves the compute of an engine
-    bound to core 0 onto core 1, where the other engine runs. Call this once the engine has
-    started (AsyncLLM returned). Returns the pids re-pinned; Linux only (reads /proc).
-    """
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # the process went away or is unreadable
-        children.setdefault(ppid, []).append(int(entry))
-    repinned: list[int] = []
-    stack = list(children.get(root_pid, []))
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                name = f.read().strip()
-            if name.startswith("VLLM::Worker") and os.sched_getaffinity(pid) != cpus:
-                os.sched_setaffinity(pid, cpus)  # a pid is its main thread's tid
-                repinned.append(pid)
-        except OSError:
-            continue
-    if repinned:
-        logger.info("re-pinned vLLM worker main thread(s) %s to cpus %s", repinned, sorted(cpus))
-    return repinned

@@ -1,0 +1,65 @@
+"""`python -m dynamo_lite.vllm` refusals that come before any engine starts (vLLM is imported, not run)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from dynamo_lite.protocol.errors import ConfigError
+
+pytest.importorskip("vllm")
+
+
+def test_a_hub_id_as_model_is_refused_at_once(capsys):
+    from dynamo_lite.vllm.args import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model HuggingFaceTB/SmolLM2-135M-Instruct: a model hub id, and there is no hub access" in err
+
+
+def test_a_taken_nixl_side_channel_port_names_its_flag():
+    from dynamo_lite.vllm.args import nixl_environment
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot bind 127.0.0.1:{port} .*--nixl-side-channel-port"):
+            nixl_environment("127.0.0.1", {}, port)
+        with pytest.raises(ConfigError, match="VLLM_NIXL_SIDE_CHANNEL_PORT"):
+            nixl_environment("127.0.0.1", {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(port)})
+    free = nixl_environment("127.0.0.1", {}, 0)
+    assert free["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1" and int(free["VLLM_NIXL_SIDE_CHANNEL_PORT"]) > 0
+
+
+def test_worker_flags_come_from_the_shared_worker_config():
+    from dynamo_lite.vllm.args import parse_args
+
+    _, config = parse_args(["--is-prefill-worker", "--connector", "nixl", "--lease-ttl", "4",
+                            "--request-plane-port", "0", "--advertise-host", "10.1.2.3"])
+    assert (config.role, config.component, config.lease_ttl) == ("prefill", "prefill", 4.0)
+    assert config.engine_kind == "vllm"
+    _, config = parse_args(["--connector", "nixl"])
+    assert (config.role, config.component) == ("decode", "backend")
+
+
+def test_the_worker_command_exits_with_one_line_when_the_side_channel_port_is_taken():
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "dynamo_lite.vllm", "--connector", "nixl", "--advertise-host", "127.0.0.1",
+             "--nixl-side-channel-port", str(port)], capture_output=True, text=True, timeout=120,
+            env={k: v for k, v in os.environ.items() if not k.startswith("VLLM_NIXL_SIDE_CHANNEL")}
+            | {"PYTHONPATH": os.getcwd()})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"error: cannot bind 127.0.0.1:{port}" in done.stderr and "--nixl-side-channel-port" in done.stderr
