@@ -26,6 +26,9 @@ from dynamo_lite.protocol.errors import DynamoLiteError
 
 LOG_TAIL_LINES = 25
 POLL_INTERVAL = 0.2
+# Long enough for a worker to deregister and stop an idle engine; the launch scripts use STOP_TIMEOUT (45 s)
+# so that in-flight requests can drain too.
+DEFAULT_STOP_TIMEOUT = 20.0
 
 
 class LaunchError(DynamoLiteError):
@@ -71,7 +74,7 @@ class Process:
         return f"{self.name} (pid {self.pid}) exited with status {self.returncode}; " \
                f"last lines of {self.log_path}:\n{tail}"
 
-    def stop(self, timeout: float, *, say: Callable[[str], None] = _quiet,
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT, *, say: Callable[[str], None] = _quiet,
              hurry: Callable[[], bool] = lambda: False) -> None:
         """SIGTERM, wait up to `timeout` s (less if `hurry()` turns true), then SIGKILL the whole
         process group so children left behind go too. Returns once the process is reaped."""
