@@ -208,7 +208,7 @@ class Stack:
         def enough() -> bool:
             return all(len(self.served_instances(role)) >= n for role, n in counts.items())
 
-        wanted = ", ".join(f"{n} {role or ''} worker(s)".replace("  ", " ") for role, n in counts.items())
+        wanted = " + ".join(f"{n} {f'{role} ' if role else ''}worker(s)" for role, n in counts.items())
         self.sup.wait_until(enough, timeout, f"{wanted} of {self.settings.served_model_name} on {self.url}/health")
 
     def show_logs(self, *names: str) -> None:

@@ -26,6 +26,10 @@ class Options:
     frontend: bool = True     # agg only: --no-frontend starts the worker alone (a second node)
     once: bool = False        # run only: stop after the answer
 
+    def wait(self, default: float) -> float:
+        """How long to wait for the workers: --timeout, else the topology's default."""
+        return default if self.timeout is None else self.timeout
+
 
 def agg(stack: Stack, opts: Options) -> None:
     """etcd, NATS, the frontend and one worker that runs both prefill and decode."""
@@ -37,7 +41,7 @@ def agg(stack: Stack, opts: Options) -> None:
         stack.start_frontend()
     stack.start_worker("worker", s.omp_bind, "agg", opts.worker_args)
     if opts.frontend:
-        timeout = opts.timeout or 600
+        timeout = opts.wait(600)
         stack.say(f"waiting (up to {timeout:g}s) for the worker to serve {s.served_model_name}; "
                   f"log: {stack.sup.run_dir}/worker.log")
         stack.wait_health({None: 1}, timeout)
@@ -53,7 +57,7 @@ def agg_router(stack: Stack, opts: Options) -> None:
     stack.start_frontend("--router-mode", "kv")
     stack.start_worker("worker0", "0", "agg", opts.worker_args)
     stack.start_worker("worker1", "1", "agg", opts.worker_args)
-    timeout = opts.timeout or 600
+    timeout = opts.wait(600)
     stack.say(f"waiting (up to {timeout:g}s) for both workers to serve {s.served_model_name}; "
               f"logs: {stack.sup.run_dir}/worker{{0,1}}.log")
     stack.wait_health({None: 2}, timeout)
@@ -69,7 +73,7 @@ def disagg(stack: Stack, opts: Options) -> None:
     stack.start_frontend()
     stack.start_worker("prefill", s.prefill_cpus, "prefill", opts.worker_args)
     stack.start_worker("decode", s.decode_cpus, "decode", opts.worker_args)
-    timeout = opts.timeout or 600
+    timeout = opts.wait(600)
     stack.say(f"waiting (up to {timeout:g}s) for the prefill and decode workers; "
               f"logs: {stack.sup.run_dir}/{{prefill,decode}}.log")
     stack.wait_health({"prefill": 1, "decode": 1}, timeout)
@@ -92,7 +96,7 @@ def disagg_router(stack: Stack, opts: Options) -> None:
         for i in range(count):
             stack.start_worker(f"{role}{i}", str(core % cores), role, opts.worker_args)
             core += 1
-    timeout = opts.timeout or 900
+    timeout = opts.wait(900)
     stack.say(f"waiting (up to {timeout:g}s) for {prefill} prefill + {decode} decode workers")
     stack.wait_health({"prefill": prefill, "decode": decode}, timeout)
     stack.say(f"ready: {stack.url}/v1  (model {s.served_model_name}, kv-routed prefill pool of {prefill}, "
