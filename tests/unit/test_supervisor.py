@@ -148,3 +148,16 @@ def test_cpu_pin(tmp_path: Path):
 def test_a_missing_program_is_a_launch_error(tmp_path: Path):
     with pytest.raises(LaunchError, match="cannot start nothing-here"):
         start_process("nothing-here", ["/nonexistent/program"], tmp_path / "x.log")
+
+
+def test_hurry_cuts_the_graceful_wait_short(tmp_path: Path):
+    """A second Ctrl-C during the stop: what is left is killed at once, not after stop_timeout."""
+    import threading
+
+    sup = Supervisor(tmp_path, stop_timeout=60)
+    proc = sup.start("stubborn", py(IGNORES_TERM))
+    sup.wait_until(lambda: "ignoring" in proc.log_tail(), 10, "the handler")
+    threading.Timer(0.5, sup.hurry).start()
+    started = time.monotonic()
+    sup.stop_all()
+    assert gone(proc.pid) and time.monotonic() - started < 5
