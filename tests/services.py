@@ -1,9 +1,10 @@
 """Real etcd and nats-server processes for integration and end-to-end tests.
 
-Each service runs on free loopback ports with its own temporary data directory, is waited for
-with a bound (it must answer within `start_timeout`), and is stopped by its pid in a `finally`
-(terminate, then kill after a grace period). `ServiceHandle.restart()` stops the process and
-starts it again on the same port and data directory, for tests of reconnects and recovery.
+Each service runs on free loopback ports with its own temporary data directory, started and waited for
+with the project's supervisor (dynamo_lite.launch.supervisor: it must answer within `start_timeout`, or
+the error names it with its log tail) and stopped by its pid in a `finally` (SIGTERM, then SIGKILL after
+a grace period). `ServiceHandle.restart()` stops the process and starts it again on the same port and
+data directory, for tests of reconnects and recovery.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynamo_lite.launch.stack import is_nats
+from dynamo_lite.launch.supervisor import Process, free_port, http_get, start_process, wait_until
+
+__all__ = ["ServiceHandle", "free_port", "start_etcd", "start_nats"]
 
 ETCD_BINARY = os.environ.get("DYN_TEST_ETCD", "/usr/bin/etcd")
 NATS_BINARY = os.environ.get("DYN_TEST_NATS", "/usr/sbin/nats-server")
@@ -26,29 +29,13 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _etcd_ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as resp:
-            return b"true" in resp.read()
-    except (OSError, urllib.error.URLError):
-        return False
+    status, body = http_get(f"http://127.0.0.1:{port}/health", timeout=1.0)
+    return status == 200 and b"true" in body
 
 
 def _nats_ready(port: int) -> bool:
-    # nats-server greets every client with an INFO line as soon as it accepts connections.
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
-            sock.settimeout(1.0)
-            return sock.recv(4).startswith(b"INFO")
-    except OSError:
-        return False
+    return is_nats("127.0.0.1", port)
 
 
 @dataclass
@@ -62,48 +49,28 @@ class ServiceHandle:
     argv: list[str]
     ready: Callable[[int], bool] = field(repr=False)
     start_timeout: float = START_TIMEOUT
-    proc: subprocess.Popen | None = None
+    proc: Process | None = None
 
     @property
     def log_path(self) -> str:
         return os.path.join(self.data_dir, f"{self.name}.log")
 
-    def _log_tail(self, limit: int = 2000) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                return log.read()[-limit:].decode(errors="replace")
-        except OSError:
-            return ""
-
     def start(self) -> None:
         """Start the process and wait (bounded) until it answers."""
-        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if self.ready(self.port):
-                return
-            time.sleep(0.05)
-        exited = self.proc.poll()
-        self.stop()
-        state = f"exited with {exited}" if exited is not None else f"not ready after {self.start_timeout}s"
-        raise RuntimeError(f"{self.name} on port {self.port} {state}; log tail:\n{self._log_tail()}")
+        assert not self.running, f"{self.name} is already running"
+        self.proc = start_process(self.name, self.argv, Path(self.log_path))
+        try:
+            wait_until(lambda: self.ready(self.port), self.start_timeout, f"{self.name} on port {self.port}",
+                       [self.proc], interval=0.05)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Terminate the process by pid; kill it if it does not exit within STOP_TIMEOUT."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT)
+        if proc is not None:
+            proc.stop(STOP_TIMEOUT)
 
     def restart(self, downtime: float = 0.0) -> None:
         """Stop, stay down for `downtime` seconds, start again on the same port and data dir."""
@@ -114,7 +81,7 @@ class ServiceHandle:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.alive()
 
 
 @contextlib.contextmanager
