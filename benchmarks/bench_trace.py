@@ -58,11 +58,12 @@ from benchmarks.trace_replay import (PromptBuilder, load_trace, replay, reuse_ce
                                      scale_trace, summarize, write_trace)
 from dynamo_lite.mocker.config import MockerConfig, load_model_facts  # noqa: E402
 from dynamo_lite.mocker.timing import StepTimeModel  # noqa: E402
+from dynamo_lite.runtime.models import DEFAULT_SERVED_MODEL_NAME  # noqa: E402
 from tests.e2e.harness import DEFAULT_MODEL_PATH, Proc, ProcGroup, wait_until  # noqa: E402
 from tests.services import free_port, start_etcd, start_nats  # noqa: E402
 
 TRACE = Path(os.environ.get("DYN_TRACE", "/work/shared/data/mooncake_conversation_trace.jsonl"))
-MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # served name; also what aiperf resolves as a tokenizer
+MODEL_NAME = DEFAULT_SERVED_MODEL_NAME  # served name; also what aiperf resolves as a tokenizer
 NAMESPACE = "dynamo"  # Dynamo's default namespace; dynamo_lite uses the same
 WARMUP_HASH_ID = -1  # no trace request starts with it: warm-up blocks are never shared
 

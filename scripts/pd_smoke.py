@@ -32,14 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dynamo_lite.launch.supervisor import LaunchError, free_port, start_process, wait_until  # noqa: E402
-from dynamo_lite.vllm.disagg import (  # noqa: E402
-    bound_cpus,
-    kv_transfer_config,
-    restore_worker_affinity,
-    side_channel_env,
-)
+from dynamo_lite.runtime.models import default_model_path  # noqa: E402
+from dynamo_lite.vllm.cpu_pinning import bound_cpus, restore_worker_affinity  # noqa: E402
+from dynamo_lite.vllm.nixl_settings import kv_transfer_config, side_channel_env  # noqa: E402
 
-DEFAULT_MODEL = Path.home() / ".cache/dynamo_lite/models/SmolLM2-135M-Instruct"
+DEFAULT_MODEL = Path(default_model_path())
 KV_LEASE_SECONDS = 10  # short prefill-side lease so the "never pulled" check finishes quickly
 
 

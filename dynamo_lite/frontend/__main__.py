@@ -20,11 +20,12 @@ import uvicorn
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from dynamo_lite.discovery.etcd import DEFAULT_CONNECT_WAIT, EtcdDiscovery
+from dynamo_lite.discovery.etcd import DEFAULT_CONNECT_WAIT
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.router_setup import build_router
+from dynamo_lite.planes import check_discovery_url, check_event_bus_url, connect_discovery
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
 from dynamo_lite.runtime.lifecycle import install_shutdown_signals
@@ -53,7 +54,7 @@ class EtcdUnreachable(Exception):
 async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExitStack) -> InstanceWatcher:
     try:
         async with asyncio.timeout(ETCD_CONNECT_TIMEOUT):
-            discovery = await EtcdDiscovery.connect(config.etcd_endpoints)
+            discovery = await connect_discovery(config.etcd_endpoints)
             stack.push_async_callback(discovery.close)
             watcher = InstanceWatcher(discovery, config.namespace, failed_cooldown=config.failed_cooldown)
             await watcher.start()
@@ -138,7 +139,11 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:
     parser = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend",
                                      description="dynamo_lite OpenAI-compatible frontend")
     add_config_arguments(parser, FrontendConfig)
-    return config_from_args(FrontendConfig, parser.parse_args(argv))
+    config = config_from_args(FrontendConfig, parser.parse_args(argv))
+    # An unknown plane URL scheme is a usage error, not an unreachable server.
+    check_discovery_url(config.etcd_endpoints)
+    check_event_bus_url(config.nats_server)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.prefill_policy import PrefillPolicy, record_handoff
 from dynamo_lite.frontend.preprocess import GenerationPlan
 from dynamo_lite.protocol.errors import NoWorkerAvailableError, WorkerFailedError
-from dynamo_lite.protocol.messages import GenerateRequest
+from dynamo_lite.protocol.messages import FinishReason, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Generation:
         self.cached_tokens = 0
         self.engine_reported_usage = False  # a worker's first frame told us its cached prompt tokens
         self.completion_tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.migrations = 0
         self._generated: list[int] = []
         self._detokenizer = IncrementalDetokenizer(plan.model.tokenizer.tokenizer, plan.stop, plan.prompt_ids)
@@ -105,7 +105,7 @@ class Generation:
                     logger.info("request %s: migrating after %d tokens (%s)", self.plan.request_id,
                                 len(self._generated), e.message)
                 if len(self._generated) >= self.plan.sampling.max_tokens:
-                    self.finish_reason = "length"
+                    self.finish_reason = FinishReason.LENGTH
                     tail = self._detokenizer.flush()
                     if tail:
                         yield tail
@@ -153,15 +153,15 @@ class Generation:
                         yield text
                     if self._detokenizer.stopped:
                         # Leaving the async-with closes the stream: the worker aborts the request.
-                        self.finish_reason = "stop"
+                        self.finish_reason = FinishReason.STOP
                         return
                 if frame.last:
-                    if frame.finish_reason in ("abort", "error"):
+                    if frame.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
                         # "error": e.g. vLLM could not load the request's KV. Another attempt can
                         # succeed, so it counts as a worker failure (retry or migrate).
                         raise WorkerFailedError(f"{attempt.name} ended the request with {frame.finish_reason!r}",
                                                 instance_id=attempt.worker.instance_id)
-                    self.finish_reason = frame.finish_reason or "stop"
+                    self.finish_reason = frame.finish_reason or FinishReason.STOP
                     tail = self._detokenizer.flush()
                     if tail:
                         yield tail

@@ -38,7 +38,7 @@ from dynamo_lite.frontend.attempt import POOL_DECODE, POOL_PREFILL, Attempt, Dis
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.preprocess import GenerationPlan
 from dynamo_lite.protocol.errors import EngineError, NoWorkerAvailableError, WorkerFailedError
-from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, InstanceRecord
+from dynamo_lite.protocol.messages import FinishReason, GenerateFrame, GenerateRequest, InstanceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class PrefillPolicy:
                 logger.warning("prefill of request %s on %x failed (%s): prefilling on the decode worker",
                                plan.request_id, attempt.worker.instance_id, e.message)
                 return None
-        params = last.kv_transfer_params if last.finish_reason not in ("abort", "error") else None
+        params = last.kv_transfer_params if last.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR) else None
         if params is None:
             logger.warning("prefill worker %x returned no KV transfer params for request %s: prefilling on "
                            "the decode worker", attempt.worker.instance_id, plan.request_id)

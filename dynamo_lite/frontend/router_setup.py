@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.frontend.config import FrontendConfig
+from dynamo_lite.planes import connect_event_bus
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.router.base import Router
 from dynamo_lite.router.metrics import KvRouterMetrics
@@ -76,11 +77,9 @@ class _EventPlane:
         self._task: asyncio.Task | None = None
 
     async def try_connect(self, first: bool = False) -> bool:
-        from dynamo_lite.events.nats import NatsEventBus  # only kv mode with events needs nats-py
-
         try:
-            self.bus = await NatsEventBus.connect(self.servers, connect_timeout=NATS_CONNECT_TIMEOUT,
-                                                  name="dynamo_lite-frontend")
+            self.bus = await connect_event_bus(self.servers, connect_timeout=NATS_CONNECT_TIMEOUT,
+                                               name="dynamo_lite-frontend")
         except Exception as e:  # whatever the client raises, the answer is to retry later
             (logger.info if first else logger.debug)("NATS connect to %s failed: %s", self.servers, e)
             return False

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL_PATH = str(Path.home() / ".cache/dynamo_lite/models/SmolLM2-135M-Instruct")
-DEFAULT_SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from dynamo_lite.runtime.models import DEFAULT_MODEL_PATH, DEFAULT_SERVED_MODEL_NAME
+
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from dynamo_lite.discovery.watcher import InstanceChange, InstanceWatcher
 from dynamo_lite.protocol.messages import InstanceRecord
-
-if TYPE_CHECKING:
-    from dynamo_lite.discovery.watcher import InstanceWatcher
 
 
 @dataclass(frozen=True)
@@ -71,8 +68,8 @@ class Router(abc.ABC):
         for record in watcher.instances():
             self.worker_added(record)
 
-    def _on_instance_change(self, kind: str, record: InstanceRecord) -> None:
-        if kind == "removed":
+    def _on_instance_change(self, kind: InstanceChange, record: InstanceRecord) -> None:
+        if kind == InstanceChange.REMOVED:
             self.worker_removed(record.instance_id)
         else:
             self.worker_added(record)

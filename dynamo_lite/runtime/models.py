@@ -11,6 +11,8 @@ from dynamo_lite.protocol.errors import ConfigError
 # The folder scripts/setup.sh prepares (scripts/prepare_model.py); $DYN_MODEL_PATH overrides it.
 DEFAULT_MODEL_PATH = str(Path.home() / ".cache" / "dynamo_lite" / "models" / "SmolLM2-135M-Instruct")
 MODEL_PATH_ENV = "DYN_MODEL_PATH"
+# The default model's hub id: the name the launch scripts and tests serve it under (--served-model-name).
+DEFAULT_SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def default_model_path() -> str:

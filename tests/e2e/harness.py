@@ -14,15 +14,15 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynamo_lite.runtime.models import DEFAULT_SERVED_MODEL_NAME, default_model_path
 from dynamo_lite.launch.supervisor import DEFAULT_STOP_TIMEOUT, Process, Supervisor, wait_until
 
 __all__ = ["DEFAULT_MODEL_PATH", "REPO", "SERVED_MODEL_NAME", "Proc", "ProcGroup", "healthy_instances",
            "metric_samples", "metric_sum", "wait_until"]
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_PATH = Path(os.environ.get(
-    "DYN_MODEL_PATH", Path.home() / ".cache/dynamo_lite/models/SmolLM2-135M-Instruct"))
-SERVED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PATH = Path(default_model_path())
+SERVED_MODEL_NAME = DEFAULT_SERVED_MODEL_NAME
 
 
 # A started process (name, pid, popen, log_path, alive(), log_tail(), stop(), kill()).

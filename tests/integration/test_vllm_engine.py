@@ -13,14 +13,15 @@ import pytest_asyncio
 
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.hashing import block_hashes
+from dynamo_lite.runtime.models import default_model_path
 from dynamo_lite.protocol.messages import BlockStored, GenerateFrame, GenerateRequest, SamplingOptions
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
-MODEL_PATH = Path(os.environ.get("DYN_MODEL_PATH")
-                  or Path.home() / ".cache/dynamo_lite/models/SmolLM2-135M-Instruct").expanduser()
+MODEL_PATH = Path(default_model_path())
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-# Pin the engine to one core and keep its KV cache small unless the caller already chose (DESIGN §4).
+# Pin the engine to one core (two engines on two cores starve each other) and keep its KV cache small
+# unless the caller already chose.
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
 
 

@@ -7,7 +7,6 @@ folder is used when it exists; a tiny tokenizer with a template exercising the h
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,11 +15,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from dynamo_lite.frontend.tokenizer import ModelTokenizer
 from dynamo_lite.protocol.errors import InvalidRequestError
+from dynamo_lite.runtime.models import default_model_path
 
 transformers = pytest.importorskip("transformers")
 
-MODEL_DIR = Path(os.environ.get("DYN_MODEL_PATH")
-                 or Path.home() / ".cache" / "dynamo_lite" / "models" / "SmolLM2-135M-Instruct").expanduser()
+MODEL_DIR = Path(default_model_path())
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
