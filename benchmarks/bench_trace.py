@@ -19,7 +19,12 @@ column measures it), and uncached prefill alone would keep each of the 4 workers
 queueing shows in TTFT and every cache hit shortens it. Timestamps / 10 with speedup 4 is the same
 simulated load in half the time, but doubles the frontend's CPU load on a 2-core box.
 
-    .venv/bin/python benchmarks/bench_trace.py [--requests 1000 --block-tokens 64 --time-scale 5]
+    .venv/bin/python benchmarks/bench_trace.py --trace conversation_trace.jsonl \
+        [--requests 1000 --block-tokens 64 --time-scale 5]
+
+The trace is not in this repository: it is FAST25-release/traces/conversation_trace.jsonl of the
+public Mooncake repository, kvcache-ai/Mooncake (see benchmarks/README.md). --trace may also come
+from DYN_TRACE.
 
 Optional, the same slice through other clients / NVIDIA Dynamo (nothing of Dynamo is in this repo):
 
@@ -62,7 +67,7 @@ from dynamo_lite.runtime.models import DEFAULT_SERVED_MODEL_NAME  # noqa: E402
 from tests.e2e.harness import DEFAULT_MODEL_PATH, Proc, ProcGroup, wait_until  # noqa: E402
 from tests.services import free_port, start_etcd, start_nats  # noqa: E402
 
-TRACE = Path(os.environ.get("DYN_TRACE", "/work/shared/data/mooncake_conversation_trace.jsonl"))
+TRACE_SOURCE = "FAST25-release/traces/conversation_trace.jsonl of the public repository kvcache-ai/Mooncake"
 MODEL_NAME = DEFAULT_SERVED_MODEL_NAME  # served name; also what aiperf resolves as a tokenizer
 NAMESPACE = "dynamo"  # Dynamo's default namespace; dynamo_lite uses the same
 WARMUP_HASH_ID = -1  # no trace request starts with it: warm-up blocks are never shared
@@ -277,7 +282,10 @@ def print_table(results: list[tuple[str, dict]], ceiling: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", type=Path, default=TRACE)
+    trace_env = os.environ.get("DYN_TRACE")
+    parser.add_argument("--trace", type=Path, default=Path(trace_env) if trace_env else None,
+                        required=not trace_env,
+                        help=f"Mooncake trace (JSON lines), e.g. {TRACE_SOURCE} (env DYN_TRACE)")
     parser.add_argument("--requests", type=int, default=1000, help="first N requests of the trace")
     parser.add_argument("--block-tokens", type=int, default=64, help="tokens per trace block (trace: 512)")
     parser.add_argument("--time-scale", type=float, default=5.0, help="divide timestamps by this")
@@ -302,6 +310,9 @@ def main() -> None:
                         help="Dynamo's mocker timing: dynamo_lite's model passed as --planner-profile-data "
                              "(same simulated GPU on both sides), or Dynamo's own default")
     args = parser.parse_args()
+    if not args.trace.is_file():
+        parser.error(f"--trace {args.trace}: no such file (the trace is not in this repository; "
+                     f"get {TRACE_SOURCE}, see benchmarks/README.md)")
     args.dynamo_timing_file = None
 
     rows = scale_trace(load_trace(args.trace, args.requests), args.block_tokens, args.time_scale,
