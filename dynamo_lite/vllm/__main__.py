@@ -13,6 +13,14 @@ logger = logging.getLogger("dynamo_lite.vllm")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dynamo_lite.protocol.errors import ConfigError
+    from dynamo_lite.vllm.compat import check_vllm_version
+
+    try:
+        # First: an unsupported release would otherwise fail inside the imports below.
+        check_vllm_version()
+    except ConfigError as e:
+        raise SystemExit(f"python -m dynamo_lite.vllm: error: {e}") from e
     from dynamo_lite.engine.worker import WorkerShellConfig, run_workers
     from dynamo_lite.vllm import nixl_progress
     from dynamo_lite.vllm.args import nixl_environment, parse_args
