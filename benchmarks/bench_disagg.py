@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, ProcGroup, wait_until  # noqa: E402
-from tests.services import free_port, start_etcd, start_nats  # noqa: E402
+from tests.services import free_tcp_port, start_etcd, start_nats  # noqa: E402
 
 BLOCK_TOKENS = 128  # vLLM's CPU KV block size
 MAX_MODEL_LEN = 2048
@@ -254,7 +254,7 @@ def main() -> None:
     with start_etcd() as etcd, start_nats() as nats:
         group = ProcGroup(run_dir, {"ETCD_ENDPOINTS": etcd.url, "NATS_SERVER": nats.url, "PYTHONUNBUFFERED": "1"})
         try:
-            port, agg_port = free_port(), free_port()
+            port, agg_port = free_tcp_port(), free_tcp_port()
             disagg_url, agg_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{agg_port}"
             frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port",
                                    str(port), "--namespace", namespace, "--router-mode", "kv",

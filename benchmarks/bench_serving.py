@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.harness import DEFAULT_MODEL_PATH, ProcGroup, healthy_instances, wait_until  # noqa: E402
-from tests.services import free_port, start_etcd, start_nats  # noqa: E402
+from tests.services import free_tcp_port, start_etcd, start_nats  # noqa: E402
 
 DYNAMO_REFERENCE = {"rps": 483.0, "p50_ms": 64.0, "p99_ms": 109.0}
 
@@ -73,9 +73,9 @@ def main() -> None:
     with start_etcd() as etcd, start_nats() as nats:
         group = ProcGroup(run_dir, {"ETCD_ENDPOINTS": etcd.url, "NATS_SERVER": nats.url, "DYN_LOG": "warning"})
         try:
-            floor_port = free_port()
+            floor_port = free_tcp_port()
             floor = group.start("http_floor", "benchmarks.http_floor", str(floor_port))
-            port = free_port()
+            port = free_tcp_port()
             frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
                                    "--http-port", str(port), "--namespace", "bench", "--router-mode",
                                    "round-robin")

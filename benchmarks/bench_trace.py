@@ -65,7 +65,7 @@ from dynamo_lite.mocker.config import MockerConfig, load_model_facts  # noqa: E4
 from dynamo_lite.mocker.timing import StepTimeModel  # noqa: E402
 from dynamo_lite.runtime.models import DEFAULT_SERVED_MODEL_NAME  # noqa: E402
 from tests.e2e.harness import DEFAULT_MODEL_PATH, Proc, ProcGroup, wait_until  # noqa: E402
-from tests.services import free_port, start_etcd, start_nats  # noqa: E402
+from tests.services import free_tcp_port, start_etcd, start_nats  # noqa: E402
 
 TRACE_SOURCE = "FAST25-release/traces/conversation_trace.jsonl of the public repository kvcache-ai/Mooncake"
 MODEL_NAME = DEFAULT_SERVED_MODEL_NAME  # served name; also what aiperf resolves as a tokenizer
@@ -230,7 +230,7 @@ def run_setup(setup: Setup, args, rows, prompts: PromptBuilder, trace_file: Path
                                                "DYN_LOG": "warning"})
             group.run_dir.mkdir(parents=True)
             try:
-                port = free_port()
+                port = free_tcp_port()
                 start = start_dynamo if setup.system == "dynamo" else start_dynamo_lite
                 procs = start(group, args, setup.router_mode, port)
                 base = f"http://127.0.0.1:{port}"

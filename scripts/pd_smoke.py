@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dynamo_lite.launch.supervisor import LaunchError, free_port, start_process, wait_until  # noqa: E402
+from dynamo_lite.launch.supervisor import LaunchError, start_process, wait_until  # noqa: E402
+from dynamo_lite.runtime.net import free_tcp_port  # noqa: E402
 from dynamo_lite.runtime.models import default_model_path  # noqa: E402
 from dynamo_lite.vllm.cpu_pinning import bound_cpus, restore_worker_affinity  # noqa: E402
 from dynamo_lite.vllm.nixl_settings import kv_transfer_config, side_channel_env  # noqa: E402
@@ -332,8 +333,8 @@ def main() -> int:
     engines: dict[str, EngineProc] = {}
     try:
         t0 = time.perf_counter()
-        engines["prefill"] = EngineProc("prefill", 0, free_port(), str(model), log_dir, listen_port, token)
-        engines["decode"] = EngineProc("decode", 1, free_port(), str(model), log_dir, listen_port, token)
+        engines["prefill"] = EngineProc("prefill", 0, free_tcp_port(), str(model), log_dir, listen_port, token)
+        engines["decode"] = EngineProc("decode", 1, free_tcp_port(), str(model), log_dir, listen_port, token)
         accept_engines(server, engines, token, args.start_timeout)
         print(f"both engines ready in {time.perf_counter() - t0:.1f}s")
         ok = run_checks(engines["prefill"], engines["decode"], model, args.max_tokens)

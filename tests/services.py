@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynamo_lite.launch.stack import is_nats
-from dynamo_lite.launch.supervisor import Process, free_port, http_get, start_process, wait_until
+from dynamo_lite.launch.supervisor import Process, http_get, start_process, wait_until
+from dynamo_lite.runtime.net import free_tcp_port
 
-__all__ = ["ServiceHandle", "free_port", "start_etcd", "start_nats"]
+__all__ = ["ServiceHandle", "free_tcp_port", "start_etcd", "start_nats"]
 
 ETCD_BINARY = os.environ.get("DYN_TEST_ETCD", "/usr/bin/etcd")
 NATS_BINARY = os.environ.get("DYN_TEST_NATS", "/usr/sbin/nats-server")
@@ -97,8 +98,8 @@ def _running(handle: ServiceHandle) -> Iterator[ServiceHandle]:
 @contextlib.contextmanager
 def start_etcd(port: int | None = None) -> Iterator[ServiceHandle]:
     """A single-member etcd on 127.0.0.1:port (a free port if None) with a temporary data dir."""
-    port = port or free_port()
-    peer_port = free_port()
+    port = port or free_tcp_port()
+    peer_port = free_tcp_port()
     data_dir = tempfile.mkdtemp(prefix="dynamo-lite-etcd-")
     client_url = f"http://127.0.0.1:{port}"
     peer_url = f"http://127.0.0.1:{peer_port}"
@@ -121,7 +122,7 @@ def start_etcd(port: int | None = None) -> Iterator[ServiceHandle]:
 @contextlib.contextmanager
 def start_nats(port: int | None = None) -> Iterator[ServiceHandle]:
     """A nats-server with JetStream on 127.0.0.1:port (a free port if None), temporary store dir."""
-    port = port or free_port()
+    port = port or free_tcp_port()
     data_dir = tempfile.mkdtemp(prefix="dynamo-lite-nats-")
     argv = [
         NATS_BINARY, "-js", "-a", "127.0.0.1", "-p", str(port),

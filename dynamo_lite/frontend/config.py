@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dynamo_lite.protocol.errors import ConfigError
-from dynamo_lite.runtime.config import option
+from dynamo_lite.runtime.config import check_ranges, option
 
 ROUTER_MODES = ["round-robin", "random", "kv"]
 
@@ -26,45 +26,33 @@ class FrontendConfig:
     connect_timeout: float = option(5.0, "Seconds to wait for a TCP connection to a worker.")
     failed_cooldown: float = option(10.0, "Seconds a worker whose connection failed stays excluded.")
     kv_overlap_score_weight: float = option(1.0, "kv router: weight of the prompt blocks a worker would have "
-                                                 "to compute, against its active blocks (0 = load only).")
+                                                 "to compute, against its active blocks (0 = load only).",
+                                            minimum=0)
     router_temperature: float = option(0.0, "kv router: 0 picks the lowest cost; > 0 samples workers from a "
-                                            "softmax over normalized costs.")
-    kv_cache_block_size: int = option(0, "kv router: tokens per KV block (0 = from the model card).")
+                                            "softmax over normalized costs.", minimum=0)
+    kv_cache_block_size: int = option(0, "kv router: tokens per KV block (0 = from the model card).",
+                                     minimum=0)
     kv_events: bool = option(True, "kv router: follow the workers' KV events over NATS (--no-kv-events: "
                                    "approximate mode, the router remembers the prefixes it routed).")
-    router_ttl: float = option(120.0, "kv router, approximate mode: seconds a routed prefix counts as cached.")
+    router_ttl: float = option(120.0, "kv router, approximate mode: seconds a routed prefix counts as cached.",
+                              exclusive_minimum=0)
     disaggregation: bool = option(True, "Disaggregated serving when prefill workers are registered: prefill on a "
                                         "prefill worker, decode on a backend worker (--no-disaggregation: every "
                                         "request is served aggregated on a backend worker).")
     disagg_min_prefill_tokens: int = option(256, "Disaggregated serving: prompts whose uncached part (prompt "
                                                  "tokens minus what the router predicts the decode worker has "
-                                                 "cached) is shorter than this prefill on the decode worker.")
+                                                 "cached) is shorter than this prefill on the decode worker.",
+                                            minimum=0)
     max_prefill_queue: int = option(4, "Disaggregated serving: in-flight prefills per prefill worker above which "
                                        "the pool counts as busy and requests prefill on the decode worker "
-                                       "(0 = no limit).")
+                                       "(0 = no limit).", minimum=0)
     enforce_disagg: bool = option(False, "Disaggregated serving only: with no prefill worker registered, answer "
                                          "503 instead of serving aggregated.")
     log_level: str = option("info", "Log level (debug, info, warning, error).", env="DYN_LOG",
                             choices=["debug", "info", "warning", "error", "critical"])
 
     def __post_init__(self) -> None:
-        if self.kv_overlap_score_weight < 0:
-            raise ConfigError(f"--kv-overlap-score-weight must be >= 0 (got {self.kv_overlap_score_weight})",
-                              param="--kv-overlap-score-weight")
-        if self.router_temperature < 0:
-            raise ConfigError(f"--router-temperature must be >= 0 (got {self.router_temperature})",
-                              param="--router-temperature")
-        if self.kv_cache_block_size < 0:
-            raise ConfigError(f"--kv-cache-block-size must be >= 0 (got {self.kv_cache_block_size})",
-                              param="--kv-cache-block-size")
-        if not self.router_ttl > 0:
-            raise ConfigError(f"--router-ttl must be > 0 (got {self.router_ttl})", param="--router-ttl")
-        if self.disagg_min_prefill_tokens < 0:
-            raise ConfigError(f"--disagg-min-prefill-tokens must be >= 0 (got {self.disagg_min_prefill_tokens})",
-                              param="--disagg-min-prefill-tokens")
-        if self.max_prefill_queue < 0:
-            raise ConfigError(f"--max-prefill-queue must be >= 0 (got {self.max_prefill_queue})",
-                              param="--max-prefill-queue")
+        check_ranges(self)
         if self.enforce_disagg and not self.disaggregation:
             raise ConfigError("--enforce-disagg contradicts --no-disaggregation", param="--enforce-disagg")
         if self.router_mode == "kv" and self.kv_events and not self.nats_server.strip():

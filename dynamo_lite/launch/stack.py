@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamo_lite.launch.settings import DEFAULT_MODEL_PATH, LaunchSettings, etcd_arch_env
-from dynamo_lite.launch.supervisor import (LaunchError, Process, Supervisor, free_port, http_get, http_ok,
+from dynamo_lite.launch.supervisor import (LaunchError, Process, Supervisor, http_get, http_ok,
                                            port_open)
+from dynamo_lite.runtime.net import free_tcp_port
 
 INFRA_START_TIMEOUT = 30.0
 FRONTEND_START_TIMEOUT = 60.0
@@ -100,7 +101,7 @@ class Stack:
         etcd = shutil.which("etcd")
         if etcd is None:
             raise LaunchError("etcd not found: run scripts/setup.sh (apt package etcd-server)")
-        peer = f"http://127.0.0.1:{free_port()}"
+        peer = f"http://127.0.0.1:{free_tcp_port()}"
         proc = self.sup.start("etcd", [
             etcd, "--name", "dynamo-lite", "--data-dir", str(self.sup.run_dir / "etcd"),
             "--listen-client-urls", f"http://{s.infra_host}:{port}",
@@ -134,7 +135,7 @@ class Stack:
         # The monitoring port is optional: take another one if something already has it.
         monitor = s.nats_monitor_port
         if port_open("127.0.0.1", monitor):
-            monitor = free_port()
+            monitor = free_tcp_port()
         proc = self.sup.start("nats", [nats, "-js", "-a", s.infra_host, "-p", str(port), "-m", str(monitor),
                                        "-sd", str(self.sup.run_dir / "nats")])
         self.sup.wait_until(lambda: port_open(probe, port), INFRA_START_TIMEOUT, f"nats-server on {url}", [proc])
@@ -150,7 +151,7 @@ class Stack:
             if port_open("127.0.0.1", port):
                 raise LaunchError(f"HTTP_PORT={port} is already in use: choose another (HTTP_PORT={port + 1} ...)")
         elif port_open("127.0.0.1", 8000):
-            port = free_port()
+            port = free_tcp_port()
             self.say(f"port 8000 is in use: the frontend takes {port} instead (set HTTP_PORT to choose)")
         else:
             port = 8000

@@ -180,13 +180,6 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
     return 200 <= http_get(url, timeout)[0] < 300
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 # --- a group of processes ----------------------------------------------------------------------------------
 
 class Supervisor:

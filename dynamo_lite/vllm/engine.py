@@ -14,7 +14,6 @@ from typing import Any
 
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMServerError
 from vllm.sampling_params import RequestOutputKind
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -23,21 +22,26 @@ from vllm.v1.metrics.stats import SchedulerStats
 
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
-from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, KvEvent, SamplingOptions
+from dynamo_lite.protocol.messages import FinishReason, GenerateFrame, GenerateRequest, KvEvent, SamplingOptions
+from dynamo_lite.vllm.compat import check_vllm_version, request_error_classes, unfinished_requests
 from dynamo_lite.vllm.kv_events import KvEventSubscriber
 
 logger = logging.getLogger(__name__)
 
+# vLLM's request errors (names differ between releases): the client's fault, and the engine's.
+CLIENT_ERRORS, SERVER_ERRORS = request_error_classes()
+
 # vLLM's finish reasons -> ours. "repetition" is vLLM's repetition detector stopping the request.
 # "error" (e.g. a failed KV pull under kv_load_failure_policy "fail") goes out as is: the frontend
 # treats it as a worker failure and retries or migrates the request.
-FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop", "error": "error"}
+FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT,
+                  "repetition": FinishReason.STOP, "error": FinishReason.ERROR}
 
 
-def finish_reason(reason: str | None, request_id: str) -> str:
+def finish_reason(reason: str | None, request_id: str) -> FinishReason:
     if reason == "error":
         logger.warning("vLLM reported an error finishing request %s", request_id)
-    return FINISH_REASONS.get(reason or "stop", "stop")
+    return FINISH_REASONS.get(reason or "stop", FinishReason.STOP)
 
 
 class SchedulerStatsRecorder(StatLoggerBase):
@@ -134,6 +138,7 @@ async def _keep_pinned(interval: float = 1.0) -> None:
 
 class VllmEngine(Engine):
     def __init__(self, engine_args: AsyncEngineArgs):
+        check_vllm_version()
         self._engine_args = engine_args
         self._llm: AsyncLLM | None = None
         self._info: EngineInfo | None = None
@@ -210,7 +215,7 @@ class VllmEngine(Engine):
         llm = self._require_llm()
         try:
             params = sampling_params(request.sampling, request.kv_transfer_params)
-        except (ValueError, VLLMClientError) as e:
+        except (ValueError, *CLIENT_ERRORS) as e:
             raise InvalidRequestError(str(e)) from e
         prompt = TokensPrompt(prompt_token_ids=list(request.token_ids))
         first = True
@@ -235,9 +240,9 @@ class VllmEngine(Engine):
                         frame.kv_transfer_params = output.kv_transfer_params
                         frame.last = True
                     yield frame
-        except VLLMClientError as e:  # vLLM's own validation, e.g. prompt longer than the context
+        except CLIENT_ERRORS as e:  # vLLM's own validation, e.g. prompt longer than the context
             raise InvalidRequestError(str(e)) from e
-        except (GracefulHTTPError, VLLMServerError) as e:
+        except SERVER_ERRORS as e:
             cause = e.__cause__ if e.__cause__ is not None else e
             raise EngineError(f"vLLM failed request {request.request_id}: {cause}") from e
         finally:
@@ -257,7 +262,7 @@ class VllmEngine(Engine):
         last stats can claim work that has ended."""
         total = self._info.total_kv_blocks if self._info else 0
         stats = self._stats.latest
-        unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        unfinished = unfinished_requests(self._llm) if self._llm is not None else 0
         if stats is None or unfinished == 0:
             return EngineLoad(active_blocks=0, total_blocks=total, running_requests=0, waiting_requests=0)
         running = min(stats.num_running_reqs, unfinished)

@@ -45,6 +45,7 @@ import zmq.asyncio
 
 from dynamo_lite.protocol import hashing
 from dynamo_lite.protocol.messages import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from dynamo_lite.vllm.compat import replay_frame
 
 logger = logging.getLogger(__name__)
 
@@ -297,14 +298,14 @@ class KvEventSubscriber:
         while True:
             if not await replay.poll(REPLAY_TIMEOUT_MS, zmq.POLLIN):
                 raise TimeoutError
-            frames = await replay.recv_multipart()  # b"", topic, seq, payload
-            if len(frames) != 4:
+            reply = replay_frame(await replay.recv_multipart())
+            if reply is None:
                 continue
-            seq = int.from_bytes(frames[2], "big", signed=True)
+            seq, payload = reply
             if seq == END_SEQ:
                 return wanted
             if first <= seq < end:
-                wanted.append((seq, frames[3]))
+                wanted.append((seq, payload))
 
     def _close_replay_socket(self) -> None:
         if self._replay_socket is not None:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.harness import (DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, Proc, ProcGroup, healthy_instances,
                                wait_until)
-from tests.services import free_port
+from tests.services import free_tcp_port
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Stack:
 
     def start_frontend(self, name: str, *args: str) -> tuple[Proc, str]:
         """Start another frontend on the same namespace (e.g. a restarted one)."""
-        port = free_port()
+        port = free_tcp_port()
         proc = self.group.start(name, "dynamo_lite.frontend", "--http-host", "127.0.0.1",
                                 "--http-port", str(port), "--namespace", self.namespace, *args)
         return proc, f"http://127.0.0.1:{port}"
@@ -41,7 +41,7 @@ def start_stack(group: ProcGroup, worker_module: str, worker_args: list[str], *,
                 router_mode: str = "round-robin", expected_instances: int = 1,
                 worker_env: dict[str, str] | None = None, startup_timeout: float = 60) -> Stack:
     namespace = f"e2e-{uuid.uuid4().hex[:8]}"
-    port = free_port()
+    port = free_tcp_port()
     frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
                            "--http-port", str(port), "--namespace", namespace, "--router-mode", router_mode)
     worker = group.start("worker", worker_module, *worker_args, "--namespace", namespace,
@@ -93,7 +93,7 @@ def vllm_pair_stack(tmp_path_factory, etcd_endpoint, nats_url):
     group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "vllm-pair")
     namespace = f"e2e-{uuid.uuid4().hex[:8]}"
     try:
-        port = free_port()
+        port = free_tcp_port()
         frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
                                "--http-port", str(port), "--namespace", namespace, "--router-mode", "kv")
         workers = [group.start(f"worker{core}", "dynamo_lite.vllm", "--model", str(DEFAULT_MODEL_PATH),

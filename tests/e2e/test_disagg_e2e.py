@@ -27,7 +27,7 @@ from dynamo_lite.protocol.messages import GenerateRequest, SamplingOptions, Work
 from dynamo_lite.transport.client import RequestClient
 from tests.e2e.conftest import _new_group
 from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, Proc, metric_sum, wait_until
-from tests.services import free_port
+from tests.services import free_tcp_port
 
 pytestmark = pytest.mark.vllm
 
@@ -71,7 +71,7 @@ def stack(tmp_path_factory, etcd_endpoint, nats_url):
     group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "vllm-disagg")
     namespace = f"e2e-{uuid.uuid4().hex[:8]}"
     try:
-        port, reference_port = free_port(), free_port()
+        port, reference_port = free_tcp_port(), free_tcp_port()
         frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port",
                                str(port), "--namespace", namespace, "--router-mode", "kv",
                                "--disagg-min-prefill-tokens", "256")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_lite.launch.supervisor import free_port, wait_until
+from dynamo_lite.launch.supervisor import wait_until
+from dynamo_lite.runtime.net import free_tcp_port
 from tests.e2e.harness import DEFAULT_MODEL_PATH, REPO, SERVED_MODEL_NAME
 
 
@@ -31,8 +32,8 @@ def launch_env(tmp_path: Path) -> dict[str, str]:
     if not (DEFAULT_MODEL_PATH / "config.json").exists():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
     env = {k: v for k, v in os.environ.items() if k not in ("ETCD_ENDPOINTS", "NATS_SERVER", "HTTP_PORT")}
-    env.update(PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"), ETCD_PORT=str(free_port()),
-               NATS_PORT=str(free_port()), NATS_MONITOR_PORT=str(free_port()), HTTP_PORT=str(free_port()),
+    env.update(PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"), ETCD_PORT=str(free_tcp_port()),
+               NATS_PORT=str(free_tcp_port()), NATS_MONITOR_PORT=str(free_tcp_port()), HTTP_PORT=str(free_tcp_port()),
                STOP_TIMEOUT="20", PYTHONUNBUFFERED="1")
     return env
 

@@ -16,7 +16,7 @@ from dynamo_lite.discovery.base import WatchEvent
 from dynamo_lite.discovery.etcd import DiscoveryError, EtcdDiscovery, parse_endpoints
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.protocol.errors import TransportError
-from tests.services import free_port, start_etcd
+from tests.services import free_tcp_port, start_etcd
 from tests.unit.test_watcher import register
 
 
@@ -146,14 +146,14 @@ async def test_watch_from_compacted_revision_yields_reset(etcd_endpoint):
 
 
 async def test_unreachable_endpoint_raises_a_clear_error():
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{free_tcp_port()}"
     with pytest.raises(DiscoveryError, match=dead) as raised:
         await EtcdDiscovery.connect(dead, op_timeout=2, wait=2)
     assert isinstance(raised.value, TransportError)
 
 
 async def test_connect_waits_for_an_etcd_that_starts_later():
-    port = free_port()
+    port = free_tcp_port()
     connecting = asyncio.ensure_future(EtcdDiscovery.connect(f"127.0.0.1:{port}", wait=30))
     await asyncio.sleep(1.5)
     assert not connecting.done()  # still waiting, not failed
@@ -166,7 +166,7 @@ async def test_connect_waits_for_an_etcd_that_starts_later():
 
 
 async def test_first_reachable_endpoint_is_used(etcd_endpoint):
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{free_tcp_port()}"
     async with connected(f"{dead},{etcd_endpoint}") as d:
         assert d.endpoint == etcd_endpoint
         await d.put(unique_prefix() + "k", b"v")

@@ -323,9 +323,9 @@ async def test_debug_route_rejects_a_body_without_a_prompt(nats_url, model_dir):
 
 async def test_kv_mode_starts_without_nats_and_follows_events_once_it_is_up(model_dir):
     """NATS down at start: the frontend's kv router still routes (on load), and attaches when NATS comes."""
-    from tests.services import free_port, start_nats
+    from tests.services import free_tcp_port, start_nats
 
-    port = free_port()
+    port = free_tcp_port()
     url = f"nats://127.0.0.1:{port}"
     c = Cluster(url, model_dir)
     stack = contextlib.AsyncExitStack()

@@ -10,7 +10,7 @@ import pytest
 
 from dynamo_lite.events.nats import NatsEventBus
 from dynamo_lite.protocol.errors import TransportError
-from tests.services import free_port, start_nats
+from tests.services import free_tcp_port, start_nats
 
 
 def unique_subject(name: str) -> str:
@@ -132,7 +132,7 @@ async def test_request_times_out(nats_url):
 
 
 async def test_unreachable_server_raises_a_clear_error():
-    dead = f"nats://127.0.0.1:{free_port()}"
+    dead = f"nats://127.0.0.1:{free_tcp_port()}"
     with pytest.raises(TransportError, match=dead):
         await NatsEventBus.connect(dead, connect_timeout=2)
 

@@ -22,7 +22,7 @@ from dynamo_lite.protocol.messages import (
     WorkerStatsRequest, card_json_decoder, instance_json_decoder, kv_batch_decoder, load_decoder,
     msgpack_encoder)
 from dynamo_lite.transport.client import RequestClient
-from tests.services import free_port
+from tests.services import free_tcp_port
 
 WAIT = 5.0
 NS = "test-ns"
@@ -304,7 +304,7 @@ async def test_run_workers_serves_through_etcd_and_nats_until_sigterm(etcd_endpo
     engine = FakeEngine(str(tmp_path))
     config = WorkerShellConfig(namespace=namespace, host="127.0.0.1", lease_ttl=3.0, drain_timeout=2.0,
                                load_report_interval=0.05)
-    nats_server = nats_url if nats_reachable else f"nats://127.0.0.1:{free_port()}"
+    nats_server = nats_url if nats_reachable else f"nats://127.0.0.1:{free_tcp_port()}"
     discovery = await EtcdDiscovery.connect(etcd_endpoint)
     bus = await NatsEventBus.connect(nats_url)
     loads = await bus.subscribe(keys.load_subject(namespace, MODEL))

@@ -1,4 +1,4 @@
-"""KV router: the cost of DESIGN §2, selection, event intake with gaps and resync, approximate mode."""
+"""KV router: the cost (weight x uncached prompt blocks + active blocks), selection, event intake with gaps and resync, approximate mode."""
 
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_lite.launch.supervisor import (LaunchError, Supervisor, free_port, http_ok, port_open, start_process,
+from dynamo_lite.launch.supervisor import (LaunchError, Supervisor, http_ok, port_open, start_process,
                                            wait_until)
+from dynamo_lite.runtime.net import free_tcp_port
 
 LISTENER = """
 import socket, sys, time
@@ -60,7 +61,7 @@ def py(code: str, *args: str) -> list[str]:
 
 
 def test_start_wait_ready_stop(tmp_path: Path):
-    port = free_port()
+    port = free_tcp_port()
     with Supervisor(tmp_path, stop_timeout=5) as sup:
         proc = sup.start("listener", py(LISTENER, str(port)))
         sup.wait_until(lambda: port_open("127.0.0.1", port), 10, f"port {port}")
@@ -84,7 +85,7 @@ def test_not_ready_in_time_gives_the_bound_and_log_tail(tmp_path: Path):
         proc = sup.start("sleeper", py("print('still loading', flush=True); import time; time.sleep(600)"))
         started = time.monotonic()
         with pytest.raises(LaunchError) as err:
-            sup.wait_until(lambda: http_ok(f"http://127.0.0.1:{free_port()}/"), 1, "the sleeper's HTTP")
+            sup.wait_until(lambda: http_ok(f"http://127.0.0.1:{free_tcp_port()}/"), 1, "the sleeper's HTTP")
         assert time.monotonic() - started < 5
     assert "timed out after 1s waiting for the sleeper's HTTP" in str(err.value)
     assert "still loading" in str(err.value)
