@@ -20,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         # First: an unsupported release would otherwise fail inside the imports below.
         check_vllm_version()
     except ConfigError as e:
-        print(f"python -m dynamo_lite.vllm: error: {e.message}", file=sys.stderr)
-        return 2
+        raise SystemExit(f"python -m dynamo_lite.vllm: error: {e.message}") from e
     from dynamo_lite.engine.worker import serve_workers
     from dynamo_lite.vllm import nixl_progress
     from dynamo_lite.vllm.args import PROG, nixl_environment, parse_args
