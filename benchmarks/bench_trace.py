@@ -228,7 +228,6 @@ def run_setup(setup: Setup, args, rows, prompts: PromptBuilder, trace_file: Path
         with start_etcd() as etcd, start_nats() as nats:
             group = BenchGroup(run_dir / tag, {"ETCD_ENDPOINTS": etcd.url, "NATS_SERVER": nats.url,
                                                "DYN_LOG": "warning"})
-            group.run_dir.mkdir(parents=True)
             try:
                 port = free_tcp_port()
                 start = start_dynamo if setup.system == "dynamo" else start_dynamo_lite
