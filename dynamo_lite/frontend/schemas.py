@@ -25,14 +25,19 @@ StopString = Annotated[StrictStr, Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # e.g. continuous_usage_stats: refused, not ignored
     include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+    """Fields shared by /v1/completions and /v1/chat/completions.
 
-    model_config = ConfigDict(extra="ignore")
+    Fields this server does not know are kept (`model_extra`) so that `check_supported` can refuse them
+    by name: a field accepted and then ignored (response_format, tool_choice, min_p, ...) would change
+    nothing the client sees but the answer it expected.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     model: StrictStr
     max_tokens: Annotated[StrictInt, Field(gt=0, le=INT32_MAX)] | None = None
@@ -122,6 +127,12 @@ class ChatCompletionRequest(SamplingFields):
 
 def check_supported(request: SamplingFields) -> None:
     """Reject valid OpenAI options this server does not implement, with a clear 400."""
+    for name in request.model_extra or {}:
+        raise InvalidRequestError(f"'{name}' is not supported by this server (it would be ignored)", param=name)
+    if getattr(request, "tools", None):
+        # The tools reach the chat template, but nothing parses a tool call out of the answer: the
+        # client would get the call as prose with finish_reason "stop".
+        raise InvalidRequestError("tool calling is not supported by this server yet ('tools')", param="tools")
     if request.n > 1:
         raise InvalidRequestError("n > 1 is not supported", param="n")
     if request.best_of is not None and request.best_of > 1:

@@ -410,6 +410,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL}, 400, "prompt", "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400, "vocabulary", "prompt"),
     ("/v1/completions", "[]", 400, "invalid request body", None),
+    # A field the server would ignore is refused by name, never accepted and dropped.
+    ("/v1/chat/completions", chat_body(response_format={"type": "json_object"}), 400, "'response_format' is not "
+     "supported", "response_format"),
+    ("/v1/chat/completions", chat_body(tool_choice="required"), 400, "'tool_choice'", "tool_choice"),
+    ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tool calling is not supported", "tools"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "min_p": 0.1}, 400, "'min_p'", "min_p"),
+    ("/v1/chat/completions", chat_body(stream=True, stream_options={"continuous_usage_stats": True}), 400,
+     "stream_options.continuous_usage_stats", "stream_options.continuous_usage_stats"),
 ]
 
 
