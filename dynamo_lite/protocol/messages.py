@@ -61,6 +61,23 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- request plane
 
 
+class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A constraint for vLLM's structured-output engine (vLLM's StructuredOutputsParams): exactly one
+    of json (a JSON Schema, as JSON text), regex, choice, grammar (EBNF/Lark), json_object or
+    structural_tag is set. The frontend builds it from response_format, tool_choice or vLLM's own
+    structured-output fields."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+
 class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Engine-side sampling. Stop strings are not here: the frontend applies them on text."""
 
@@ -74,6 +91,15 @@ class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_token_ids: list[int] = []
+    n: int = 1  # choices sampled from one prefill (vLLM's parallel sampling; frames carry the index)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None  # vLLM tokenizes them with the model's tokenizer
+    logprobs: int | None = None  # top-k alternatives per generated token (0: the sampled token's only)
+    prompt_logprobs: int | None = None  # the same for the prompt tokens (completions' echo)
+    structured_output: StructuredOutput | None = None
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate"):
@@ -101,10 +127,26 @@ class WorkerStatsRequest(msgspec.Struct, frozen=True, tag="worker_stats"):
 Request = GenerateRequest | TokenizerFilesRequest | WorkerStatsRequest
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One position's log-probabilities: the chosen token's, its rank in the vocabulary (1 = most
+    likely), and the top alternatives as (token_id, logprob) pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int | None = None
+    top: list[tuple[int, float]] = []
+
+
 class GenerateFrame(msgspec.Struct, kw_only=True, omit_defaults=True, tag="gen"):
-    """A piece of a generation stream. token_ids are the new tokens since the previous frame."""
+    """A piece of a generation stream. token_ids are the new tokens since the previous frame, of choice
+    `index` (0..n-1); with n > 1 the choices' frames interleave and each choice ends with its own
+    finish_reason, the stream's final frame having last=True."""
 
     token_ids: list[int] = []
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when sampling.logprobs is set
+    # On the first frame when sampling.prompt_logprobs is set: one per prompt token (None for the first).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: FinishReason | None = None  # set on the last frame
     prompt_tokens: int | None = None  # on the first frame
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache (first frame)

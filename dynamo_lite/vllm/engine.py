@@ -12,9 +12,11 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -22,7 +24,8 @@ from vllm.v1.metrics.stats import SchedulerStats
 
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
-from dynamo_lite.protocol.messages import FinishReason, GenerateFrame, GenerateRequest, KvEvent, SamplingOptions
+from dynamo_lite.protocol.messages import (FinishReason, GenerateFrame, GenerateRequest, KvEvent, SamplingOptions,
+                                            StructuredOutput)
 from dynamo_lite.vllm.compat import check_vllm_version, request_error_classes, unfinished_requests
 from dynamo_lite.vllm.kv_events import KvEventSubscriber
 
@@ -96,6 +99,10 @@ class _TransferWindow:
             self._engine._remote_inflight -= 1
 
 
+def structured_outputs_params(spec: StructuredOutput | None) -> StructuredOutputsParams | None:
+    return None if spec is None else StructuredOutputsParams(**msgspec.structs.asdict(spec))
+
+
 def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None) -> SamplingParams:
     """Raises ValueError (from vLLM's own validation) for values it rejects."""
     extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else None
@@ -110,6 +117,15 @@ def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None) -
         presence_penalty=options.presence_penalty,
         frequency_penalty=options.frequency_penalty,
         stop_token_ids=list(options.stop_token_ids) or None,
+        n=options.n,
+        min_p=options.min_p,
+        repetition_penalty=options.repetition_penalty,
+        logit_bias=options.logit_bias,
+        allowed_token_ids=options.allowed_token_ids,
+        bad_words=options.bad_words,
+        logprobs=options.logprobs,
+        prompt_logprobs=options.prompt_logprobs,
+        structured_outputs=structured_outputs_params(options.structured_output),
         output_kind=RequestOutputKind.DELTA,
         detokenize=False,
         extra_args=extra_args,
