@@ -39,11 +39,12 @@ def _new_group(tmp_path_factory, etcd_endpoint: str, nats_url: str, name: str) -
 
 def start_stack(group: ProcGroup, worker_module: str, worker_args: list[str], *, model: str,
                 router_mode: str = "round-robin", expected_instances: int = 1,
-                worker_env: dict[str, str] | None = None, startup_timeout: float = 60) -> Stack:
+                worker_env: dict[str, str] | None = None, startup_timeout: float = 60,
+                frontend_args: list[str] = ()) -> Stack:
     namespace = f"e2e-{uuid.uuid4().hex[:8]}"
     port = free_tcp_port()
     frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
-                           "--http-port", str(port), "--namespace", namespace, "--router-mode", router_mode)
+                           "--http-port", str(port), "--namespace", namespace, "--router-mode", router_mode, *frontend_args)
     worker = group.start("worker", worker_module, *worker_args, "--namespace", namespace,
                          extra_env=worker_env)
     base_url = f"http://127.0.0.1:{port}"

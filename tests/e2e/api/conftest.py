@@ -1,0 +1,72 @@
+"""The differential pair for the API tests: this project's frontend + one vLLM worker, and vLLM's own
+OpenAI server (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs), both on the
+default model with the same engine arguments, each engine pinned to its own core.
+
+Package-scoped: every test module under tests/e2e/api shares one pair (~60 s to start), and it is
+stopped when the package's tests end, before other modules start engines of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Stack, _new_group, start_stack
+from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, Proc, wait_until
+from tests.services import free_tcp_port
+
+# Engine arguments both sides get, so that they run the same engine configuration.
+ENGINE_ARGS = ["--max-model-len", "2048", "--max-num-seqs", "16"]
+# Frontend options of this project's side (parsers the API tests exercise).
+FRONTEND_ARGS: list[str] = []
+# vLLM-server options that mirror FRONTEND_ARGS.
+REFERENCE_ARGS: list[str] = []
+
+
+@dataclass
+class ApiPair:
+    ours: Stack  # .base_url, .model
+    reference_url: str  # vLLM's own server, serving the same model name
+    reference: Proc
+
+    @property
+    def model(self) -> str:
+        return self.ours.model
+
+    def urls(self) -> dict[str, str]:
+        """{"ours": ..., "vllm": ...}: the same request goes to both."""
+        return {"ours": self.ours.base_url, "vllm": self.reference_url}
+
+
+def _reference_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="package")
+def api_pair(tmp_path_factory, etcd_endpoint, nats_url):
+    if not (DEFAULT_MODEL_PATH / "config.json").exists():
+        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
+    group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "api-pair")
+    try:
+        port = free_tcp_port()
+        reference = group.start(
+            "vllm-serve", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
+            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+            *ENGINE_ARGS, *REFERENCE_ARGS,
+            extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
+        reference_url = f"http://127.0.0.1:{port}"
+        ours = start_stack(group, "dynamo_lite.vllm",
+                           ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
+                            *ENGINE_ARGS],
+                           model=SERVED_MODEL_NAME, frontend_args=FRONTEND_ARGS,
+                           worker_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
+                           startup_timeout=300)
+        wait_until(lambda: _reference_ready(reference_url), 300, f"vLLM's server on {reference_url}", [reference])
+        yield ApiPair(ours, reference_url, reference)
+    finally:
+        group.stop()
