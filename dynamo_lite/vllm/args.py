@@ -145,12 +145,14 @@ def nixl_transfer_config(config: VllmWorkerConfig):
 
 
 def nixl_environment(advertise_host: str, environ: dict[str, str], port: int = 0) -> dict[str, str]:
-    """NIXL side-channel env vars the operator did not set: listen on the advertised host (vLLM's default
-    is localhost) and on `port`, else a free one (two workers on one host would collide on vLLM's fixed 5600).
+    """NIXL env vars the operator did not set: the side channel listens on the advertised host (vLLM's
+    default is localhost) and on `port`, else a free one (two workers on one host would collide on vLLM's
+    fixed 5600); UCX's cuda_ipc reads stay on without NVLink (nixl_settings.UCX_TRANSPORT_ENV says why).
 
     A port given (flag or VLLM_NIXL_SIDE_CHANNEL_PORT) that cannot be bound now is a ConfigError naming
     its flag: vLLM would otherwise fail deep inside its engine process, after loading the model."""
-    from dynamo_lite.vllm.nixl_settings import SIDE_CHANNEL_HOST_ENV, SIDE_CHANNEL_PORT_ENV, side_channel_env
+    from dynamo_lite.vllm.nixl_settings import (SIDE_CHANNEL_HOST_ENV, SIDE_CHANNEL_PORT_ENV, UCX_TRANSPORT_ENV,
+                                                side_channel_env)
 
     host = environ.get(SIDE_CHANNEL_HOST_ENV) or advertise_host
     if environ.get(SIDE_CHANNEL_PORT_ENV):
@@ -160,7 +162,7 @@ def nixl_environment(advertise_host: str, environ: dict[str, str], port: int = 0
         require_bindable(host, port, "--nixl-side-channel-port")
     else:
         port = free_tcp_port(advertise_host)
-    wanted = side_channel_env(host, port)
+    wanted = {**side_channel_env(host, port), **UCX_TRANSPORT_ENV}
     return {key: value for key, value in wanted.items() if key not in environ}
 
 

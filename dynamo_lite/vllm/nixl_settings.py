@@ -19,6 +19,12 @@ _LOAD_FAILURE_POLICIES = ("recompute", "fail")
 SIDE_CHANNEL_HOST_ENV = "VLLM_NIXL_SIDE_CHANNEL_HOST"
 SIDE_CHANNEL_PORT_ENV = "VLLM_NIXL_SIDE_CHANNEL_PORT"
 
+# UCX's cuda_ipc transport turns its GET (the READ with which the decode worker pulls KV) off on any GPU
+# without active NVLinks: one GPU shared by prefill and decode, or PCIe GPUs. UCX then "emulates" the
+# read over TCP loopback, at 0.4 GB/s on an H200, where cuda_ipc GET moves 260 GB/s between two
+# processes (benchmarks/README.md, "NVIDIA H200"). Turned on unless the operator set it.
+UCX_TRANSPORT_ENV = {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
+
 
 def kv_transfer_config(
     connector: str,
