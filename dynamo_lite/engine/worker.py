@@ -148,8 +148,8 @@ class WorkerShell:
         finished = False
         # The frontend's request id (from the client's X-Request-Id when it sent one): what the engine
         # gets too, so one id follows a request through every log.
-        logger.debug("request %s: %d prompt tokens, max_tokens %d", request.request_id, len(request.token_ids),
-                     request.sampling.max_tokens)
+        logger.debug("request %s: %d prompt tokens, max_tokens %d", request.request_id,
+                     len(request.token_ids), request.sampling.max_tokens)
         frames = self._engine.generate(request)
         try:
             async for frame in frames:

@@ -79,7 +79,8 @@ class ApiKeyMiddleware:
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith(GUARDED_PREFIXES):
+        if (scope["type"] != "http" or scope["method"] == "OPTIONS"
+                or not scope["path"].startswith(GUARDED_PREFIXES)):
             await self.app(scope, receive, send)
             return
         header = _header(scope, b"authorization")
@@ -104,6 +105,7 @@ def install_middleware(app, config: FrontendConfig) -> None:
     if config.allowed_origins:
         # Without origins nothing is allowed cross-origin, with or without the middleware: leave it out.
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
-                           allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
+                           allow_methods=list(config.allowed_methods),
+                           allow_headers=list(config.allowed_headers),
                            allow_credentials=config.allow_credentials)
     app.add_middleware(RequestIdMiddleware)

@@ -68,8 +68,8 @@ def render_chat_prompt(model: ServedModel, request: TokenizeChatRequest) -> str:
     """The chat prompt as the template renders it; with continue_final_message, cut right after the
     last message's text so the model continues it (transformers' apply_chat_template does the same)."""
     if request.continue_final_message and request.add_generation_prompt:
-        raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-                                  param="continue_final_message")
+        raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` to "
+                                  "True.", param="continue_final_message")
     # The same message shaping as chat requests (text parts joined, content None as "").
     messages = ChatCompletionRequest.model_construct(messages=request.messages).template_messages()
     extra = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in _TEMPLATE_FIELDS}
@@ -94,9 +94,8 @@ class TokenizeService:
         if name is None:
             served = sorted({self._watcher.resolve(alias) for alias in self._watcher.models()} - {None})
             if len(served) != 1:
-                raise InvalidRequestError(
-                    "'model' is required: this server serves " + (", ".join(served) if served else "no model yet"),
-                    param="model")
+                serving = ", ".join(served) if served else "no model yet"
+                raise InvalidRequestError(f"'model' is required: this server serves {serving}", param="model")
             name = served[0]
         return await self._models.get(name)
 
@@ -129,8 +128,8 @@ class TokenizeService:
             vocab_size = model.tokenizer.vocab_size
             for index, token_id in enumerate(body.tokens):
                 if token_id >= vocab_size:
-                    raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (size {vocab_size})",
-                                              param=f"tokens[{index}]")
+                    raise InvalidRequestError(f"token id {token_id} is outside the vocabulary "
+                                              f"(size {vocab_size})", param=f"tokens[{index}]")
         except pydantic.ValidationError as e:
             return errors.pydantic_error_response(e)
         except DynamoLiteError as e:

@@ -36,11 +36,13 @@ async def test_tokenize_a_prompt_with_and_without_token_strings(model_dir):
         response = await stack.http.post("/tokenize", json={"model": MODEL, "prompt": "Hi there"})
         assert response.status_code == 200, response.text
         ids = TOKENIZER.encode("Hi there").ids
-        assert response.json() == {"count": len(ids), "max_model_len": CONTEXT, "tokens": ids, "token_strs": None}
+        assert response.json() == {"count": len(ids), "max_model_len": CONTEXT, "tokens": ids,
+                                   "token_strs": None}
 
         # `model` may be left out while one model is served; token strings are the vocabulary's.
         response = await stack.http.post("/tokenize", json={"prompt": "Hi there", "return_token_strs": True})
-        assert response.json()["token_strs"] == [TOKENIZER.id_to_token(i) for i in ids] == list("Hi") + ["Ġ"] + list("there")
+        token_strs = response.json()["token_strs"]
+        assert token_strs == [TOKENIZER.id_to_token(i) for i in ids] == [*"Hi", "Ġ", *"there"]
 
 
 async def test_tokenize_chat_messages_renders_the_template(model_dir):
@@ -51,8 +53,10 @@ async def test_tokenize_chat_messages_renders_the_template(model_dir):
         assert body["tokens"] == chat_prompt_ids("Say hello") and body["count"] == len(body["tokens"])
 
         # Without the generation prompt, and continuing a final assistant message where it stops.
-        body = (await stack.http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False})).json()
-        assert TOKENIZER.decode(body["tokens"], skip_special_tokens=False) == "<|im_start|>user\nSay hello<|im_end|>\n"
+        body = (await stack.http.post("/tokenize", json={"messages": messages,
+                                                         "add_generation_prompt": False})).json()
+        text = TOKENIZER.decode(body["tokens"], skip_special_tokens=False)
+        assert text == "<|im_start|>user\nSay hello<|im_end|>\n"
         partial = [*messages, {"role": "assistant", "content": "Hello wor"}]
         body = (await stack.http.post("/tokenize", json={"messages": partial, "add_generation_prompt": False,
                                                          "continue_final_message": True})).json()
@@ -133,7 +137,8 @@ async def test_request_id_from_the_client_is_echoed_and_reaches_the_handler(mode
     async with running_stack() as stack:
         await stack.add_worker(ScriptedEngine(model_dir))
         for body in (chat_body(), chat_body(stream=True)):
-            response = await stack.http.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "abc-123"})
+            response = await stack.http.post("/v1/chat/completions", json=body,
+                                             headers={"X-Request-Id": "abc-123"})
             assert response.status_code == 200
             assert response.headers["x-request-id"] == "abc-123"
         assert sse_events(response.text)[-1] == "[DONE]"

@@ -24,7 +24,7 @@ def no_ops_environment(monkeypatch):
 def test_defaults_as_vllm_serve_has_them():
     config = parse_config([])
     assert config.api_key == () and config.allowed_origins == ()
-    assert (config.allowed_methods, config.allowed_headers, config.allow_credentials) == (("*",), ("*",), False)
+    assert config.allowed_methods == config.allowed_headers == ("*",) and not config.allow_credentials
 
 
 def test_one_or_more_api_keys_from_the_flag_or_the_environment(monkeypatch):
@@ -76,7 +76,8 @@ async def _register(discovery, model: str, aliases: list[str]) -> int:
     record = InstanceRecord(instance_id=lease.id, component=keys.COMPONENT_BACKEND, address="127.0.0.1:1",
                             model=model, host="127.0.0.1", pid=1)
     card = ModelCard(name=model, path="/m", context_length=64, kv_block_size=16, aliases=aliases)
-    await discovery.put(keys.instance_key("ns", keys.COMPONENT_BACKEND, lease.id), json_encoder.encode(record), lease)
+    await discovery.put(keys.instance_key("ns", keys.COMPONENT_BACKEND, lease.id), json_encoder.encode(record),
+                        lease)
     await discovery.put(keys.model_card_key("ns", model, lease.id), json_encoder.encode(card), lease)
     return lease.id
 

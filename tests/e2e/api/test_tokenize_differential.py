@@ -12,7 +12,8 @@ from tests.e2e.harness import healthy_instances, wait_until
 
 pytestmark = pytest.mark.vllm
 
-TEXTS = ["The three primary colors are", "  leading spaces, tabs\tand\nnewlines ", "héllo wörld 世界 🙂",
+TEXTS = ["The three primary colors are", "  leading spaces, tabs\tand\nnewlines ",
+         "héllo wörld 世界 🙂",
          "<|im_start|>user\nhi<|im_end|>\n"]  # the last one holds the model's special tokens as text
 
 CHATS = [
@@ -22,7 +23,8 @@ CHATS = [
      "add_generation_prompt": False},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "part one"},
                                                {"type": "text", "text": "part two"}]}]},
-    {"messages": [{"role": "user", "content": "Count to three"}, {"role": "assistant", "content": "one, two,"}],
+    {"messages": [{"role": "user", "content": "Count to three"},
+                  {"role": "assistant", "content": "one, two,"}],
      "add_generation_prompt": False, "continue_final_message": True},
     {"messages": [{"role": "user", "content": "Hi"}], "add_special_tokens": True, "return_token_strs": True},
 ]
@@ -30,7 +32,8 @@ CHATS = [
 
 def _both(api_pair, path: str, body: dict, model: bool = True) -> dict[str, httpx.Response]:
     payload = {"model": api_pair.model, **body} if model else body
-    return {side: httpx.post(f"{url}{path}", json=payload, timeout=60) for side, url in api_pair.urls().items()}
+    return {side: httpx.post(f"{url}{path}", json=payload, timeout=60)
+            for side, url in api_pair.urls().items()}
 
 
 def _equal_answers(answers: dict[str, httpx.Response]) -> dict:
@@ -43,8 +46,8 @@ def _equal_answers(answers: dict[str, httpx.Response]) -> dict:
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("add_special_tokens", [True, False])
 def test_tokenize_text_equal(api_pair, text, add_special_tokens):
-    body = _equal_answers(_both(api_pair, "/tokenize", {"prompt": text, "add_special_tokens": add_special_tokens,
-                                                        "return_token_strs": True}))
+    body = _equal_answers(_both(api_pair, "/tokenize", {"prompt": text, "return_token_strs": True,
+                                                        "add_special_tokens": add_special_tokens}))
     assert body["count"] == len(body["tokens"]) > 0
 
 
@@ -93,7 +96,8 @@ def test_api_keys_with_the_openai_client(api_pair, keyed_frontend):
     with pytest.raises(openai.AuthenticationError) as denied:
         wrong.chat.completions.create(model=api_pair.model, messages=question, max_tokens=4)
     assert denied.value.status_code == 401
-    assert (denied.value.body["type"], denied.value.body["code"]) == ("invalid_request_error", "invalid_api_key")
+    error = denied.value.body
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
     # No key at all: the same 401, in OpenAI's error JSON.
     r = httpx.post(f"{keyed_frontend}/v1/chat/completions", timeout=10,
                    json={"model": api_pair.model, "messages": question, "max_tokens": 4})
