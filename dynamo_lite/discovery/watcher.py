@@ -88,7 +88,24 @@ class InstanceWatcher:
         return cards[0][1] if cards else None
 
     def models(self) -> list[str]:
-        return sorted({r.model for r in self._instances.values() if self._is_live(r.instance_id)})
+        """Every name a client may ask for: the models of live instances and their cards' aliases."""
+        names = {r.model for r in self._instances.values() if self._is_live(r.instance_id)}
+        for key, card in self._cards.items():
+            if card.aliases and card.name in names and self._is_live(keys.parse_instance_id(key)):
+                names.update(card.aliases)
+        return sorted(names)
+
+    def resolve(self, name: str) -> str | None:
+        """The model (InstanceRecord.model, ModelCard.name) a client's name stands for: itself when it is a
+        model's name, else the model whose live card lists it as an alias (lowest instance id first),
+        else None."""
+        if any(c.name == name for c in self._cards.values()):
+            return name
+        cards = sorted((keys.parse_instance_id(k), c) for k, c in self._cards.items() if name in c.aliases)
+        for instance_id, card in cards:
+            if self._is_live(instance_id):
+                return card.name
+        return cards[0][1].name if cards else None
 
     def add_listener(self, callback: Listener) -> None:
         self._listeners.append(callback)

@@ -28,6 +28,7 @@ class EngineInfo:
     context_length: int
     kv_block_size: int
     total_kv_blocks: int
+    model_aliases: tuple[str, ...] = ()  # more names clients may use (vLLM's --served-model-name a b)
 
 
 @dataclass(frozen=True)

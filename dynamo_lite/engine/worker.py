@@ -146,6 +146,10 @@ class WorkerShell:
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
         self._active += 1
         finished = False
+        # The frontend's request id (from the client's X-Request-Id when it sent one): what the engine
+        # gets too, so one id follows a request through every log.
+        logger.debug("request %s: %d prompt tokens, max_tokens %d", request.request_id,
+                     len(request.token_ids), request.sampling.max_tokens)
         frames = self._engine.generate(request)
         try:
             async for frame in frames:
@@ -197,7 +201,8 @@ class WorkerShell:
                                 role=config.role)
         card = ModelCard(name=info.model_name, path=info.model_path, context_length=info.context_length,
                          kv_block_size=info.kv_block_size, total_kv_blocks=info.total_kv_blocks,
-                         migration_limit=config.migration_limit, engine=config.engine_kind)
+                         migration_limit=config.migration_limit, engine=config.engine_kind,
+                         aliases=list(info.model_aliases))
         # The card goes first, so whoever sees the instance can already read its card.
         await self._discovery.put(keys.model_card_key(config.namespace, info.model_name, lease.id),
                                   json_encoder.encode(card), lease)

@@ -123,6 +123,8 @@ async def serve(config: FrontendConfig) -> None:
                                         log_level=config.log_level.lower(),
                                         timeout_graceful_shutdown=GRACEFUL_TIMEOUT))
         logger.info("serving HTTP on %s:%d", config.http_host, config.http_port)
+        if config.api_key:
+            logger.info("API key required on /v1 (%d key(s) configured)", len(config.api_key))
         serving = asyncio.create_task(server.serve(sockets=sockets))
         stopping = asyncio.create_task(shutdown.wait())
         await asyncio.wait((serving, stopping), return_when=asyncio.FIRST_COMPLETED)

@@ -28,11 +28,13 @@ from dynamo_lite.frontend.attempt import POOL_DECODE, POOL_PREFILL, Dispatcher
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnected
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from dynamo_lite.frontend.middleware import install_middleware
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
 from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
+from dynamo_lite.frontend.tokenize_api import TokenizeService
 from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
 from dynamo_lite.protocol.messages import json_encoder
 from dynamo_lite.router.base import Router
@@ -288,6 +290,11 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/live", service.live, methods=["GET"])
     app.add_route("/metrics", service.prometheus, methods=["GET"])
     app.add_route("/debug/route", service.debug_route, methods=["POST"])
+    tokenization = TokenizeService(deps.watcher, service.models)
+    app.add_route("/tokenize", tokenization.tokenize, methods=["POST"])
+    app.add_route("/detokenize", tokenization.detokenize, methods=["POST"])
+    app.add_route("/version", tokenization.version, methods=["GET"])
+    install_middleware(app, deps.config)
     app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
     app.add_exception_handler(RequestValidationError, errors.handle_request_validation)
     app.add_exception_handler(HTTPException, errors.handle_http_exception)

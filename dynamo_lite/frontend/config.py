@@ -48,6 +48,16 @@ class FrontendConfig:
                                        "(0 = no limit).", minimum=0)
     enforce_disagg: bool = option(False, "Disaggregated serving only: with no prefill worker registered, answer "
                                          "503 instead of serving aggregated.")
+    # Operations (as vLLM's server has them): API keys, CORS.
+    api_key: tuple[str, ...] = option((), "API keys: requests under /v1 must send one as 'Authorization: Bearer "
+                                          "KEY', else 401 (none = no check; /health, /live, /metrics, "
+                                          "/tokenize, /detokenize and /version stay open, as in vLLM).",
+                                      secret=True)
+    allowed_origins: tuple[str, ...] = option((), "CORS: origins allowed cross-origin access ('*' for any; "
+                                                  "none = no cross-origin access).")
+    allowed_methods: tuple[str, ...] = option(("*",), "CORS: methods allowed cross-origin.")
+    allowed_headers: tuple[str, ...] = option(("*",), "CORS: request headers allowed cross-origin.")
+    allow_credentials: bool = option(False, "CORS: allow cookies and Authorization headers cross-origin.")
     log_level: str = option("info", "Log level (debug, info, warning, error).", env="DYN_LOG",
                             choices=["debug", "info", "warning", "error", "critical"])
 

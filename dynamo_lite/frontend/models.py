@@ -8,6 +8,7 @@ wait on one load instead of each starting their own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -24,9 +25,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServedModel:
-    name: str
+    name: str  # the model's name: what routing, events and metrics key on
     card: ModelCard
     tokenizer: ModelTokenizer
+    # The name the client asked for: `name` or one of the card's aliases. Responses carry it in "model",
+    # as vLLM's server answers with the --served-model-name the request used.
+    requested_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.requested_name:
+            object.__setattr__(self, "requested_name", self.name)
 
 
 class ModelRegistry:
@@ -37,11 +45,17 @@ class ModelRegistry:
         self._models: dict[str, ServedModel] = {}
         self._loading: dict[str, asyncio.Future[ModelTokenizer]] = {}
 
-    async def get(self, name: str) -> ServedModel:
-        """The model's card and tokenizer. Raises ModelNotFoundError if no live worker serves it."""
-        card = self._watcher.card(name)
+    async def get(self, requested: str) -> ServedModel:
+        """The card and tokenizer of the model `requested` names (its name or an alias). Raises
+        ModelNotFoundError if no live worker serves it."""
+        name = self._watcher.resolve(requested)
+        card = self._watcher.card(name) if name is not None else None
         if card is None:
-            raise ModelNotFoundError(name)
+            raise ModelNotFoundError(requested)
+        served = await self._get(name, card)
+        return served if requested == name else dataclasses.replace(served, requested_name=requested)
+
+    async def _get(self, name: str, card: ModelCard) -> ServedModel:
         served = self._models.get(name)
         if served is not None and served.card == card:
             return served

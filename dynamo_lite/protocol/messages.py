@@ -56,6 +56,9 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
     total_kv_blocks: int = 0
     migration_limit: int = 0
     engine: str = "vllm"  # "vllm" | "mocker"
+    # More names clients may use for this model (vLLM's `--served-model-name a b`: "b" here). Routing,
+    # events and metrics use `name`; a frontend answers with the name the client asked for.
+    aliases: list[str] = []
 
 
 # --------------------------------------------------------------------------- request plane

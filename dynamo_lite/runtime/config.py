@@ -4,7 +4,9 @@ Each component declares one frozen dataclass whose fields are built with `option
 help text doubles as its docstring; the flag is `--field-name`, the environment twin `DYN_FIELD_NAME`
 unless the option names another (ETCD_ENDPOINTS, NATS_SERVER follow Dynamo's names). Precedence:
 command line > environment > dataclass default. Fields not built with `option()` are no flags: code
-sets them (a worker command derives them from its flags). Bools get --x/--no-x.
+sets them (a worker command derives them from its flags). Bools get --x/--no-x. A `tuple[str, ...]`
+field takes one or more values (`--api-key a b`, or a JSON list as vLLM's CORS flags take it:
+`--allowed-origins '["https://a"]'`); its environment twin is a comma-separated list or a JSON list.
 
 Range checks are declared on the option (`minimum`, `maximum`, `exclusive_minimum`): an environment
 twin out of range is refused while the parser is built, and `check_ranges(config)`, called from the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from typing import Any, TypeVar
 
@@ -27,12 +30,13 @@ ENV_PREFIX = "DYN_"
 
 def option(default: Any, help: str, *, env: str | None = None, flag: str | None = None,
            choices: list[str] | None = None, minimum: float | None = None, maximum: float | None = None,
-           exclusive_minimum: float | None = None) -> Any:
+           exclusive_minimum: float | None = None, secret: bool = False) -> Any:
     """A config field that is a flag with an environment twin. `minimum`/`maximum` bound the value
-    inclusively, `exclusive_minimum` strictly (a value that must be above it)."""
-    return dataclasses.field(default=default, metadata={
+    inclusively, `exclusive_minimum` strictly (a value that must be above it). A `secret` (API keys) is
+    left out of the config's repr and of --help, which would otherwise print it from the environment."""
+    return dataclasses.field(default=default, repr=not secret, metadata={
         "help": help, "env": env, "flag": flag, "choices": choices, "minimum": minimum, "maximum": maximum,
-        "exclusive_minimum": exclusive_minimum})
+        "exclusive_minimum": exclusive_minimum, "secret": secret})
 
 
 def is_option(field: dataclasses.Field) -> bool:
@@ -68,8 +72,37 @@ def env_name(field: dataclasses.Field) -> str:
     return field.metadata.get("env") or ENV_PREFIX + field.name.upper()
 
 
+def _is_list(kind: str) -> bool:
+    return kind.startswith("tuple")
+
+
+def parse_list(raw: str) -> list[str]:
+    """One value of a list option: a JSON list of strings ('["a", "b"]'), else comma-separated text."""
+    if raw.lstrip().startswith("["):
+        try:
+            values = json.loads(raw)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list of strings: {raw!r}") from e
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise argparse.ArgumentTypeError(f"not a JSON list of strings: {raw!r}")
+        return values
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+class _ExtendList(argparse.Action):
+    """nargs="+" whose values may each be a JSON list: the flag's values, flattened, as a tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(item for value in values for item in value))
+
+
 def _parse_env(field: dataclasses.Field, raw: str) -> Any:
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    if _is_list(kind):
+        try:
+            return tuple(parse_list(raw))
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(f"environment variable {env_name(field)}: {e}", param=flag_name(field)) from e
     try:
         if kind.startswith("bool"):
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -111,12 +144,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, group: str 
             default = _parse_env(field, os.environ[env])
         help_text = f"{field.metadata.get('help', '')} [env: {env}]"
         if not issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
-            help_text += f" (default: {default!r})"  # vLLM's formatter already prints defaults
+            shown = "<hidden>" if field.metadata.get("secret") and default else repr(default)
+            help_text += f" (default: {shown})"  # vLLM's formatter already prints defaults
         kind = field.type if isinstance(field.type, str) else str(field.type)
         name = flag_name(field)
         if kind.startswith("bool"):
             target.add_argument(name, dest=field.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
+            continue
+        if _is_list(kind):
+            # A JSON list is one value to the shell; plain values are split on commas too, so the flag
+            # reads the same as its environment twin.
+            target.add_argument(name, dest=field.name, default=default, type=parse_list, nargs="+",
+                                action=_ExtendList, metavar=field.name.upper(), help=help_text)
             continue
         caster = int if kind.startswith("int") else float if kind.startswith("float") else str
         target.add_argument(name, dest=field.name, default=default, type=caster,

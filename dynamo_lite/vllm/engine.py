@@ -41,6 +41,14 @@ FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abo
                   "repetition": FinishReason.STOP, "error": FinishReason.ERROR}
 
 
+def served_names(served_model_name: str | list[str] | None, model: str) -> tuple[str, ...]:
+    """vLLM's --served-model-name (one name or several; the model argument when none): the first is the
+    model's name, the others aliases clients may use as well."""
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or ())
+    names = list(dict.fromkeys(name for name in names if name))  # in order, each once
+    return tuple(names) or (model,)
+
+
 def finish_reason(reason: str | None, request_id: str) -> FinishReason:
     if reason == "error":
         logger.warning("vLLM reported an error finishing request %s", request_id)
@@ -209,14 +217,13 @@ class VllmEngine(Engine):
         if args.kv_transfer_config is not None:
             _restore_pinning()
         model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
-        served = args.served_model_name
-        if isinstance(served, (list, tuple)):
-            served = served[0] if served else None
+        names = served_names(args.served_model_name, args.model)
         total_blocks = cache_config.num_gpu_blocks or 0  # filled in by the engine core's handshake
         self._subscriber.translator.resize(total_blocks)
-        self._info = EngineInfo(model_name=served or args.model, model_path=model_config.model,
+        self._info = EngineInfo(model_name=names[0], model_path=model_config.model,
                                 context_length=model_config.max_model_len,
-                                kv_block_size=cache_config.block_size, total_kv_blocks=total_blocks)
+                                kv_block_size=cache_config.block_size, total_kv_blocks=total_blocks,
+                                model_aliases=names[1:])
         logger.info("vLLM engine ready: %s (context %d, %d KV blocks of %d tokens, prefix caching %s)",
                     self._info.model_name, self._info.context_length, total_blocks,
                     cache_config.block_size, cache_config.enable_prefix_caching)
