@@ -28,7 +28,7 @@ from dynamo_lite.frontend.attempt import POOL_DECODE, POOL_PREFILL, Dispatcher
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnected
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
-from dynamo_lite.frontend.middleware import install_middleware
+from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
@@ -89,15 +89,25 @@ class OpenAIService:
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, CompletionRequest, "completions", chat=False)
 
+    async def chat_from_body(self, http_request: Request, data: dict, endpoint: str) -> Response:
+        """A chat completion from a request body another API was translated into (/v1/responses,
+        /v1/messages): the answer is the chat endpoint's, JSON or server-sent events, counted under
+        `endpoint`."""
+        return await self._generate(http_request, ChatCompletionRequest, endpoint, chat=True, data=data)
+
     async def _generate(self, http_request: Request, schema: type[pydantic.BaseModel], endpoint: str,
-                        chat: bool) -> Response:
+                        chat: bool, data: dict | None = None) -> Response:
         arrival = time.monotonic()
         model = UNKNOWN_MODEL
         try:
-            body = schema.model_validate_json(await http_request.body())
+            if data is None:
+                body = schema.model_validate_json(await http_request.body())
+            else:
+                body = schema.model_validate(data)
             served = await self.models.get(body.model)
             model = served.name
-            plan = await (plan_chat(served, body) if chat else plan_completion(served, body))
+            request_id = request_id_of(http_request)
+            plan = await (plan_chat(served, body, request_id) if chat else plan_completion(served, body, request_id))
             generation = Generation(self.pipeline, plan, arrival)
             if body.stream:
                 return await self._stream(http_request, generation, endpoint, chat, body.include_usage, arrival)
@@ -142,7 +152,8 @@ class OpenAIService:
             self._count_tokens(generation)
         usage = responses.usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
         encode = responses.chat_completion if chat else responses.text_completion
-        body = encode(generation.plan.request_id, model, "".join(parts), generation.finish_reason, usage)
+        body = encode(generation.plan.request_id, generation.plan.model.requested_name, "".join(parts),
+                      generation.finish_reason, usage)
         self._count(model, endpoint, 200, arrival)
         return Response(body, media_type="application/json")
 
@@ -163,7 +174,8 @@ class OpenAIService:
             await deltas.aclose()
             self._count_tokens(generation)
             raise
-        encoder = responses.ChunkEncoder(generation.plan.request_id, model, chat, include_usage)
+        encoder = responses.ChunkEncoder(generation.plan.request_id, generation.plan.model.requested_name, chat,
+                                         include_usage)
         closed = False
 
         async def close(status: int) -> None:

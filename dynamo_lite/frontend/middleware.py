@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -25,10 +26,18 @@ REQUEST_ID_HEADER = b"x-request-id"
 GUARDED_PREFIXES = ("/v1",)
 
 
-def request_id_of(request: Request) -> str:
+@dataclass(frozen=True)
+class RequestId:
+    value: str
+    from_client: bool  # the client's X-Request-Id: not necessarily unique
+
+
+def request_id_of(request: Request) -> RequestId:
     """The request's id: the client's X-Request-Id, else one made for it (set by RequestIdMiddleware)."""
-    request_id = request.scope.get("state", {}).get("request_id")
-    return request_id if request_id else uuid.uuid4().hex  # an app built without the middleware (tests)
+    state = request.scope.get("state", {})
+    if not state.get("request_id"):  # an app built without the middleware (tests)
+        return RequestId(uuid.uuid4().hex, from_client=False)
+    return RequestId(state["request_id"], from_client=state["request_id_from_client"])
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -50,8 +59,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw = _header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = raw.decode("latin-1")
+        given = _header(scope, REQUEST_ID_HEADER)
+        raw = given or uuid.uuid4().hex.encode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = raw.decode("latin-1")
+        state["request_id_from_client"] = given is not None
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 
+from dynamo_lite.frontend.middleware import RequestId
 from dynamo_lite.frontend.models import ServedModel
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, check_supported
 from dynamo_lite.protocol.errors import InvalidRequestError
@@ -36,15 +37,17 @@ async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> li
     return model.tokenizer.encode(text, add_special_tokens)
 
 
-async def plan_chat(model: ServedModel, request: ChatCompletionRequest) -> GenerationPlan:
+async def plan_chat(model: ServedModel, request: ChatCompletionRequest,
+                    request_id: RequestId | None = None) -> GenerationPlan:
     check_supported(request)
     text = model.tokenizer.render_chat(request.template_messages(), request.add_generation_prompt,
                                        request.tools, request.chat_template_kwargs)
     prompt_ids = await _encode(model, text, add_special_tokens=False)
-    return _plan(model, request, prompt_ids, "chatcmpl-", "messages")
+    return _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages")
 
 
-async def plan_completion(model: ServedModel, request: CompletionRequest) -> GenerationPlan:
+async def plan_completion(model: ServedModel, request: CompletionRequest,
+                          request_id: RequestId | None = None) -> GenerationPlan:
     check_supported(request)
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -61,10 +64,21 @@ async def plan_completion(model: ServedModel, request: CompletionRequest) -> Gen
             if token_id >= vocab_size:
                 raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (size {vocab_size})",
                                           param="prompt")
-    return _plan(model, request, prompt_ids, "cmpl-", "prompt")
+    return _plan(model, request, prompt_ids, _request_id("cmpl-", request_id), "prompt")
 
 
-def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], id_prefix: str,
+def _request_id(prefix: str, request_id: RequestId | None) -> str:
+    """The id of a request on the wire, in logs and in the answer. A client's X-Request-Id is kept in
+    it (grep finds it everywhere) with a random suffix: two requests a client sent under one id must
+    still be told apart by the router and the workers."""
+    if request_id is None:
+        return prefix + uuid.uuid4().hex
+    if request_id.from_client:
+        return f"{prefix}{request_id.value}-{uuid.uuid4().hex[:8]}"
+    return prefix + request_id.value
+
+
+def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], request_id: str,
           prompt_param: str) -> GenerationPlan:
     context_length = model.card.context_length
     prompt_tokens = len(prompt_ids)
@@ -103,5 +117,5 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], id
         frequency_penalty=request.frequency_penalty,
         stop_token_ids=stop_token_ids,
     )
-    return GenerationPlan(request_id=id_prefix + uuid.uuid4().hex, model=model, prompt_ids=prompt_ids,
+    return GenerationPlan(request_id=request_id, model=model, prompt_ids=prompt_ids,
                           sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param)

@@ -160,7 +160,7 @@ async def test_request_id_is_in_the_request_state():
 
     async with running_stack() as stack:
         async def echo(request: Request):
-            return PlainTextResponse(request_id_of(request))
+            return PlainTextResponse(request_id_of(request).value)
 
         stack.app.add_route("/echo-id", echo, methods=["GET"])
         response = await stack.http.get("/echo-id", headers={"X-Request-Id": "given"})
