@@ -62,7 +62,9 @@ class Generation:
         self.finish_reason: FinishReason | None = None
         self.migrations = 0
         self._generated: list[int] = []
-        self._detokenizer = IncrementalDetokenizer(plan.model.tokenizer.tokenizer, plan.stop, plan.prompt_ids)
+        self._detokenizer = IncrementalDetokenizer(plan.model.tokenizer.tokenizer, plan.stop, plan.prompt_ids,
+                                                   skip_special_tokens=plan.skip_special_tokens,
+                                                   include_stop_str=plan.include_stop_str_in_output)
         self._first_token_at: float | None = None
         self._last_frame_at = 0.0
         self.serving_reason: str | None = None  # how the prompt was prefilled (frontend/prefill_policy.py reasons)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from dynamo_lite.frontend.middleware import RequestId
 from dynamo_lite.frontend.models import ServedModel
+from dynamo_lite.frontend.structured import structured_output_of
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, check_supported
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.messages import SamplingOptions
@@ -29,6 +30,8 @@ class GenerationPlan:
     sampling: SamplingOptions
     stop: list[str]
     prompt_param: str  # the field to blame in errors about the prompt ("messages" or "prompt")
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
@@ -105,6 +108,12 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
     if not request.ignore_eos:
         stop_token_ids.extend(i for i in model.tokenizer.eos_token_ids if i not in stop_token_ids)
     top_k = request.top_k if request.top_k is not None and request.top_k > 0 else 0
+    vocab_size = model.tokenizer.vocab_size
+    logit_bias = _logit_bias(request.logit_bias, vocab_size)
+    for token_id in request.allowed_token_ids or ():
+        if token_id >= vocab_size:
+            raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (size {vocab_size})",
+                                      param="allowed_token_ids")
     sampling = SamplingOptions(
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -116,6 +125,31 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         stop_token_ids=stop_token_ids,
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        logit_bias=logit_bias,
+        allowed_token_ids=request.allowed_token_ids,
+        bad_words=request.bad_words or None,
+        structured_output=structured_output_of(request),
     )
     return GenerationPlan(request_id=request_id, model=model, prompt_ids=prompt_ids,
-                          sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param)
+                          sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param,
+                          skip_special_tokens=request.skip_special_tokens,
+                          include_stop_str_in_output=request.include_stop_str_in_output)
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias has token ids as JSON object keys (strings)."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise InvalidRequestError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(f"logit_bias token id {token_id} is outside the vocabulary "
+                                      f"(size {vocab_size})", param="logit_bias")
+        out[token_id] = value
+    return out

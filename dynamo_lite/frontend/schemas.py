@@ -7,13 +7,14 @@ pipeline. Responses are not pydantic models: they are plain dicts encoded with m
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from dynamo_lite.protocol.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # vLLM's server default max_logprobs (and OpenAI's top_logprobs limit)
 # Integers travel to workers as msgpack int64: anything wider would fail there, not here.
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -27,6 +28,37 @@ StopString = Annotated[StrictStr, Field(min_length=1)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")  # e.g. continuous_usage_stats: refused, not ignored
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)] = "response"
+    description: StrictStr | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None  # the output always satisfies the schema (the grammar enforces it)
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format. vLLM's structural_tag formats are refused (not implemented here)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's own `structured_outputs` field: exactly one constraint (json, regex, choice, grammar,
+    json_object) and the grammar engine's whitespace options."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | StrictStr | None = Field(None, alias="json")
+    regex: Annotated[StrictStr, Field(min_length=1)] | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: Annotated[StrictStr, Field(min_length=1)] | None = None
+    json_object: StrictBool | None = None
+    disable_any_whitespace: StrictBool = False
+    disable_additional_properties: StrictBool = False
+    whitespace_pattern: StrictStr | None = None
 
 
 class SamplingFields(BaseModel):
@@ -56,6 +88,21 @@ class SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extra sampling fields, passed to the engine.
+    min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, le=2.0)] = 1.0
+    logit_bias: Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=1024)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=256)] | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Detokenization options (applied by the frontend, which detokenizes).
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    # Structured outputs: OpenAI's response_format and vLLM's own field.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -139,7 +186,17 @@ def check_supported(request: SamplingFields) -> None:
         raise InvalidRequestError("best_of > 1 is not supported", param="best_of")
     if getattr(request, "logprobs", None) or getattr(request, "top_logprobs", None):
         raise InvalidRequestError("logprobs are not supported", param="logprobs")
+    if request.prompt_logprobs is not None:
+        raise InvalidRequestError("prompt_logprobs are not supported", param="prompt_logprobs")
     if getattr(request, "echo", False):
         raise InvalidRequestError("echo is not supported", param="echo")
     if getattr(request, "suffix", None):
         raise InvalidRequestError("suffix is not supported", param="suffix")
+    if not request.skip_special_tokens and not request.spaces_between_special_tokens:
+        # vLLM then drops the spaces its slow-tokenizer path put between added tokens; this server's
+        # fast detokenizer has no such option.
+        raise InvalidRequestError("spaces_between_special_tokens=false is not supported",
+                                  param="spaces_between_special_tokens")
+    if request.response_format is not None and request.structured_outputs is not None:
+        raise InvalidRequestError("give either response_format or structured_outputs, not both",
+                                  param="structured_outputs")
