@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dynamo_lite.frontend.middleware import RequestId
 from dynamo_lite.frontend.models import ServedModel
+from dynamo_lite.frontend.schemas import (ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields,
+                                          check_supported)
 from dynamo_lite.frontend.structured import structured_output_of
-from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, check_supported
+from dynamo_lite.frontend.tool_calls import AnswerShaper, ForcedToolCalls
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.messages import SamplingOptions
 
@@ -32,6 +35,10 @@ class GenerationPlan:
     prompt_param: str  # the field to blame in errors about the prompt ("messages" or "prompt")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Chat answers that are more than text (tool calls, reasoning): a new shaper per choice, None for
+    # plain text (the fast path). It splits the choice's text into content, reasoning and tool calls.
+    answer_shaper: Callable[[], AnswerShaper] | None = None
+    tool_choice: str = "none"  # "none" | "auto" | "required" | "named", for the finish reason
 
 
 async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
@@ -44,9 +51,21 @@ async def plan_chat(model: ServedModel, request: ChatCompletionRequest,
                     request_id: RequestId | None = None) -> GenerationPlan:
     check_supported(request)
     text = model.tokenizer.render_chat(request.template_messages(), request.add_generation_prompt,
-                                       request.tools, request.chat_template_kwargs)
+                                       request.template_tools(), request.chat_template_kwargs)
     prompt_ids = await _encode(model, text, add_special_tokens=False)
-    return _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages")
+    plan = _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages")
+    choice = request.effective_tool_choice()
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        plan.answer_shaper, plan.tool_choice = (lambda: ForcedToolCalls(name)), "named"
+    elif choice == "required":
+        plan.answer_shaper, plan.tool_choice = (lambda: ForcedToolCalls(None)), "required"
+    elif choice == "auto":
+        # vLLM's server answers the same without --tool-call-parser: the calls would come back as prose.
+        raise InvalidRequestError('"auto" tool choice needs a tool-call parser on this frontend '
+                                  '(--tool-call-parser); "required", a named function and "none" work without',
+                                  param="tool_choice")
+    return plan
 
 
 async def plan_completion(model: ServedModel, request: CompletionRequest,

@@ -7,6 +7,7 @@ pipeline. Responses are not pydantic models: they are plain dicts encoded with m
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -139,12 +140,39 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None  # calls always match the parameters when forced; see docs/api.md
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(gt=0, le=INT32_MAX)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     add_generation_prompt: StrictBool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -168,18 +196,45 @@ class ChatCompletionRequest(SamplingFields):
                 item["content"] = "\n".join(texts)
             elif message.content is None:
                 item["content"] = ""
+            _arguments_as_objects(item, index)
             messages.append(item)
         return messages
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates read them (None: no tools, so templates skip their tool prompt)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" when there are tools, "none" without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+
+def _arguments_as_objects(message: dict[str, Any], index: int) -> None:
+    """An assistant message's tool-call arguments (JSON text in OpenAI's API) become objects, which is
+    what chat templates with tool support read (Transformers' convention, as vLLM's server does)."""
+    for position, call in enumerate(message.get("tool_calls") or ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidRequestError("an assistant tool call needs a 'function' object",
+                                      param=f"messages[{index}].tool_calls[{position}]")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                function["arguments"] = json.loads(arguments)
+            except ValueError:
+                raise InvalidRequestError("tool call arguments are not JSON",
+                                          param=f"messages[{index}].tool_calls[{position}].function.arguments"
+                                          ) from None
 
 
 def check_supported(request: SamplingFields) -> None:
     """Reject valid OpenAI options this server does not implement, with a clear 400."""
     for name in request.model_extra or {}:
         raise InvalidRequestError(f"'{name}' is not supported by this server (it would be ignored)", param=name)
-    if getattr(request, "tools", None):
-        # The tools reach the chat template, but nothing parses a tool call out of the answer: the
-        # client would get the call as prose with finish_reason "stop".
-        raise InvalidRequestError("tool calling is not supported by this server yet ('tools')", param="tools")
+    if getattr(request, "tool_choice", None) not in (None, "none") and not request.tools:
+        raise InvalidRequestError("tool_choice needs 'tools'", param="tool_choice")
     if request.n > 1:
         raise InvalidRequestError("n > 1 is not supported", param="n")
     if request.best_of is not None and request.best_of > 1:

@@ -14,11 +14,30 @@ import jsonschema
 import msgspec
 
 from dynamo_lite.frontend.schemas import SamplingFields
+from dynamo_lite.frontend.tool_calls import required_calls_schema, tool_parameters
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.messages import StructuredOutput
 
 # The constraints of vLLM's StructuredOutputsParams, exactly one of which a request may set.
 CONSTRAINTS = ("json_", "regex", "choice", "grammar", "json_object")
+
+
+def forced_tool_schema(request: SamplingFields) -> str | None:
+    """For chat requests with tools: every tool's parameters checked, and the JSON schema (as text)
+    that a "required" or named tool_choice constrains the answer to (None for "auto" and "none")."""
+    tools = getattr(request, "tools", None)
+    if not tools:
+        return None
+    tool_dicts = request.template_tools()
+    for index, tool in enumerate(tool_dicts):
+        if "parameters" in tool["function"]:
+            check_json_schema(tool["function"]["parameters"], f"tools[{index}].function.parameters")
+    choice = request.effective_tool_choice()
+    if choice == "required":
+        return check_json_schema(required_calls_schema(tool_dicts, request.parallel_tool_calls), "tools")
+    if isinstance(choice, str):
+        return None
+    return check_json_schema(tool_parameters(tool_dicts, choice.function.name), "tools")
 
 
 def check_json_schema(schema: Any, param: str) -> str:
@@ -34,6 +53,12 @@ def check_json_schema(schema: Any, param: str) -> str:
 
 
 def structured_output_of(request: SamplingFields) -> StructuredOutput | None:
+    forced = forced_tool_schema(request)
+    if forced is not None:
+        if request.response_format is not None or request.structured_outputs is not None:
+            raise InvalidRequestError("a forced tool_choice is a constraint of its own: it cannot be combined "
+                                      "with response_format or structured_outputs", param="tool_choice")
+        return StructuredOutput(json=forced)
     response_format = request.response_format
     if response_format is not None:
         if response_format.type == "text":

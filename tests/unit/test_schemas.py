@@ -112,7 +112,7 @@ def test_bad_completion_prompt_is_400(body, field):
      "not supported"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
      "not both"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling is not supported"),
+    ({"tool_choice": "required"}, "tool_choice", "tool_choice needs 'tools'"),
 ])
 def test_unsupported_options_are_rejected_clearly(extra, param, words):
     # Each of these, accepted and dropped, would change the answer without the client knowing.
