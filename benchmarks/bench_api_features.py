@@ -3,9 +3,8 @@
 The same chat requests, each shape in turn, go to dynamo_lite (frontend + one vLLM worker on core 0) and
 to vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs, on core
 1), both on the default model with the same engine arguments; one server is driven at a time. Shapes:
-plain text, `response_format` json_schema (a grammar on the worker), tools with `tool_choice: required`
-(a grammar and the parse of its output) and tools with `tool_choice: auto` (the hermes parser on the
-text). Prints requests/s and latency per shape and server, and each shape's cost against plain text.
+plain text, `response_format` json_schema (a grammar on the worker) and tools with
+`tool_choice: required` (a grammar and the parse of its output into tool calls). Prints requests/s and latency per shape and server, and each shape's cost against plain text.
 
     .venv/bin/python benchmarks/bench_api_features.py [--requests 48] [--concurrency 4] [--max-tokens 32]
 """
@@ -29,7 +28,8 @@ from tests.e2e.harness import (DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, ProcGroup,
                                healthy_instances, wait_until)
 from tests.services import free_tcp_port, start_etcd, start_nats  # noqa: E402
 
-ENGINE_ARGS = ["--max-model-len", "2048", "--max-num-seqs", "16"]
+# --enforce-eager on both: this project's worker's CPU default, not vLLM's server's.
+ENGINE_ARGS = ["--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager"]
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -43,7 +43,6 @@ SHAPES = {
     "json_schema": {"response_format": {"type": "json_schema",
                                         "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}},
     "tools_required": {"tools": [WEATHER_TOOL], "tool_choice": "required"},
-    "tools_auto": {"tools": [WEATHER_TOOL], "tool_choice": "auto"},
 }
 
 
@@ -98,8 +97,7 @@ def main() -> None:
                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes", *ENGINE_ARGS,
                 extra_env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "1"})
             frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
-                                   "--http-port", str(port), "--namespace", "bench-api",
-                                   "--tool-call-parser", "hermes")
+                                   "--http-port", str(port), "--namespace", "bench-api")
             worker = group.start("worker", "dynamo_lite.vllm", "--model", str(DEFAULT_MODEL_PATH),
                                  "--served-model-name", SERVED_MODEL_NAME, "--namespace", "bench-api",
                                  *ENGINE_ARGS, extra_env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"})

@@ -69,3 +69,18 @@ async def test_skip_special_tokens_false_shows_special_tokens(model_dir):
                 "skip_special_tokens": skip})
             texts[skip] = response.json()["choices"][0]["text"]
         assert texts[True] == REPLY and texts[False] == REPLY + "<|im_end|>"
+
+
+async def test_the_stop_token_is_hidden_unless_include_stop_str_in_output(model_dir):
+    # REPLY ends with EOS (a stop token): shown only with include_stop_str_in_output and special tokens
+    # kept, as vLLM's detokenizer does; counted in usage either way.
+    async with running_stack() as stack:
+        await stack.add_worker(ScriptedEngine(model_dir))
+        answers = {}
+        for include in (False, True):
+            response = await stack.http.post("/v1/completions", json={
+                "model": MODEL, "prompt": "a", "skip_special_tokens": False, "include_stop_str_in_output": include})
+            answers[include] = response.json()
+        assert answers[False]["choices"][0]["text"] == REPLY
+        assert answers[True]["choices"][0]["text"] == REPLY + "<|im_end|>"
+        assert answers[False]["usage"]["completion_tokens"] == answers[True]["usage"]["completion_tokens"]

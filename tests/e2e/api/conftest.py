@@ -23,8 +23,10 @@ from tests.services import free_tcp_port
 ENGINE_ARGS = ["--max-model-len", "2048", "--max-num-seqs", "16", "--enforce-eager"]
 # Frontend options of this project's side (parsers the API tests exercise).
 FRONTEND_ARGS: list[str] = []
-# vLLM-server options that mirror FRONTEND_ARGS.
-REFERENCE_ARGS: list[str] = []
+# vLLM-server options that mirror FRONTEND_ARGS. vLLM's server parses forced tool calls (tool_choice
+# "required" or a named function) only with a tool-call parser set; without one it answers their JSON
+# as content with no tool_calls.
+REFERENCE_ARGS: list[str] = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 
 @dataclass

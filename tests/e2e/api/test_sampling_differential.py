@@ -34,12 +34,22 @@ def _chat_texts(api_pair, **fields) -> dict[str, str]:
     {"repetition_penalty": 1.3},
     {"min_p": 0.3, "temperature": 0.8, "seed": 7},
     {"bad_words": ["Paris"]},
-    {"min_tokens": 22, "max_tokens": 24},
 ], ids=lambda f: ",".join(f))
 def test_sampling_fields_change_the_answer_the_same_way(api_pair, fields):
     texts = _chat_texts(api_pair, **fields)
     assert texts["ours"] == texts["vllm"]
     assert texts["ours"] != _chat_texts(api_pair)["ours"], "the field changed nothing: not tested"
+
+
+def test_min_tokens_continue_past_the_end_the_same_way(api_pair):
+    short = [{"role": "user", "content": "What is the capital of France? One word."}]
+    answers = {}
+    for min_tokens in (0, 30):
+        answers[min_tokens] = _both(api_pair, "/v1/chat/completions", {
+            "messages": short, "max_tokens": 40, "temperature": 0, "min_tokens": min_tokens})
+    assert answers[0]["ours"]["message"]["content"] == answers[0]["vllm"]["message"]["content"]
+    assert answers[30]["ours"]["message"]["content"] == answers[30]["vllm"]["message"]["content"]
+    assert len(answers[30]["ours"]["message"]["content"]) > len(answers[0]["ours"]["message"]["content"])
 
 
 def _token_ids(api_pair, text: str) -> list[int]:
