@@ -135,7 +135,9 @@ class ThinkReasoning:
         if self._tool_end is not None:
             i, j = text.find(self.END), text.find(self._tool_end)
             if j != -1 and (i == -1 or j < i):
-                return text[:j], text[j:] or None
+                # vLLM oddity: its Qwen3 engine drops a later "</think>" from this content when
+                # parsing whole text, but keeps it when streaming; each path matches vLLM's.
+                return text[:j] or None, text[j:].replace(self.END, "") or None
         if end not in text:
             return text, None
         reasoning, _, content = text.partition(end)
