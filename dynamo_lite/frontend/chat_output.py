@@ -15,7 +15,7 @@ import secrets
 import string
 from dataclasses import dataclass, field
 
-TOOL_PARSERS: tuple[str, ...] = ("hermes",)
+TOOL_PARSERS: tuple[str, ...] = ("hermes", "llama3_json")
 REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
 
 _ALNUM = string.ascii_letters + string.digits
@@ -259,9 +259,86 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def make_tools(name: str) -> HermesTools:
+class Llama3JsonTools:
+    """Llama 3.x JSON calls: ``{"name": …, "parameters"|"arguments": {…}}``, several joined by "; ",
+    optionally after ``<|python_tag|>``; only when the output starts with one of them.
+
+    Whole text follows vLLM's Llama3JsonToolParser exactly. Streaming differs in granularity: vLLM
+    streams argument prefixes through partial-JSON parsing; here a call goes out whole (name, then
+    its json.dumps arguments) once its object is complete, which is what vLLM's pieces add up to.
+    """
+
+    BOT = "<|python_tag|>"
+    _decoder = json.JSONDecoder()
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._mode: str | None = None  # "content" or "json", decided by the output's first chars
+        self._pos = 0
+        self._count = 0
+
+    def whole(self, text: str) -> tuple[list[tuple[str, str]], str | None]:
+        if self.BOT not in text and "{" not in text:
+            return [], text
+        calls, end = [], -1
+        for m in re.finditer(r"\{", text):
+            if m.start() <= end:
+                continue  # a brace inside an object already parsed
+            try:
+                obj, length = self._decoder.raw_decode(text[m.start():])
+                end = m.start() + length
+                args = obj["arguments"] if "arguments" in obj else obj["parameters"]
+                calls.append((obj["name"], json.dumps(args, ensure_ascii=False)))
+            except Exception:  # vLLM: one bad object turns the whole text back into content
+                return [], text
+        return (calls, None) if calls else ([], text)
+
+    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        self._text += text
+        if self._mode is None:
+            head = self._text
+            if head.startswith(self.BOT) or head.startswith("{"):
+                self._mode = "json"
+                self._pos = len(self.BOT) if head.startswith(self.BOT) else 0
+            elif self.BOT.startswith(head):
+                return "", []  # may still become <|python_tag|>
+            else:
+                self._mode = "content"
+                return self._text, []
+        if self._mode == "content":
+            return text, []
+        deltas: list[ToolCallDelta] = []
+        while True:
+            rest = self._text[self._pos:]
+            stripped = rest.lstrip("; \n\t")
+            if not stripped:
+                break
+            try:
+                obj, length = self._decoder.raw_decode(stripped)
+            except ValueError:
+                break  # not complete yet
+            self._pos += len(rest) - len(stripped) + length
+            if not isinstance(obj, dict) or "name" not in obj:
+                continue
+            args = obj.get("arguments", obj.get("parameters"))
+            i, self._count = self._count, self._count + 1
+            deltas.append(ToolCallDelta(index=i, id=make_tool_call_id(), name=obj["name"]))
+            if args:
+                deltas.append(ToolCallDelta(index=i, arguments=json.dumps(args, ensure_ascii=False)))
+        return "", deltas
+
+    def finish(self) -> str:
+        if self._mode is None:  # a bare prefix of <|python_tag|> was content
+            self._mode = "content"
+            return self._text
+        return ""
+
+
+def make_tools(name: str) -> HermesTools | Llama3JsonTools:
     if name == "hermes":
         return HermesTools()
+    if name == "llama3_json":
+        return Llama3JsonTools()
     raise ValueError(f"unknown tool call parser {name!r}; choose from {', '.join(TOOL_PARSERS)}")
 
 

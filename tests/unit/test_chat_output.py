@@ -145,7 +145,25 @@ REASONING = {
     "call_inside_reasoning": "<think>maybe " + call("search", {"q": "x"}) + " no.</think>Fine.",
 }
 
+LLAMA = {
+    "prose": "The capital of France is Paris.",
+    "one_call": '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}',
+    "python_tag": '<|python_tag|>{"name": "get_time", "arguments": {"tz": "UTC"}}',
+    "two_calls": '{"name": "get_weather", "parameters": {"city": "Oslo"}}; '
+    '{"name": "get_time", "parameters": {"tz": "CET"}}',
+    "nested": '{"name": "search", "parameters": {"q": "x", "f": {"lang": ["en"], "n": 3}}}',
+    "prose_with_brace": "Use {curly} braces.",
+}
+# vLLM streams only an output that starts with "{" or <|python_tag|>, and then parses the JSON with
+# partial_json_parser; its whole-text parser also accepts calls after prose and drops the prose.
+LLAMA_WHOLE_ONLY = {
+    "content_then_call": 'Sure: {"name": "get_time", "parameters": {"tz": "UTC"}}',
+    "missing_name": '{"parameters": {"tz": "UTC"}}',
+    "malformed": '{"name": "get_time", "parameters": {"tz": "UTC"',
+}
+
 CASES = [("hermes", None, n, t) for n, t in HERMES.items()]
+CASES += [("llama3_json", None, n, t) for n, t in LLAMA.items()]
 CASES += [(None, r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
 CASES += [("hermes", r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
 
@@ -163,6 +181,12 @@ def test_stream_matches_vllm(tool, reasoning, name, text):
     assert ours_stream(tool, reasoning, [p for p, _ in token_pieces(text)]) == expected
     for n in (1, 3, 7):
         assert ours_stream(tool, reasoning, chunks(text, n)) == expected, f"chunks of {n}"
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_WHOLE_ONLY))
+def test_llama3_json_whole_text_edge_cases_match_vllm(name):
+    text = LLAMA_WHOLE_ONLY[name]
+    assert ours_whole("llama3_json", None, text) == vllm_whole("llama3_json", None, text)
 
 
 def test_no_tools_in_request_keeps_tool_text_as_content():
