@@ -15,7 +15,7 @@ import secrets
 import string
 from dataclasses import dataclass, field
 
-TOOL_PARSERS: tuple[str, ...] = ("hermes", "llama3_json")
+TOOL_PARSERS: tuple[str, ...] = ("hermes", "llama3_json", "mistral")
 REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
 
 _ALNUM = string.ascii_letters + string.digits
@@ -334,7 +334,158 @@ class Llama3JsonTools:
         return ""
 
 
-def make_tools(name: str) -> HermesTools | Llama3JsonTools:
+def make_mistral_id() -> str:
+    # Mistral's chat templates accept only 9 alphanumeric characters as a call id (vLLM does the same).
+    return "".join(secrets.choice(_ALNUM) for _ in range(9))
+
+
+def _pre_v11_calls(parsed: object) -> list[tuple[str, str]]:
+    """vLLM's reading of the JSON after a pre-v11 ``[TOOL_CALLS]``."""
+    if isinstance(parsed, dict):
+        parsed = [parsed]
+    if not isinstance(parsed, list):
+        return []
+    calls = []
+    for tc in parsed:
+        if not isinstance(tc, dict) or not ("name" in tc or "arguments" in tc):
+            continue
+        name, args = tc.get("name"), tc.get("arguments")
+        if args is None:
+            args = "{}"
+        elif not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        calls.append((name if isinstance(name, str) else "", args))
+    return calls
+
+
+def _first_json(raw: str) -> str:
+    """The first complete JSON value of v11 arguments (a model may write text after it)."""
+    stripped = raw.strip()
+    if not stripped:
+        return "{}"
+    try:
+        _, end = json.JSONDecoder().raw_decode(stripped)
+    except ValueError:
+        return stripped
+    return stripped[:end]
+
+
+class MistralTools:
+    """Mistral ``[TOOL_CALLS]``: pre-v11 ``[TOOL_CALLS][{"name": …, "arguments": {…}}, …]`` and v11+
+    ``[TOOL_CALLS]name[ARGS]{…}`` (or ``name{…}``), one marker per call. The format is read from the
+    text after the marker, where vLLM picks it from the tokenizer (``[ARGS]`` in the vocabulary)."""
+
+    BOT, ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._sent_content = 0
+        self._sent: list[list] = []  # per call: [name sent, arguments sent]
+
+    def whole(self, text: str) -> tuple[list[tuple[str, str]], str | None]:
+        if self.BOT not in text:
+            return [], text
+        content, *segments = text.split(self.BOT)
+        first = next((seg.strip() for seg in segments if seg.strip()), "")
+        if first.startswith(("[", "{")):
+            return self._whole_pre_v11(first, content)
+        calls = [self._v11_call(seg, final=True) for seg in segments if seg.strip()]
+        calls = [c for c in calls if c is not None]
+        # vLLM's v11 engine strips whitespace that ends the content before the calls (whole text
+        # only: its stream sends that whitespace, and so does ours)
+        return [(n, a) for n, a in calls], content.rstrip() or None
+
+    @staticmethod
+    def _whole_pre_v11(body: str, content: str) -> tuple[list[tuple[str, str]], str | None]:
+        try:
+            parsed, _ = json.JSONDecoder().raw_decode(body)
+        except ValueError:
+            m = re.search(r"\[{.*}\]", body, re.DOTALL)
+            try:
+                parsed = json.loads(m.group(0)) if m else None
+            except ValueError:
+                parsed = None
+        calls = _pre_v11_calls(parsed)
+        if not calls:  # vLLM: the text after the marker (stripped) becomes the content
+            return [], body
+        return calls, content if content.strip() else None
+
+    def _v11_call(self, segment: str, final: bool) -> tuple[str, str | None] | None:
+        """(name, arguments or None while incomplete) of one ``name[ARGS]{…}`` segment."""
+        cut = [i for i in (segment.find(self.ARGS), segment.find("{")) if i != -1]
+        if not cut:
+            return (segment.strip(), "{}") if final and segment.strip() else None
+        at = min(cut)
+        name = segment[:at].strip()
+        raw = segment[at + len(self.ARGS):] if segment.startswith(self.ARGS, at) else segment[at:]
+        if final:
+            return name, _first_json(raw)
+        try:
+            _, end = json.JSONDecoder().raw_decode(raw.strip())
+        except ValueError:
+            return name, None
+        return name, raw.strip()[:end]
+
+    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        return self._scan(text, final=False)
+
+    def finish(self) -> str:
+        content, self._final_deltas = self._scan("", final=True)
+        return content
+
+    def finish_calls(self) -> list[ToolCallDelta]:
+        return getattr(self, "_final_deltas", [])
+
+    def _scan(self, text: str, final: bool) -> tuple[str, list[ToolCallDelta]]:
+        self._text += text
+        current = self._text
+        if self.BOT in current:
+            sendable = current.index(self.BOT)
+        else:
+            sendable = len(current) - (0 if final else partial_overlap(current, self.BOT))
+        content = ""
+        if sendable > self._sent_content:
+            content = current[self._sent_content:sendable]
+            self._sent_content = sendable
+        if self.BOT not in current:
+            return content, []
+        segments = current.split(self.BOT)[1:]
+        first = next((seg.strip() for seg in segments if seg.strip()), "")
+        if first.startswith(("[", "{")):
+            calls = self._stream_pre_v11(segments, final)
+        else:
+            calls = []
+            for j, seg in enumerate(segments):
+                last = j == len(segments) - 1
+                if last and not final:
+                    seg = seg[:len(seg) - partial_overlap(seg, self.BOT)]
+                if seg.strip():
+                    call = self._v11_call(seg, final or not last)
+                    if call is not None:
+                        calls.append(call)
+        deltas: list[ToolCallDelta] = []
+        for i, (name, args) in enumerate(calls):
+            if i >= len(self._sent):
+                self._sent.append([False, False])
+                deltas.append(ToolCallDelta(index=i, id=make_mistral_id(), name=name))
+            if args is not None and not self._sent[i][1]:
+                self._sent[i][1] = True
+                deltas.append(ToolCallDelta(index=i, arguments=args))
+        return content, deltas
+
+    @staticmethod
+    def _stream_pre_v11(segments: list[str], final: bool) -> list[tuple[str, str | None]]:
+        body = next((seg.strip() for seg in segments if seg.strip()), "")
+        try:
+            parsed, _ = json.JSONDecoder().raw_decode(body)
+        except ValueError:
+            return []  # calls go out once the JSON is complete
+        return [(n, a) for n, a in _pre_v11_calls(parsed)]
+
+
+def make_tools(name: str) -> HermesTools | Llama3JsonTools | MistralTools:
+    if name == "mistral":
+        return MistralTools()
     if name == "hermes":
         return HermesTools()
     if name == "llama3_json":
@@ -377,6 +528,9 @@ class ChatOutput:
             out.reasoning, _ = self._reasoning.finish()
         if self._tools is not None:
             out.content = self._tools.finish()
+            if isinstance(self._tools, MistralTools):
+                out.tool_calls = self._tools.finish_calls()
+                self._called = self._called or bool(out.tool_calls)
         return None if out.empty() else out
 
     def parse_whole(self, text: str) -> ParsedMessage:

@@ -27,12 +27,18 @@ TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "ob
 
 
 @functools.cache
-def tokenizer():
+def tokenizer(with_args_token=True):
+    """The default model's tokenizer with the markers as single tokens. Without ``[ARGS]`` vLLM's
+    Mistral parser reads the pre-v11 format ([TOOL_CALLS][{...}]), with it the v11+ one."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(MODEL)
-    tok.add_tokens(MARKERS, special_tokens=True)
+    tok.add_tokens([m for m in MARKERS if with_args_token or m != "[ARGS]"], special_tokens=True)
     return tok
+
+
+def tok_for(tool, text):
+    return tokenizer(not (tool == "mistral" and "[ARGS]" not in text and "[TOOL_CALLS][" in text))
 
 
 def vllm_request():
@@ -41,17 +47,17 @@ def vllm_request():
     return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
 
 
-def vllm_parser(tool, reasoning):
+def vllm_parser(tool, reasoning, tok):
     from vllm.parser.parser_manager import ParserManager
 
     cls = ParserManager.get_parser(tool_parser_name=tool, reasoning_parser_name=reasoning,
                                    enable_auto_tools=True)
-    return cls(tokenizer(), vllm_request().tools)
+    return cls(tok, vllm_request().tools)
 
 
-def token_pieces(text):
+def token_pieces(text, tok=None):
     """The text as the detokenizer would deliver it: one piece per token."""
-    enc = tokenizer()(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = (tok or tokenizer())(text, add_special_tokens=False, return_offsets_mapping=True)
     pieces, prev = [], 0
     for tid, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]):
         pieces.append((text[prev:end], [tid]))
@@ -61,14 +67,15 @@ def token_pieces(text):
 
 
 def vllm_whole(tool, reasoning, text):
-    r, c, calls = vllm_parser(tool, reasoning).parse(text, vllm_request(), enable_auto_tools=True)
+    r, c, calls = vllm_parser(tool, reasoning, tok_for(tool, text)).parse(text, vllm_request(), enable_auto_tools=True)
     return r, c, [(f.name, f.arguments) for f in (calls or [])]
 
 
 def vllm_stream(tool, reasoning, text):
-    parser, req = vllm_parser(tool, reasoning), vllm_request()
-    prompt = tokenizer()("hi", add_special_tokens=False)["input_ids"]
-    pieces = token_pieces(text)
+    tok = tok_for(tool, text)
+    parser, req = vllm_parser(tool, reasoning, tok), vllm_request()
+    prompt = tok("hi", add_special_tokens=False)["input_ids"]
+    pieces = token_pieces(text, tok)
     reasoning_out, content, calls = "", "", {}
     for i, (delta, ids) in enumerate(pieces):
         d = parser.parse_delta(delta, ids, req, prompt, finished=i == len(pieces) - 1)
@@ -101,7 +108,11 @@ def ours_stream(tool, reasoning, pieces, parse_tools=True):
         for tc in d.tool_calls:
             slot = calls.setdefault(tc.index, ["", ""])
             if tc.name is not None:
-                assert tc.index not in ids and tc.id.startswith("call_") and len(tc.id) == 29
+                assert tc.index not in ids
+                if tool == "mistral":
+                    assert tc.id.isalnum() and len(tc.id) == 9
+                else:
+                    assert tc.id.startswith("call_") and len(tc.id) == 29
                 ids[tc.index] = tc.id
                 slot[0] += tc.name
             slot[1] += tc.arguments
@@ -162,7 +173,19 @@ LLAMA_WHOLE_ONLY = {
     "malformed": '{"name": "get_time", "parameters": {"tz": "UTC"',
 }
 
+MISTRAL = {
+    "prose": "The capital of France is Paris.",
+    "pre_v11_one": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    "pre_v11_two": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+    '{"name": "get_time", "arguments": {"tz": "UTC"}}]',
+    "pre_v11_after_content": 'Let me look.[TOOL_CALLS][{"name": "search", "arguments": {"q": "x"}}]',
+    "v11_one": '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}',
+    "v11_two": '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}',
+    "v11_after_content": 'Sure.\n[TOOL_CALLS]search[ARGS]{"q": {"nested": [1, 2]}}',
+}
+
 CASES = [("hermes", None, n, t) for n, t in HERMES.items()]
+CASES += [("mistral", None, n, t) for n, t in MISTRAL.items()]
 CASES += [("llama3_json", None, n, t) for n, t in LLAMA.items()]
 CASES += [(None, r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
 CASES += [("hermes", r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
@@ -178,7 +201,8 @@ def test_whole_text_matches_vllm(tool, reasoning, name, text):
                          ids=[f"{t}-{r}-{n}" for t, r, n, _ in CASES])
 def test_stream_matches_vllm(tool, reasoning, name, text):
     expected = vllm_stream(tool, reasoning, text)
-    assert ours_stream(tool, reasoning, [p for p, _ in token_pieces(text)]) == expected
+    pieces = [p for p, _ in token_pieces(text, tok_for(tool, text))]
+    assert ours_stream(tool, reasoning, pieces) == expected
     for n in (1, 3, 7):
         assert ours_stream(tool, reasoning, chunks(text, n)) == expected, f"chunks of {n}"
 
