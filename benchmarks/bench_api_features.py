@@ -95,7 +95,9 @@ def main() -> None:
                 "vllm-serve", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
                 "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(vllm_port),
                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes", *ENGINE_ARGS,
-                extra_env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "1"})
+                # The JSON-schema constraint for forced tool calls, as this project builds it (with
+                # strict tool calling on, vLLM 0.32 uses an xgrammar structural tag instead).
+                extra_env={**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0"})
             frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
                                    "--http-port", str(port), "--namespace", "bench-api")
             worker = group.start("worker", "dynamo_lite.vllm", "--model", str(DEFAULT_MODEL_PATH),

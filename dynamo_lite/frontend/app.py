@@ -32,7 +32,7 @@ from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
-from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
+from dynamo_lite.frontend.preprocess import ChatParsers, plan_chat, plan_completion
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from dynamo_lite.frontend.tokenize_api import TokenizeService
 from dynamo_lite.frontend.tool_calls import finish_reason_with_tools
@@ -78,6 +78,7 @@ class OpenAIService:
             self.dispatcher, self.metrics)
         self.pipeline = PipelineDeps(dispatcher=self.dispatcher, prefill=self.prefill, metrics=self.metrics)
         self.started = int(time.time())
+        self.parsers = ChatParsers(tool_call=config.tool_call_parser, reasoning=config.reasoning_parser)
         # The one path by which the router hears of workers leaving (a KvRoutingService follows the
         # watcher from its start already; following again changes nothing).
         deps.router.follow(deps.watcher)
@@ -108,7 +109,8 @@ class OpenAIService:
             served = await self.models.get(body.model)
             model = served.name
             request_id = request_id_of(http_request)
-            plan = await (plan_chat(served, body, request_id) if chat else plan_completion(served, body, request_id))
+            plan = await (plan_chat(served, body, request_id, self.parsers) if chat
+                          else plan_completion(served, body, request_id))
             generation = Generation(self.pipeline, plan, arrival)
             if body.stream:
                 return await self._stream(http_request, generation, endpoint, chat, body.include_usage, arrival)
@@ -280,7 +282,7 @@ class OpenAIService:
             chat = "messages" in data
             body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
             served = await self.models.get(body.model)
-            plan = await (plan_chat(served, body) if chat else plan_completion(served, body))
+            plan = await (plan_chat(served, body, parsers=self.parsers) if chat else plan_completion(served, body))
             pools = {pool: self.dispatcher.workers(served.name, pool) for pool in (POOL_DECODE, POOL_PREFILL)}
             explanation = router.explain(served.name, plan.prompt_ids, [r.instance_id for r in pools[POOL_DECODE]])
             if explanation is None:

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-import string
-from dataclasses import dataclass, field
+
+from dynamo_lite.frontend.tool_calls import (OutputDelta, ParsedMessage, ToolCall, ToolCallDelta, make_tool_call_id,
+                                             random_alnum)
 
 TOOL_PARSERS: tuple[str, ...] = ("hermes", "llama3_json", "mistral")
 REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
-
-_ALNUM = string.ascii_letters + string.digits
-
-
-def make_tool_call_id() -> str:
-    return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
 
 
 def partial_overlap(text: str, marker: str) -> int:
@@ -31,56 +25,6 @@ def partial_overlap(text: str, marker: str) -> int:
         if text.endswith(marker[:k]):
             return k
     return 0
-
-
-@dataclass
-class ToolCallDelta:
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
-
-    def to_openai(self) -> dict:
-        # As vLLM streams them: the first piece carries id, type and name; later ones only arguments.
-        out: dict = {"index": self.index}
-        if self.id is not None:
-            out["id"] = self.id
-            out["type"] = "function"
-        function: dict = {}
-        if self.name is not None:
-            function["name"] = self.name
-        if self.arguments or self.name is None:
-            function["arguments"] = self.arguments
-        out["function"] = function
-        return out
-
-
-@dataclass
-class OutputDelta:
-    content: str = ""
-    reasoning: str = ""
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (self.content or self.reasoning or self.tool_calls)
-
-
-@dataclass
-class ToolCall:
-    id: str
-    name: str
-    arguments: str
-
-    def to_openai(self) -> dict:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
-
-
-@dataclass
-class ParsedMessage:
-    content: str | None
-    reasoning: str | None
-    tool_calls: list[ToolCall]
 
 
 # ---------------------------------------------------------------------------------------------- reasoning
@@ -336,7 +280,7 @@ class Llama3JsonTools:
 
 def make_mistral_id() -> str:
     # Mistral's chat templates accept only 9 alphanumeric characters as a call id (vLLM does the same).
-    return "".join(secrets.choice(_ALNUM) for _ in range(9))
+    return random_alnum(9)
 
 
 def _pre_v11_calls(parsed: object) -> list[tuple[str, str]]:
@@ -520,7 +464,7 @@ class ChatOutput:
         else:
             out.content = content
         self._called = self._called or bool(out.tool_calls)
-        return None if out.empty() else out
+        return None if not out else out
 
     def finish(self) -> OutputDelta | None:
         out = OutputDelta()
@@ -531,7 +475,7 @@ class ChatOutput:
             if isinstance(self._tools, MistralTools):
                 out.tool_calls = self._tools.finish_calls()
                 self._called = self._called or bool(out.tool_calls)
-        return None if out.empty() else out
+        return None if not out else out
 
     def parse_whole(self, text: str) -> ParsedMessage:
         reasoning: str | None = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dynamo_lite.frontend.chat_output import ChatOutput
 from dynamo_lite.frontend.middleware import RequestId
 from dynamo_lite.frontend.models import ServedModel
 from dynamo_lite.frontend.schemas import (ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields,
@@ -47,8 +49,16 @@ async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> li
     return model.tokenizer.encode(text, add_special_tokens)
 
 
-async def plan_chat(model: ServedModel, request: ChatCompletionRequest,
-                    request_id: RequestId | None = None) -> GenerationPlan:
+@dataclass(frozen=True)
+class ChatParsers:
+    """The frontend's --tool-call-parser and --reasoning-parser ("" = none)."""
+
+    tool_call: str = ""
+    reasoning: str = ""
+
+
+async def plan_chat(model: ServedModel, request: ChatCompletionRequest, request_id: RequestId | None = None,
+                    parsers: ChatParsers = ChatParsers()) -> GenerationPlan:
     check_supported(request)
     text = model.tokenizer.render_chat(request.template_messages(), request.add_generation_prompt,
                                        request.template_tools(), request.chat_template_kwargs)
@@ -61,10 +71,17 @@ async def plan_chat(model: ServedModel, request: ChatCompletionRequest,
     elif choice == "required":
         plan.answer_shaper, plan.tool_choice = (lambda: ForcedToolCalls(None)), "required"
     elif choice == "auto":
-        # vLLM's server answers the same without --tool-call-parser: the calls would come back as prose.
-        raise InvalidRequestError('"auto" tool choice needs a tool-call parser on this frontend '
-                                  '(--tool-call-parser); "required", a named function and "none" work without',
-                                  param="tool_choice")
+        if not parsers.tool_call:
+            # vLLM's server answers the same without a parser: the calls would come back as prose.
+            raise InvalidRequestError('"auto" tool choice needs a tool-call parser on this frontend '
+                                      '(--tool-call-parser); "required", a named function and "none" work '
+                                      "without", param="tool_choice")
+        plan.answer_shaper = functools.partial(ChatOutput, parsers.tool_call, parsers.reasoning or None, True)
+        plan.tool_choice = "auto"
+        # Tool-call markers are special tokens in some models' vocabularies (vLLM's hermes parser does the same).
+        plan.skip_special_tokens = False
+    elif parsers.reasoning:
+        plan.answer_shaper = functools.partial(ChatOutput, None, parsers.reasoning, False)
     return plan
 
 

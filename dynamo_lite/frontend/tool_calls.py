@@ -20,9 +20,13 @@ from dynamo_lite.protocol.errors import InvalidRequestError
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
+def random_alnum(length: int) -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
 def make_tool_call_id() -> str:
     """`call_` and 24 random letters and digits, as vLLM's server makes them."""
-    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+    return "call_" + random_alnum(24)
 
 
 @dataclass
@@ -35,12 +39,16 @@ class ToolCallDelta:
     arguments: str = ""
 
     def to_openai(self) -> dict[str, Any]:
-        function: dict[str, Any] = {"arguments": self.arguments}
-        if self.name is not None:
-            function = {"name": self.name, "arguments": self.arguments}
+        # As vLLM streams them: the first piece carries id, type and name (and arguments only if it
+        # has some); later pieces only arguments.
         piece: dict[str, Any] = {"index": self.index}
         if self.id is not None:
             piece.update(id=self.id, type="function")
+        function: dict[str, Any] = {}
+        if self.name is not None:
+            function["name"] = self.name
+        if self.arguments or self.name is None:
+            function["arguments"] = self.arguments
         piece["function"] = function
         return piece
 

@@ -100,3 +100,45 @@ async def test_tool_results_in_the_conversation_reach_the_worker(model_dir):
         assert response.status_code == 200, response.text
         prompt = TOKENIZER.decode(engine.requests[-1].token_ids, skip_special_tokens=False)
         assert "<|im_start|>tool\nsunny, 21 C<|im_end|>" in prompt
+
+
+async def test_auto_tool_choice_parses_hermes_calls(model_dir):
+    text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    async with running_stack(tool_call_parser="hermes") as stack:
+        await stack.add_worker(AnsweringEngine(model_dir, text))
+        body = chat_body(tools=TOOLS)  # tool_choice defaults to "auto" with tools
+        choice = (await stack.http.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me check."
+        [call] = choice["message"]["tool_calls"]
+        assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather",
+                                                                                        {"city": "Paris"})
+        chunks = events(await stack.http.post("/v1/chat/completions", json={**body, "stream": True}))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("content") or "" for d in deltas) == "Let me check."
+        pieces = [p for d in deltas for p in d.get("tool_calls", [])]
+        assert pieces[0]["function"]["name"] == "get_weather"
+        assert json.loads("".join(p["function"].get("arguments", "") for p in pieces)) == {"city": "Paris"}
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_reasoning_parser_fills_the_reasoning_field(model_dir):
+    async with running_stack(reasoning_parser="deepseek_r1") as stack:
+        await stack.add_worker(AnsweringEngine(model_dir, "two and two</think>It is 4."))
+        message = (await stack.http.post("/v1/chat/completions", json=chat_body())).json()["choices"][0]["message"]
+        assert (message["reasoning"], message["content"]) == ("two and two", "It is 4.")
+        chunks = events(await stack.http.post("/v1/chat/completions", json=chat_body(stream=True)))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("reasoning", "") for d in deltas) == "two and two"
+        assert "".join(d.get("content") or "" for d in deltas) == "It is 4."
+
+
+def test_unknown_parsers_are_refused_at_start():
+    import pytest
+
+    from dynamo_lite.frontend.config import FrontendConfig
+    from dynamo_lite.protocol.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown --tool-call-parser 'nope'.*hermes"):
+        FrontendConfig(tool_call_parser="nope")
+    with pytest.raises(ConfigError, match="unknown --reasoning-parser 'x'.*deepseek_r1"):
+        FrontendConfig(reasoning_parser="x")

@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from dynamo_lite.runtime.models import default_model_path
 from dynamo_lite.frontend.chat_output import (
     REASONING_PARSERS,
     TOOL_PARSERS,
@@ -19,7 +20,7 @@ from dynamo_lite.frontend.chat_output import (
     ToolCallDelta,
 )
 
-MODEL = "/root/.cache/dynamo_lite/models/SmolLM2-135M-Instruct"
+MODEL = default_model_path()  # its tokenizer, with the formats' markers added as tokens
 MARKERS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]",
            "<|python_tag|>", "<|eom_id|>"]
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}

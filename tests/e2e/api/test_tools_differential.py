@@ -88,3 +88,16 @@ def test_a_tool_result_in_the_conversation_is_answered_alike(api_pair):
                                                     tool_choice="none", temperature=0, max_tokens=30)
         texts[side] = completion.choices[0].message.content
     assert texts["ours"] == texts["vllm"] and texts["ours"]
+
+
+def test_auto_tool_choice_answers_alike(api_pair):
+    # SmolLM2's template shows no tools, so the model answers in prose: the hermes parser on both sides
+    # must leave it as content, with no calls.
+    answers = {}
+    for side, client in _clients(api_pair).items():
+        completion = client.chat.completions.create(model=api_pair.model, messages=MESSAGES, tools=TOOLS,
+                                                    tool_choice="auto", temperature=0, max_tokens=30)
+        answers[side] = completion.choices[0]
+    assert answers["ours"].message.content == answers["vllm"].message.content
+    assert not answers["ours"].message.tool_calls and not answers["vllm"].message.tool_calls
+    assert answers["ours"].finish_reason == answers["vllm"].finish_reason
