@@ -375,6 +375,11 @@ class MistralTools:
 
     def finish(self) -> str:
         content, self._final_deltas = self._scan("", final=True)
+        if self.BOT in self._text and not self._sent:
+            # Deliberate difference: a pre-v11 call array that never completed is sent as content,
+            # as vLLM's whole-text parser returns it (its stream sends a partial call instead).
+            segments = self._text.split(self.BOT)[1:]
+            content += next((seg.strip() for seg in segments if seg.strip()), "")
         return content
 
     def finish_calls(self) -> list[ToolCallDelta]:
@@ -484,7 +489,11 @@ class ChatOutput:
             reasoning, content = make_reasoning(self._reasoning_name).whole(text)
         calls: list[ToolCall] = []
         if self._tools is not None:
-            found, tool_content = make_tools(self._tool_name).whole(content or "")
+            tools = make_tools(self._tool_name)
+            found, tool_content = tools.whole(content or "")
+            if not found and isinstance(tools, MistralTools):
+                # vLLM's engine-based parsers (mistral) return their own content when nothing parses
+                content = tool_content or None
             if found:
                 calls = [ToolCall(make_tool_call_id(), n, a) for n, a in found]
                 # vLLM: content that is only whitespace beside tool calls becomes None
