@@ -32,6 +32,7 @@ from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
+from dynamo_lite.frontend.responses_api import ResponsesService
 from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from dynamo_lite.frontend.tokenize_api import TokenizeService
@@ -298,6 +299,7 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
     app.add_route("/v1/completions", service.completions, methods=["POST"])
     app.add_route("/v1/models", service.list_models, methods=["GET"])
+    app.add_route("/v1/responses", ResponsesService(service).create, methods=["POST"])
     app.add_route("/health", service.health, methods=["GET"])
     app.add_route("/live", service.live, methods=["GET"])
     app.add_route("/metrics", service.prometheus, methods=["GET"])
