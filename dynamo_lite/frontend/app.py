@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend import errors, responses
+from dynamo_lite.frontend.anthropic_api import MessagesService
 from dynamo_lite.frontend.attempt import POOL_DECODE, POOL_PREFILL, Dispatcher
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnected
@@ -33,6 +34,7 @@ from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
 from dynamo_lite.frontend.preprocess import ChatParsers, plan_chat, plan_completion
+from dynamo_lite.frontend.responses_api import ResponsesService
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from dynamo_lite.frontend.tokenize_api import TokenizeService
 from dynamo_lite.frontend.tool_calls import finish_reason_with_tools
@@ -324,6 +326,8 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
     app.add_route("/v1/completions", service.completions, methods=["POST"])
     app.add_route("/v1/models", service.list_models, methods=["GET"])
+    app.add_route("/v1/responses", ResponsesService(service).create, methods=["POST"])
+    app.add_route("/v1/messages", MessagesService(service).create, methods=["POST"])
     app.add_route("/health", service.health, methods=["GET"])
     app.add_route("/live", service.live, methods=["GET"])
     app.add_route("/metrics", service.prometheus, methods=["GET"])

@@ -18,12 +18,15 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dynamo_lite.frontend import errors
+from dynamo_lite.frontend.anthropic_api import anthropic_error
 from dynamo_lite.frontend.config import FrontendConfig
 
 REQUEST_ID_HEADER = b"x-request-id"
 # vLLM's server checks keys on these paths only: /health, /live, /metrics, /tokenize, /detokenize,
 # /version and /debug/route stay open (probes and scrapers need no key; nothing there generates).
 GUARDED_PREFIXES = ("/v1",)
+# Anthropic's SDK sends its key as `x-api-key`, not as a bearer token: both are taken there.
+ANTHROPIC_PATH = "/v1/messages"
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class ApiKeyMiddleware:
         if header is not None and scheme.lower() == b"bearer" and self._matches(token.strip()):
             await self.app(scope, receive, send)
             return
+        if scope["path"] == ANTHROPIC_PATH:
+            await self._anthropic(scope, receive, send, header)
+            return
         if header is None:
             message, code = ("You didn't provide an API key. Send it in an Authorization header using Bearer "
                              "auth (Authorization: Bearer YOUR_KEY).", None)
@@ -108,6 +114,16 @@ class ApiKeyMiddleware:
         response = errors.error_response(401, message, "invalid_request_error", code=code)
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
+
+
+    async def _anthropic(self, scope: Scope, receive: Receive, send: Send, authorization: bytes | None) -> None:
+        key = _header(scope, b"x-api-key")
+        if key is not None and self._matches(key.strip()):
+            await self.app(scope, receive, send)
+            return
+        given = key is not None or authorization is not None
+        message = "invalid x-api-key" if given else "x-api-key header is required"
+        await anthropic_error(401, message)(scope, receive, send)
 
 
 def install_middleware(app, config: FrontendConfig) -> None:
