@@ -268,3 +268,90 @@ def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="deepseek_r1"):
         ChatOutput(None, "nope", True)
     assert set(TOOL_PARSERS) >= {"hermes"} and set(REASONING_PARSERS) >= {"deepseek_r1", "qwen3"}
+
+
+# ------------------------------------------------------------------------------------ gpt-oss harmony
+# vLLM's HarmonyParser reads openai_harmony token ids; the oracle gets the o200k_harmony ids of the same
+# text (the vocabulary ships with the installed openai_harmony, nothing is downloaded).
+
+HARMONY = {
+    "final_only": "<|channel|>final<|message|>Paris is the capital.<|return|>",
+    "analysis_then_final": "<|channel|>analysis<|message|>User asks a capital.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>Paris.<|return|>",
+    "analysis_then_call": "<|channel|>analysis<|message|>Need weather.<|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    '<|message|>{"city":"Paris"}<|call|>',
+    "recipient_before_channel": "<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.get_time"
+    '<|channel|>commentary json<|message|>{"tz": "UTC"}<|call|>',
+    "two_calls": "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    '<|message|>{"city":"Oslo"}<|call|><|start|>assistant<|channel|>commentary to=functions.get_time '
+    '<|constrain|>json<|message|>{"tz":"CET"}<|call|>',
+    "preamble_then_call": "<|channel|>commentary<|message|>Checking the weather.<|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.search <|constrain|>json"
+    '<|message|>{"q": "a < b"}<|call|>',
+    "malformed_args": "<|channel|>commentary to=functions.search <|constrain|>json"
+    '<|message|>{"q": oops<|call|>',
+    "unfinished_final": "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>final"
+    "<|message|>The answer is",
+}
+
+
+@functools.cache
+def harmony_encoding():
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
+    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def harmony_oracle(tools, reasoning):
+    from vllm.parser.parser_manager import ParserManager
+
+    cls = ParserManager.get_parser(tool_parser_name="openai" if tools else None,
+                                   reasoning_parser_name="openai_gptoss" if reasoning else None,
+                                   enable_auto_tools=True, is_harmony=True)
+    return cls(tokenizer(), vllm_request().tools)
+
+
+def harmony_pieces(text):
+    enc = harmony_encoding()
+    ids = enc.encode(text, allowed_special="all")
+    pieces = [(enc.decode([i]), [i]) for i in ids]
+    assert "".join(p for p, _ in pieces) == text
+    return pieces
+
+
+HARMONY_MODES = [(True, True), (True, False), (False, True)]
+HARMONY_CASES = [(t, r, n, x) for t, r in HARMONY_MODES for n, x in HARMONY.items()]
+
+
+@pytest.mark.parametrize(("tools", "reasoning", "name", "text"), HARMONY_CASES,
+                         ids=[f"tools{t}-reasoning{r}-{n}" for t, r, n, _ in HARMONY_CASES])
+def test_harmony_matches_vllm(tools, reasoning, name, text):
+    tool, rp = ("openai" if tools else None), ("openai" if reasoning else None)
+    pieces = harmony_pieces(text)
+    ids = [i for _, p in pieces for i in p]
+    r, c, calls = harmony_oracle(tools, reasoning).parse(text, vllm_request(), enable_auto_tools=True,
+                                                         model_output_token_ids=ids)
+    assert ours_whole(tool, rp, text) == (r, c, [(f.name, f.arguments) for f in calls or []])
+
+    parser, req = harmony_oracle(tools, reasoning), vllm_request()
+    s_reasoning, s_content, s_calls = "", "", {}
+    for i, (delta, tid) in enumerate(pieces):
+        d = parser.parse_delta(delta, tid, req, None, finished=i == len(pieces) - 1)
+        if d is None:
+            continue
+        s_reasoning += d.reasoning or ""
+        s_content += d.content or ""
+        for tc in d.tool_calls or []:
+            slot = s_calls.setdefault(tc.index, ["", ""])
+            slot[0] += tc.function.name or ""
+            slot[1] += tc.function.arguments or ""
+    expected = (s_reasoning, s_content, [tuple(s_calls[k]) for k in sorted(s_calls)])
+    assert ours_stream(tool, rp, [p for p, _ in pieces]) == expected
+    for n in (1, 3, 7):
+        assert ours_stream(tool, rp, chunks(text, n)) == expected, f"chunks of {n}"
+
+
+def test_harmony_cannot_mix_with_other_formats():
+    with pytest.raises(ValueError, match="harmony"):
+        ChatOutput("hermes", "openai", True)
