@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from dynamo_lite.frontend.parsers.harmony import Header, HarmonyReader, tool_arguments
 
 TOOL_PARSERS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "openai")
-REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3", "openai")
+# "openai_gptoss" is vLLM's name for the gpt-oss reasoning parser; "openai" is the same here.
+REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3", "openai", "openai_gptoss")
 
 _ALNUM = string.ascii_letters + string.digits
 
@@ -507,11 +508,14 @@ class ChatOutput:
 
     def __init__(self, tool_parser: str | None, reasoning_parser: str | None, parse_tools: bool):
         if tool_parser is not None and tool_parser not in TOOL_PARSERS:
-            raise ValueError(f"unknown tool call parser {tool_parser!r}; choose from {', '.join(TOOL_PARSERS)}")
+            raise ValueError(f"unknown tool call parser {tool_parser!r}; "
+                             f"choose from {', '.join(TOOL_PARSERS)}")
         if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; "
                              f"choose from {', '.join(REASONING_PARSERS)}")
         self._harmony: HarmonyOutput | None = None
+        if reasoning_parser == "openai_gptoss":
+            reasoning_parser = "openai"
         if "openai" in (tool_parser, reasoning_parser):
             if {tool_parser, reasoning_parser} - {"openai", None}:
                 raise ValueError("the openai (gpt-oss harmony) parser cannot be mixed with another format")
@@ -629,7 +633,8 @@ class HarmonyOutput:
             elif kind == "content" and body:
                 content.append(body)
             elif kind == "tool" and self._tools:
-                calls.append(ToolCall(make_tool_call_id(), header.function(), tool_arguments(header, body)))
+                args = tool_arguments(header, body)
+                calls.append(ToolCall(make_tool_call_id(), header.function(), args))
         self.called = self.called or bool(calls)
         return ParsedMessage(content="\n".join(content) or None, reasoning="\n".join(reasoning) or None,
                              tool_calls=calls)

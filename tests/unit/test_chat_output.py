@@ -22,7 +22,8 @@ from dynamo_lite.frontend.chat_output import (
 MODEL = "/root/.cache/dynamo_lite/models/SmolLM2-135M-Instruct"
 MARKERS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]",
            "<|python_tag|>", "<|eom_id|>"]
-TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [{"type": "function",
+          "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
          for n in ("get_weather", "get_time", "search")]
 
 
@@ -68,7 +69,8 @@ def token_pieces(text, tok=None):
 
 
 def vllm_whole(tool, reasoning, text):
-    r, c, calls = vllm_parser(tool, reasoning, tok_for(tool, text)).parse(text, vllm_request(), enable_auto_tools=True)
+    parser = vllm_parser(tool, reasoning, tok_for(tool, text))
+    r, c, calls = parser.parse(text, vllm_request(), enable_auto_tools=True)
     return r, c, [(f.name, f.arguments) for f in (calls or [])]
 
 
@@ -197,8 +199,9 @@ MISTRAL = {
 CASES = [("hermes", None, n, t) for n, t in HERMES.items()]
 CASES += [("mistral", None, n, t) for n, t in MISTRAL.items()]
 CASES += [("llama3_json", None, n, t) for n, t in LLAMA.items()]
-CASES += [(None, r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
-CASES += [("hermes", r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
+THINK_PARSERS = ("deepseek_r1", "qwen3")
+CASES += [(None, r, n, t) for r in THINK_PARSERS for n, t in REASONING.items()]
+CASES += [("hermes", r, n, t) for r in THINK_PARSERS for n, t in REASONING.items()]
 
 
 @pytest.mark.parametrize(("tool", "reasoning", "name", "text"), CASES,
@@ -267,7 +270,8 @@ def test_unknown_names_list_the_choices():
         ChatOutput("nope", None, True)
     with pytest.raises(ValueError, match="deepseek_r1"):
         ChatOutput(None, "nope", True)
-    assert set(TOOL_PARSERS) >= {"hermes"} and set(REASONING_PARSERS) >= {"deepseek_r1", "qwen3"}
+    assert TOOL_PARSERS == ("hermes", "llama3_json", "mistral", "openai")
+    assert REASONING_PARSERS == ("deepseek_r1", "qwen3", "openai", "openai_gptoss")
 
 
 # ------------------------------------------------------------------------------------ gpt-oss harmony
@@ -281,7 +285,8 @@ HARMONY = {
     "analysis_then_call": "<|channel|>analysis<|message|>Need weather.<|end|>"
     "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
     '<|message|>{"city":"Paris"}<|call|>',
-    "recipient_before_channel": "<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.get_time"
+    "recipient_before_channel": "<|channel|>analysis<|message|>x<|end|>"
+    "<|start|>assistant to=functions.get_time"
     '<|channel|>commentary json<|message|>{"tz": "UTC"}<|call|>',
     "two_calls": "<|channel|>commentary to=functions.get_weather <|constrain|>json"
     '<|message|>{"city":"Oslo"}<|call|><|start|>assistant<|channel|>commentary to=functions.get_time '
@@ -355,3 +360,13 @@ def test_harmony_matches_vllm(tools, reasoning, name, text):
 def test_harmony_cannot_mix_with_other_formats():
     with pytest.raises(ValueError, match="harmony"):
         ChatOutput("hermes", "openai", True)
+
+
+def test_harmony_vllm_reasoning_name_and_no_tools():
+    text = HARMONY["analysis_then_call"]
+    # vLLM names the reasoning parser openai_gptoss; both names are accepted
+    assert ours_whole("openai", "openai_gptoss", text) == ours_whole("openai", "openai", text)
+    # no tools in the request: the tool message is dropped, not turned into content (as vLLM's
+    # HarmonyParser output is not surfaced as tool calls then)
+    assert ours_whole("openai", "openai", text, parse_tools=False) == ("Need weather.", None, [])
+    assert ours_stream("openai", "openai", chunks(text, 4), parse_tools=False) == ("Need weather.", "", [])
