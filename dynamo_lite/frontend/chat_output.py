@@ -334,6 +334,10 @@ class Llama3JsonTools:
         if self._mode is None:  # a bare prefix of <|python_tag|> was content
             self._mode = "content"
             return self._text
+        if self._mode == "json" and self._count == 0 and self._text.strip():
+            # Deliberate difference: JSON that never parsed into a call is sent as content, as vLLM's
+            # whole-text parser returns it (its stream sends a partial call or nothing).
+            return self._text
         return ""
 
 

@@ -226,6 +226,15 @@ def test_llama3_json_whole_text_edge_cases_match_vllm(name):
     assert ours_whole("llama3_json", None, text) == vllm_whole("llama3_json", None, text)
 
 
+@pytest.mark.parametrize("name", ["missing_name", "malformed"])
+def test_llama3_json_stream_of_a_failed_call_is_content_as_vllm_whole_text(name):
+    text = LLAMA_WHOLE_ONLY[name]
+    _, content, calls = vllm_whole("llama3_json", None, text)
+    assert (content, calls) == (text, [])
+    for n in (1, 3, 7):
+        assert ours_stream("llama3_json", None, chunks(text, n)) == ("", text, [])
+
+
 @pytest.mark.parametrize("name", sorted(MISTRAL_WHOLE_ONLY))
 def test_mistral_stream_follows_vllm_whole_text_where_vllm_disagrees(name):
     text = MISTRAL_WHOLE_ONLY[name]
