@@ -379,3 +379,13 @@ def test_harmony_vllm_reasoning_name_and_no_tools():
     # HarmonyParser output is not surfaced as tool calls then)
     assert ours_whole("openai", "openai", text, parse_tools=False) == ("Need weather.", None, [])
     assert ours_stream("openai", "openai", chunks(text, 4), parse_tools=False) == ("Need weather.", "", [])
+
+
+def test_frontend_parsers_import_neither_vllm_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, dynamo_lite.frontend.chat_output; "
+            "print(sorted(m for m in ('vllm', 'torch', 'openai_harmony') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
