@@ -15,8 +15,11 @@ import re
 from dynamo_lite.frontend.tool_calls import (OutputDelta, ParsedMessage, ToolCall, ToolCallDelta, make_tool_call_id,
                                              random_alnum)
 
-TOOL_PARSERS: tuple[str, ...] = ("hermes", "llama3_json", "mistral")
-REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3")
+from dynamo_lite.frontend.parsers.harmony import Header, HarmonyReader, tool_arguments
+
+TOOL_PARSERS: tuple[str, ...] = ("hermes", "llama3_json", "mistral", "openai")
+# "openai_gptoss" is vLLM's name for the gpt-oss reasoning parser; "openai" is the same here.
+REASONING_PARSERS: tuple[str, ...] = ("deepseek_r1", "qwen3", "openai", "openai_gptoss")
 
 
 def partial_overlap(text: str, marker: str) -> int:
@@ -275,6 +278,10 @@ class Llama3JsonTools:
         if self._mode is None:  # a bare prefix of <|python_tag|> was content
             self._mode = "content"
             return self._text
+        if self._mode == "json" and self._count == 0 and self._text.strip():
+            # Deliberate difference: JSON that never parsed into a call is sent as content, as vLLM's
+            # whole-text parser returns it (its stream sends a partial call or nothing).
+            return self._text
         return ""
 
 
@@ -448,6 +455,21 @@ class ChatOutput:
     """Splits ONE choice's generated text into reasoning, content and tool calls."""
 
     def __init__(self, tool_parser: str | None, reasoning_parser: str | None, parse_tools: bool):
+        if tool_parser is not None and tool_parser not in TOOL_PARSERS:
+            raise ValueError(f"unknown tool call parser {tool_parser!r}; "
+                             f"choose from {', '.join(TOOL_PARSERS)}")
+        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; "
+                             f"choose from {', '.join(REASONING_PARSERS)}")
+        self._harmony: HarmonyOutput | None = None
+        if reasoning_parser == "openai_gptoss":
+            reasoning_parser = "openai"
+        if "openai" in (tool_parser, reasoning_parser):
+            if {tool_parser, reasoning_parser} - {"openai", None}:
+                raise ValueError("the openai (gpt-oss harmony) parser cannot be mixed with another format")
+            self._harmony = HarmonyOutput(tools=tool_parser == "openai" and parse_tools,
+                                          reasoning=reasoning_parser == "openai")
+            tool_parser = reasoning_parser = None
         self._reasoning_name = reasoning_parser
         self._tool_name = tool_parser
         self._reasoning = make_reasoning(reasoning_parser) if reasoning_parser else None
@@ -457,9 +479,11 @@ class ChatOutput:
 
     @property
     def called_tools(self) -> bool:
-        return self._called
+        return self._called or (self._harmony is not None and self._harmony.called)
 
     def feed(self, text: str) -> OutputDelta | None:
+        if self._harmony is not None:
+            return self._harmony.feed(text)
         out = OutputDelta()
         content = text
         if self._reasoning is not None:
@@ -472,6 +496,8 @@ class ChatOutput:
         return None if not out else out
 
     def finish(self) -> OutputDelta | None:
+        if self._harmony is not None:
+            return self._harmony.feed("", final=True)
         out = OutputDelta()
         if self._reasoning is not None:
             out.reasoning, _ = self._reasoning.finish()
@@ -483,6 +509,8 @@ class ChatOutput:
         return None if not out else out
 
     def parse_whole(self, text: str) -> ParsedMessage:
+        if self._harmony is not None:
+            return self._harmony.whole(text)
         reasoning: str | None = None
         content: str | None = text
         if self._reasoning_name:
@@ -500,3 +528,61 @@ class ChatOutput:
                 content = tool_content if tool_content and tool_content.strip() else None
         self._called = self._called or bool(calls)
         return ParsedMessage(content=content, reasoning=reasoning, tool_calls=calls)
+
+
+class HarmonyOutput:
+    """gpt-oss: analysis messages are reasoning, final (and commentary without a recipient) messages
+    content, messages to ``functions.NAME`` tool calls; as vLLM's HarmonyParser. Without the reasoning
+    parser analysis text is dropped, without tool parsing tool messages are (vLLM does the same)."""
+
+    def __init__(self, tools: bool, reasoning: bool):
+        self._tools, self._reasoning = tools, reasoning
+        self._reader = HarmonyReader(self._on_event)
+        self._out = OutputDelta()
+        self._index = -1
+        self.called = False
+        self._whole: list[tuple[Header, str]] = []
+
+    def _on_event(self, header: Header, text: str, ended: bool) -> None:
+        kind = header.kind()
+        if kind == "content":
+            self._out.content += text
+        elif kind == "reasoning" and self._reasoning:
+            self._out.reasoning += text
+        elif kind == "tool" and self._tools:
+            if not text and not ended:  # a message header: a new call
+                self._index += 1
+                self.called = True
+                self._out.tool_calls.append(
+                    ToolCallDelta(index=self._index, id=make_tool_call_id(), name=header.function()))
+            elif text:
+                self._out.tool_calls.append(ToolCallDelta(index=self._index, arguments=text))
+
+    def feed(self, text: str, final: bool = False) -> OutputDelta | None:
+        self._reader.feed(text, final)
+        out, self._out = self._out, OutputDelta()
+        return None if out.empty() else out
+
+    def whole(self, text: str) -> ParsedMessage:
+        messages: list[tuple[Header, list[str]]] = []
+
+        def collect(header: Header, piece: str, ended: bool) -> None:
+            if not piece and not ended:
+                messages.append((header, []))
+            else:
+                messages[-1][1].append(piece)
+
+        HarmonyReader(collect).feed(text, final=True)
+        reasoning, content, calls = [], [], []
+        for header, pieces in messages:
+            body, kind = "".join(pieces), header.kind()
+            if kind == "reasoning" and self._reasoning and body:
+                reasoning.append(body)
+            elif kind == "content" and body:
+                content.append(body)
+            elif kind == "tool" and self._tools:
+                args = tool_arguments(header, body)
+                calls.append(ToolCall(make_tool_call_id(), header.function(), args))
+        self.called = self.called or bool(calls)
+        return ParsedMessage(content="\n".join(content) or None, reasoning="\n".join(reasoning) or None,
+                             tool_calls=calls)

@@ -23,7 +23,8 @@ from dynamo_lite.frontend.chat_output import (
 MODEL = default_model_path()  # its tokenizer, with the formats' markers added as tokens
 MARKERS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]",
            "<|python_tag|>", "<|eom_id|>"]
-TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [{"type": "function",
+          "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
          for n in ("get_weather", "get_time", "search")]
 
 
@@ -69,7 +70,8 @@ def token_pieces(text, tok=None):
 
 
 def vllm_whole(tool, reasoning, text):
-    r, c, calls = vllm_parser(tool, reasoning, tok_for(tool, text)).parse(text, vllm_request(), enable_auto_tools=True)
+    parser = vllm_parser(tool, reasoning, tok_for(tool, text))
+    r, c, calls = parser.parse(text, vllm_request(), enable_auto_tools=True)
     return r, c, [(f.name, f.arguments) for f in (calls or [])]
 
 
@@ -198,8 +200,9 @@ MISTRAL = {
 CASES = [("hermes", None, n, t) for n, t in HERMES.items()]
 CASES += [("mistral", None, n, t) for n, t in MISTRAL.items()]
 CASES += [("llama3_json", None, n, t) for n, t in LLAMA.items()]
-CASES += [(None, r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
-CASES += [("hermes", r, n, t) for r in REASONING_PARSERS for n, t in REASONING.items()]
+THINK_PARSERS = ("deepseek_r1", "qwen3")
+CASES += [(None, r, n, t) for r in THINK_PARSERS for n, t in REASONING.items()]
+CASES += [("hermes", r, n, t) for r in THINK_PARSERS for n, t in REASONING.items()]
 
 
 @pytest.mark.parametrize(("tool", "reasoning", "name", "text"), CASES,
@@ -222,6 +225,15 @@ def test_stream_matches_vllm(tool, reasoning, name, text):
 def test_llama3_json_whole_text_edge_cases_match_vllm(name):
     text = LLAMA_WHOLE_ONLY[name]
     assert ours_whole("llama3_json", None, text) == vllm_whole("llama3_json", None, text)
+
+
+@pytest.mark.parametrize("name", ["missing_name", "malformed"])
+def test_llama3_json_stream_of_a_failed_call_is_content_as_vllm_whole_text(name):
+    text = LLAMA_WHOLE_ONLY[name]
+    _, content, calls = vllm_whole("llama3_json", None, text)
+    assert (content, calls) == (text, [])
+    for n in (1, 3, 7):
+        assert ours_stream("llama3_json", None, chunks(text, n)) == ("", text, [])
 
 
 @pytest.mark.parametrize("name", sorted(MISTRAL_WHOLE_ONLY))
@@ -268,4 +280,113 @@ def test_unknown_names_list_the_choices():
         ChatOutput("nope", None, True)
     with pytest.raises(ValueError, match="deepseek_r1"):
         ChatOutput(None, "nope", True)
-    assert set(TOOL_PARSERS) >= {"hermes"} and set(REASONING_PARSERS) >= {"deepseek_r1", "qwen3"}
+    assert TOOL_PARSERS == ("hermes", "llama3_json", "mistral", "openai")
+    assert REASONING_PARSERS == ("deepseek_r1", "qwen3", "openai", "openai_gptoss")
+
+
+# ------------------------------------------------------------------------------------ gpt-oss harmony
+# vLLM's HarmonyParser reads openai_harmony token ids; the oracle gets the o200k_harmony ids of the same
+# text (the vocabulary ships with the installed openai_harmony, nothing is downloaded).
+
+HARMONY = {
+    "final_only": "<|channel|>final<|message|>Paris is the capital.<|return|>",
+    "analysis_then_final": "<|channel|>analysis<|message|>User asks a capital.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>Paris.<|return|>",
+    "analysis_then_call": "<|channel|>analysis<|message|>Need weather.<|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    '<|message|>{"city":"Paris"}<|call|>',
+    "recipient_before_channel": "<|channel|>analysis<|message|>x<|end|>"
+    "<|start|>assistant to=functions.get_time"
+    '<|channel|>commentary json<|message|>{"tz": "UTC"}<|call|>',
+    "two_calls": "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+    '<|message|>{"city":"Oslo"}<|call|><|start|>assistant<|channel|>commentary to=functions.get_time '
+    '<|constrain|>json<|message|>{"tz":"CET"}<|call|>',
+    "preamble_then_call": "<|channel|>commentary<|message|>Checking the weather.<|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.search <|constrain|>json"
+    '<|message|>{"q": "a < b"}<|call|>',
+    "malformed_args": "<|channel|>commentary to=functions.search <|constrain|>json"
+    '<|message|>{"q": oops<|call|>',
+    "unfinished_final": "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>final"
+    "<|message|>The answer is",
+}
+
+
+@functools.cache
+def harmony_encoding():
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
+    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def harmony_oracle(tools, reasoning):
+    from vllm.parser.parser_manager import ParserManager
+
+    cls = ParserManager.get_parser(tool_parser_name="openai" if tools else None,
+                                   reasoning_parser_name="openai_gptoss" if reasoning else None,
+                                   enable_auto_tools=True, is_harmony=True)
+    return cls(tokenizer(), vllm_request().tools)
+
+
+def harmony_pieces(text):
+    enc = harmony_encoding()
+    ids = enc.encode(text, allowed_special="all")
+    pieces = [(enc.decode([i]), [i]) for i in ids]
+    assert "".join(p for p, _ in pieces) == text
+    return pieces
+
+
+HARMONY_MODES = [(True, True), (True, False), (False, True)]
+HARMONY_CASES = [(t, r, n, x) for t, r in HARMONY_MODES for n, x in HARMONY.items()]
+
+
+@pytest.mark.parametrize(("tools", "reasoning", "name", "text"), HARMONY_CASES,
+                         ids=[f"tools{t}-reasoning{r}-{n}" for t, r, n, _ in HARMONY_CASES])
+def test_harmony_matches_vllm(tools, reasoning, name, text):
+    tool, rp = ("openai" if tools else None), ("openai" if reasoning else None)
+    pieces = harmony_pieces(text)
+    ids = [i for _, p in pieces for i in p]
+    r, c, calls = harmony_oracle(tools, reasoning).parse(text, vllm_request(), enable_auto_tools=True,
+                                                         model_output_token_ids=ids)
+    assert ours_whole(tool, rp, text) == (r, c, [(f.name, f.arguments) for f in calls or []])
+
+    parser, req = harmony_oracle(tools, reasoning), vllm_request()
+    s_reasoning, s_content, s_calls = "", "", {}
+    for i, (delta, tid) in enumerate(pieces):
+        d = parser.parse_delta(delta, tid, req, None, finished=i == len(pieces) - 1)
+        if d is None:
+            continue
+        s_reasoning += d.reasoning or ""
+        s_content += d.content or ""
+        for tc in d.tool_calls or []:
+            slot = s_calls.setdefault(tc.index, ["", ""])
+            slot[0] += tc.function.name or ""
+            slot[1] += tc.function.arguments or ""
+    expected = (s_reasoning, s_content, [tuple(s_calls[k]) for k in sorted(s_calls)])
+    assert ours_stream(tool, rp, [p for p, _ in pieces]) == expected
+    for n in (1, 3, 7):
+        assert ours_stream(tool, rp, chunks(text, n)) == expected, f"chunks of {n}"
+
+
+def test_harmony_cannot_mix_with_other_formats():
+    with pytest.raises(ValueError, match="harmony"):
+        ChatOutput("hermes", "openai", True)
+
+
+def test_harmony_vllm_reasoning_name_and_no_tools():
+    text = HARMONY["analysis_then_call"]
+    # vLLM names the reasoning parser openai_gptoss; both names are accepted
+    assert ours_whole("openai", "openai_gptoss", text) == ours_whole("openai", "openai", text)
+    # no tools in the request: the tool message is dropped, not turned into content (as vLLM's
+    # HarmonyParser output is not surfaced as tool calls then)
+    assert ours_whole("openai", "openai", text, parse_tools=False) == ("Need weather.", None, [])
+    assert ours_stream("openai", "openai", chunks(text, 4), parse_tools=False) == ("Need weather.", "", [])
+
+
+def test_frontend_parsers_import_neither_vllm_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, dynamo_lite.frontend.chat_output; "
+            "print(sorted(m for m in ('vllm', 'torch', 'openai_harmony') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
