@@ -561,7 +561,7 @@ class HarmonyOutput:
     def feed(self, text: str, final: bool = False) -> OutputDelta | None:
         self._reader.feed(text, final)
         out, self._out = self._out, OutputDelta()
-        return None if out.empty() else out
+        return None if not out else out
 
     def whole(self, text: str) -> ParsedMessage:
         messages: list[tuple[Header, list[str]]] = []

@@ -61,7 +61,7 @@ class FrontendConfig:
     allow_credentials: bool = option(False, "CORS: allow cookies and Authorization headers cross-origin.")
     # Chat answers beyond text.
     tool_call_parser: str = option("", "How tool calls are read from a model's text for tool_choice 'auto': "
-                                       f"{', '.join(TOOL_PARSERS)} (none: 'auto' answers 400; 'required' and "
+                                       f"{', '.join(TOOL_PARSERS)} (openai: gpt-oss harmony; none: 'auto' answers 400; 'required' and "
                                        "named functions need no parser).")
     reasoning_parser: str = option("", "How a model's reasoning is split from its answer into the 'reasoning' "
                                        f"field: {', '.join(REASONING_PARSERS)} (none: reasoning stays in "

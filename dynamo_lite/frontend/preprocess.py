@@ -49,6 +49,9 @@ async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> li
     return model.tokenizer.encode(text, add_special_tokens)
 
 
+HARMONY_PARSERS = ("openai", "openai_gptoss")  # gpt-oss: reasoning and calls in special-token channels
+
+
 @dataclass(frozen=True)
 class ChatParsers:
     """The frontend's --tool-call-parser and --reasoning-parser ("" = none)."""
@@ -82,6 +85,8 @@ async def plan_chat(model: ServedModel, request: ChatCompletionRequest, request_
         plan.skip_special_tokens = False
     elif parsers.reasoning:
         plan.answer_shaper = functools.partial(ChatOutput, None, parsers.reasoning, False)
+        if parsers.reasoning in HARMONY_PARSERS:
+            plan.skip_special_tokens = False  # harmony's channels are marked by special tokens
     return plan
 
 
