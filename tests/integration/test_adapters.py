@@ -62,16 +62,20 @@ async def test_responses_text_answer_and_prompt(model_dir):
         body = response.json()
         parsed = OpenAIResponse.model_validate(body)  # the openai package's own type
         assert parsed.output_text == REPLY
-        assert body["id"].startswith("resp_") and body["object"] == "response" and body["status"] == "completed"
-        assert body["model"] == MODEL and body["instructions"] == "Be brief" and body["incomplete_details"] is None
+        assert body["id"].startswith("resp_") and body["object"] == "response"
+        assert body["status"] == "completed" and body["incomplete_details"] is None
+        assert body["model"] == MODEL and body["instructions"] == "Be brief"
         [item] = body["output"]
         assert item["type"] == "message" and item["role"] == "assistant" and item["status"] == "completed"
         assert item["id"].startswith("msg_")
-        assert item["content"] == [{"type": "output_text", "text": REPLY, "annotations": [], "logprobs": None}]
-        prompt = templated_ids([{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Say hello"}])
-        assert body["usage"] == {"input_tokens": len(prompt), "input_tokens_details": {"cached_tokens": 4,
-                                                                                   "cache_write_tokens": 0},
-                                 "output_tokens": len(REPLY_IDS), "output_tokens_details": {"reasoning_tokens": 0},
+        assert item["content"] == [{"type": "output_text", "text": REPLY, "annotations": [],
+                                    "logprobs": None}]
+        prompt = templated_ids([{"role": "system", "content": "Be brief"},
+                                {"role": "user", "content": "Say hello"}])
+        assert body["usage"] == {"input_tokens": len(prompt),
+                                 "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0},
+                                 "output_tokens": len(REPLY_IDS),
+                                 "output_tokens_details": {"reasoning_tokens": 0},
                                  "total_tokens": len(prompt) + len(REPLY_IDS)}
         sent = engine.requests[0]
         assert sent.token_ids == prompt
@@ -91,7 +95,8 @@ async def test_responses_message_items_and_max_output_tokens(model_dir):
                                                                 "max_output_tokens": 5})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert body["status"] == "incomplete"
+        assert body["incomplete_details"] == {"reason": "max_output_tokens"}
         assert body["output"][0]["content"][0]["text"] == REPLY[:5] and body["max_output_tokens"] == 5
         assert engine.requests[0].sampling.max_tokens == 5
         assert engine.requests[0].token_ids == templated_ids(
@@ -205,10 +210,12 @@ async def test_messages_answer_shape_and_prompt(model_dir):
         assert response.status_code == 200, response.text
         answer = response.json()
         AnthropicMessage.model_validate(answer)
-        prompt = templated_ids([{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Say hello"}])
+        prompt = templated_ids([{"role": "system", "content": "Be brief"},
+                                {"role": "user", "content": "Say hello"}])
         assert answer["id"].startswith("msg_")
         assert {k: v for k, v in answer.items() if k != "id"} == {
-            "type": "message", "role": "assistant", "model": MODEL, "content": [{"type": "text", "text": REPLY}],
+            "type": "message", "role": "assistant", "model": MODEL,
+            "content": [{"type": "text", "text": REPLY}],
             "stop_reason": "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": len(prompt) - 4, "output_tokens": len(REPLY_IDS),
                       "cache_read_input_tokens": 4}}
