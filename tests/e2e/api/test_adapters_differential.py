@@ -58,7 +58,9 @@ def test_responses_stream_events_equal(api_pair):
 
 
 def _messages_request(model: str) -> dict:
-    return {"model": model, "system": INSTRUCTIONS, "max_tokens": MAX_TOKENS, "temperature": 0,
+    # The anthropic 2.x client has no sampling arguments any more: temperature goes in the body.
+    return {"model": model, "system": INSTRUCTIONS, "max_tokens": MAX_TOKENS,
+            "extra_body": {"temperature": 0},
             "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]}
 
 
