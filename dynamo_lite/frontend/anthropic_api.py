@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dynamo_lite.frontend import errors
-from dynamo_lite.frontend.chat_bridge import id_suffix, is_stream, json_of, read_json_object, replace_stream, \
-    sse_event
+from dynamo_lite.frontend.chat_bridge import (id_suffix, is_stream, json_of, read_json_object, replace_stream,
+                                              sse_event)
 from dynamo_lite.frontend.schemas import INT32_MAX, MAX_STOP_STRINGS
 from dynamo_lite.protocol.errors import DynamoLiteError
 from dynamo_lite.protocol.messages import json_encoder
@@ -77,7 +77,7 @@ def _from_openai_error(response: Response) -> Response:
     """An OpenAI error answer (the chat path's, or errors.py's) in Anthropic's shape."""
     try:
         message = json_of(response)["error"]["message"]
-    except Exception:
+    except (ValueError, KeyError, TypeError):  # not an OpenAI error body
         message = "request failed"
     return anthropic_error(response.status_code, message)
 
@@ -91,7 +91,8 @@ def to_chat_body(request: MessagesRequest) -> dict:
     if request.system is not None:
         messages.append({"role": "system", "content": _text(request.system)})
     messages += [{"role": m.role, "content": _text(m.content)} for m in request.messages]
-    body: dict[str, Any] = {"model": request.model, "messages": messages, "max_completion_tokens": request.max_tokens}
+    body: dict[str, Any] = {"model": request.model, "messages": messages,
+                            "max_completion_tokens": request.max_tokens}
     for name in ("temperature", "top_p", "top_k"):
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)
@@ -107,7 +108,8 @@ def _usage(chat_usage: dict | None) -> dict:
     """Anthropic's input_tokens leave out the tokens read from the prefix cache (as vLLM computes it)."""
     if not chat_usage:
         return {"input_tokens": 0, "output_tokens": 0}
-    usage = {"input_tokens": chat_usage["prompt_tokens"], "output_tokens": chat_usage.get("completion_tokens") or 0}
+    usage = {"input_tokens": chat_usage["prompt_tokens"],
+             "output_tokens": chat_usage.get("completion_tokens") or 0}
     details = chat_usage.get("prompt_tokens_details")
     if details and details.get("cached_tokens") is not None:
         usage["input_tokens"] = max(0, usage["input_tokens"] - details["cached_tokens"])
@@ -123,7 +125,8 @@ def _stop_reason(finish_reason: str | None) -> str | None:
 
 def _complete(chat: dict) -> dict:
     choice = chat["choices"][0]
-    return {"id": f"msg_{id_suffix(chat['id'])}", "type": "message", "role": "assistant", "model": chat["model"],
+    return {"id": f"msg_{id_suffix(chat['id'])}", "type": "message", "role": "assistant",
+            "model": chat["model"],
             "content": [{"type": "text", "text": choice["message"].get("content") or ""}],
             "stop_reason": _stop_reason(choice.get("finish_reason")), "stop_sequence": None,
             "usage": _usage(chat.get("usage"))}
@@ -184,7 +187,8 @@ class MessagesService:
             data = await read_json_object(http_request)
             for name in data:
                 if name not in MessagesRequest.model_fields:
-                    return anthropic_error(400, f"'{name}' is not supported by this server (it would be ignored)")
+                    return anthropic_error(
+                        400, f"'{name}' is not supported by this server (it would be ignored)")
             request = MessagesRequest.model_validate(data)
         except pydantic.ValidationError as e:
             return _from_openai_error(errors.pydantic_error_response(e))

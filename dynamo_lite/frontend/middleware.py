@@ -116,7 +116,8 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-    async def _anthropic(self, scope: Scope, receive: Receive, send: Send, authorization: bytes | None) -> None:
+    async def _anthropic(self, scope: Scope, receive: Receive, send: Send,
+                         authorization: bytes | None) -> None:
         key = _header(scope, b"x-api-key")
         if key is not None and self._matches(key.strip()):
             await self.app(scope, receive, send)

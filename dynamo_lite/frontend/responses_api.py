@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dynamo_lite.frontend import errors
-from dynamo_lite.frontend.chat_bridge import id_suffix, is_stream, json_of, read_json_object, replace_stream, \
-    sse_event
+from dynamo_lite.frontend.chat_bridge import (id_suffix, is_stream, json_of, read_json_object, replace_stream,
+                                              sse_event)
 from dynamo_lite.frontend.schemas import INT32_MAX
 from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
 from dynamo_lite.protocol.messages import json_encoder
@@ -127,7 +127,8 @@ def _refuse_unknown(data: dict) -> None:
             raise InvalidRequestError(f"tools of type '{tool.get('type')}' are not supported (function only)",
                                       param=f"tools[{index}].type")
     if data.get("store") is True:
-        raise InvalidRequestError("store=true is not supported: this server keeps no responses", param="store")
+        raise InvalidRequestError("store=true is not supported: this server keeps no responses",
+                                  param="store")
 
 
 def _chat_messages(request: ResponsesRequest) -> list[dict]:
@@ -139,7 +140,9 @@ def _chat_messages(request: ResponsesRequest) -> list[dict]:
         return messages
     for item in request.input:
         if isinstance(item, MessageItem):
-            content = item.content if isinstance(item.content, str) else "\n".join(p.text for p in item.content)
+            content = item.content
+            if not isinstance(content, str):
+                content = "\n".join(part.text for part in content)
             # Chat templates know "system"; OpenAI's "developer" role is the same instruction slot.
             messages.append({"role": "system" if item.role == "developer" else item.role, "content": content})
         elif isinstance(item, FunctionCallItem):
@@ -162,7 +165,8 @@ def to_chat_body(request: ResponsesRequest) -> dict:
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)
     if request.tools:
-        body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+        body["tools"] = [{"type": "function",
+                          "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
                          for tool in request.tools]
     if request.tool_choice is not None:
         choice = request.tool_choice
@@ -170,7 +174,8 @@ def to_chat_body(request: ResponsesRequest) -> dict:
                                                                       "function": {"name": choice.name}}
     fmt = request.text.format if request.text else None
     if fmt is not None and fmt.type == "json_schema":
-        schema = {"name": fmt.name, "schema": fmt.schema_, "description": fmt.description, "strict": fmt.strict}
+        schema = {"name": fmt.name, "schema": fmt.schema_, "description": fmt.description,
+                  "strict": fmt.strict}
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {k: v for k, v in schema.items() if v is not None}}
     elif fmt is not None and fmt.type == "json_object":
@@ -186,7 +191,7 @@ def _renamed_error(response: Response) -> Response:
     try:
         body = json_of(response)
         error = body["error"]
-    except Exception:
+    except (ValueError, KeyError, TypeError):  # not an OpenAI error body
         return response
     param = error.get("param") or ""
     for chat_name, name in _CHAT_TO_RESPONSES.items():
@@ -205,7 +210,9 @@ def _usage(chat_usage: dict | None) -> dict | None:
     if chat_usage is None:
         return None
     cached = (chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
+    # cache_write_tokens is required by OpenAI's type; the chat path does not report it.
+    return {"input_tokens": chat_usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": chat_usage["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": chat_usage["total_tokens"]}
 
@@ -311,10 +318,11 @@ class _EventStream:
                                      item=_message_item(item_id, "", "in_progress"))
                     yield self.event("response.content_part.added", item_id=item_id, output_index=0,
                                      content_index=0,
-                                     part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                                     part={"type": "output_text", "text": "", "annotations": [],
+                                           "logprobs": []})
                 text.append(piece)
-                yield self.event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                                 delta=piece, logprobs=[])
+                yield self.event("response.output_text.delta", item_id=item_id, output_index=0,
+                                 content_index=0, delta=piece, logprobs=[])
         if answer is None:
             return
         output = []
@@ -336,7 +344,8 @@ class _EventStream:
                              arguments=call["arguments"])
             yield self.event("response.output_item.done", output_index=index, item=call)
             output.append(call)
-        yield self.event("response.completed", response=answer.body("completed", output, usage, finish_reason))
+        yield self.event("response.completed",
+                         response=answer.body("completed", output, usage, finish_reason))
 
 
 def _merge_tool_call(calls: dict[int, dict], delta: dict) -> None:
@@ -367,4 +376,5 @@ class ResponsesService:
             return _renamed_error(response)
         if is_stream(response):
             return replace_stream(response, _EventStream(request).translate)
-        return Response(json_encoder.encode(_complete(request, json_of(response))), media_type="application/json")
+        return Response(json_encoder.encode(_complete(request, json_of(response))),
+                        media_type="application/json")
