@@ -155,10 +155,8 @@ async def test_responses_stream_client_gone_aborts_the_worker(model_dir):
     ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-    # Function tools and structured output reach the chat path, which has neither yet: its 400, named
-    # by the Responses field.
-    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}, "text.format"),
+    # Function tools reach the chat path; tool_choice "auto" (the default) needs a tool-call parser there.
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tool_choice"),
     ({"input": 5}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -174,6 +172,22 @@ async def test_responses_refuses_what_it_cannot_honour(model_dir, extra, param):
         assert error["type"] == "invalid_request_error"
         assert error["param"].startswith(param), error
         assert engine.requests == []
+
+
+async def test_responses_text_format_and_forced_tools_reach_the_engine_as_constraints(model_dir):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    async with running_stack() as stack:
+        engine = ScriptedEngine(model_dir)
+        await stack.add_worker(engine)
+        response = await stack.http.post("/v1/responses", json={
+            "model": MODEL, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}})
+        assert response.status_code == 200, response.text
+        assert json.loads(engine.requests[-1].sampling.structured_output.json) == schema
+        response = await stack.http.post("/v1/responses", json={
+            "model": MODEL, "input": "hi", "tool_choice": "required",
+            "tools": [{"type": "function", "name": "f", "parameters": schema}]})
+        assert response.status_code == 200, response.text
+        assert json.loads(engine.requests[-1].sampling.structured_output.json)["type"] == "array"
 
 
 async def test_responses_store_false_and_metadata_are_accepted(model_dir):
