@@ -14,7 +14,8 @@ from openai.types.responses import Response as OpenAIResponse
 from openai.types.responses import ResponseStreamEvent
 
 from tests.integration.test_frontend_app import (CONTEXT, MODEL, REPLY, REPLY_IDS, TEMPLATE, TOKENIZER,
-                                                 ScriptedEngine, chat_prompt_ids, model_dir, over_real_http,
+                                                 PreferRouter, ScriptedEngine, chat_prompt_ids,
+                                                 dying_worker_server, model_dir, over_real_http,
                                                  running_stack, wait_until)
 
 __all__ = ["model_dir"]  # the module-scoped fixture, shared
@@ -319,3 +320,26 @@ async def test_messages_stream_client_gone_aborts_the_worker(model_dir):
             await wait_until(lambda: shell.stats.aborted_requests == 1)
         metrics = (await stack.http.get("/metrics")).text
         assert f'endpoint="messages",model="{MODEL}",status="499"}} 1.0' in metrics
+
+
+async def test_a_worker_dying_mid_stream_is_an_error_event_on_both(model_dir):
+    """After the first text the status line is out: the failure is an `error` event in each API's shape,
+    and the stream ends there (no response.completed / message_stop)."""
+    router = PreferRouter()
+    async with running_stack(router) as stack:
+        server, address = await dying_worker_server(tokens_before_death=4)
+        stack.servers.append(server)
+        router.preferred = await stack.register(address, str(model_dir), migration_limit=0)
+        body = {"model": MODEL, "input": "hi", "stream": True}
+        response = await stack.http.post("/v1/responses", json=body)
+        events = named_events(response.text)
+        assert [name for name, _ in events][-2:] == ["response.output_text.delta", "error"]
+        error = events[-1][1]
+        RESPONSE_EVENTS.validate_python(error)
+        assert error["sequence_number"] == len(events) - 1 and "closed the stream" in error["message"]
+
+        router.preferred = await stack.register(address, str(model_dir), migration_limit=0)
+        response = await stack.http.post("/v1/messages", json=messages_body(stream=True))
+        events = named_events(response.text)
+        assert [name for name, _ in events][-2:] == ["content_block_delta", "error"]
+        assert events[-1][1]["type"] == "error" and events[-1][1]["error"]["type"] == "overloaded_error"
