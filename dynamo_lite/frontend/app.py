@@ -33,10 +33,11 @@ from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
+from dynamo_lite.frontend.preprocess import ChatParsers, plan_chat, plan_completion
 from dynamo_lite.frontend.responses_api import ResponsesService
-from dynamo_lite.frontend.preprocess import plan_chat, plan_completion
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from dynamo_lite.frontend.tokenize_api import TokenizeService
+from dynamo_lite.frontend.tool_calls import finish_reason_with_tools
 from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
 from dynamo_lite.protocol.messages import json_encoder
 from dynamo_lite.router.base import Router
@@ -79,6 +80,7 @@ class OpenAIService:
             self.dispatcher, self.metrics)
         self.pipeline = PipelineDeps(dispatcher=self.dispatcher, prefill=self.prefill, metrics=self.metrics)
         self.started = int(time.time())
+        self.parsers = ChatParsers(tool_call=config.tool_call_parser, reasoning=config.reasoning_parser)
         # The one path by which the router hears of workers leaving (a KvRoutingService follows the
         # watcher from its start already; following again changes nothing).
         deps.router.follow(deps.watcher)
@@ -109,7 +111,8 @@ class OpenAIService:
             served = await self.models.get(body.model)
             model = served.name
             request_id = request_id_of(http_request)
-            plan = await (plan_chat(served, body, request_id) if chat else plan_completion(served, body, request_id))
+            plan = await (plan_chat(served, body, request_id, self.parsers) if chat
+                          else plan_completion(served, body, request_id))
             generation = Generation(self.pipeline, plan, arrival)
             if body.stream:
                 return await self._stream(http_request, generation, endpoint, chat, body.include_usage, arrival)
@@ -153,9 +156,17 @@ class OpenAIService:
             inflight.dec()
             self._count_tokens(generation)
         usage = responses.usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
-        encode = responses.chat_completion if chat else responses.text_completion
-        body = encode(generation.plan.request_id, generation.plan.model.requested_name, "".join(parts),
-                      generation.finish_reason, usage)
+        plan = generation.plan
+        text, finish_reason = "".join(parts), generation.finish_reason
+        if plan.answer_shaper is None:
+            encode = responses.chat_completion if chat else responses.text_completion
+            body = encode(plan.request_id, plan.model.requested_name, text, finish_reason, usage)
+        else:
+            shaper = plan.answer_shaper()
+            message = shaper.parse_whole(text)
+            finish_reason = finish_reason_with_tools(plan.tool_choice, bool(message.tool_calls), finish_reason)
+            body = responses.chat_completion(plan.request_id, plan.model.requested_name, message, finish_reason,
+                                             usage)
         self._count(model, endpoint, 200, arrival)
         return Response(body, media_type="application/json")
 
@@ -201,14 +212,29 @@ class OpenAIService:
     async def _sse(self, generation: Generation, deltas: AsyncIterator[str], first: str | None,
                    encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
         status = CLIENT_CLOSED_REQUEST  # unless the stream completes
+        plan = generation.plan
+        shaper = plan.answer_shaper() if plan.answer_shaper is not None else None
         try:
             if encoder.chat:
                 yield encoder.role()
-            if first is not None:
-                yield encoder.text(first)
-                async for delta in deltas:
-                    yield encoder.text(delta)
-            yield encoder.finish(generation.finish_reason)
+            if shaper is None:
+                if first is not None:
+                    yield encoder.text(first)
+                    async for delta in deltas:
+                        yield encoder.text(delta)
+                finish_reason = generation.finish_reason
+            else:
+                if first is not None:
+                    if piece := shaper.feed(first):
+                        yield encoder.delta(piece)
+                    async for delta in deltas:
+                        if piece := shaper.feed(delta):
+                            yield encoder.delta(piece)
+                if piece := shaper.finish():
+                    yield encoder.delta(piece)
+                finish_reason = finish_reason_with_tools(plan.tool_choice, shaper.called_tools,
+                                                         generation.finish_reason)
+            yield encoder.finish(finish_reason)
             if encoder.include_usage:
                 yield encoder.usage(responses.usage(generation.prompt_tokens, generation.completion_tokens,
                                                     generation.cached_tokens))
@@ -258,7 +284,7 @@ class OpenAIService:
             chat = "messages" in data
             body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
             served = await self.models.get(body.model)
-            plan = await (plan_chat(served, body) if chat else plan_completion(served, body))
+            plan = await (plan_chat(served, body, parsers=self.parsers) if chat else plan_completion(served, body))
             pools = {pool: self.dispatcher.workers(served.name, pool) for pool in (POOL_DECODE, POOL_PREFILL)}
             explanation = router.explain(served.name, plan.prompt_ids, [r.instance_id for r in pools[POOL_DECODE]])
             if explanation is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dynamo_lite.frontend.chat_output import REASONING_PARSERS, TOOL_PARSERS
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import check_ranges, option
 
@@ -58,11 +59,24 @@ class FrontendConfig:
     allowed_methods: tuple[str, ...] = option(("*",), "CORS: methods allowed cross-origin.")
     allowed_headers: tuple[str, ...] = option(("*",), "CORS: request headers allowed cross-origin.")
     allow_credentials: bool = option(False, "CORS: allow cookies and Authorization headers cross-origin.")
+    # Chat answers beyond text.
+    tool_call_parser: str = option("", "How tool calls are read from a model's text for tool_choice 'auto': "
+                                       f"{', '.join(TOOL_PARSERS)} (openai: gpt-oss harmony; none: 'auto' answers 400; 'required' and "
+                                       "named functions need no parser).")
+    reasoning_parser: str = option("", "How a model's reasoning is split from its answer into the 'reasoning' "
+                                       f"field: {', '.join(REASONING_PARSERS)} (none: reasoning stays in "
+                                       "the content).")
     log_level: str = option("info", "Log level (debug, info, warning, error).", env="DYN_LOG",
                             choices=["debug", "info", "warning", "error", "critical"])
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_PARSERS:
+            raise ConfigError(f"unknown --tool-call-parser '{self.tool_call_parser}': choose one of "
+                              f"{', '.join(TOOL_PARSERS)}", param="--tool-call-parser")
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            raise ConfigError(f"unknown --reasoning-parser '{self.reasoning_parser}': choose one of "
+                              f"{', '.join(REASONING_PARSERS)}", param="--reasoning-parser")
         if self.enforce_disagg and not self.disaggregation:
             raise ConfigError("--enforce-disagg contradicts --no-disaggregation", param="--enforce-disagg")
         if self.router_mode == "kv" and self.kv_events and not self.nats_server.strip():

@@ -22,10 +22,11 @@ PROMPT_CONTEXT_TOKENS = 4
 class StopMatcher:
     """Finds stop strings in streamed text and holds back possible partial matches."""
 
-    __slots__ = ("stops", "_max_len", "_pending")
+    __slots__ = ("stops", "_include_stop", "_max_len", "_pending")
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include_stop: bool = False):
         self.stops = [s for s in stops if s]
+        self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the match is emitted too
         self._max_len = max((len(s) for s in self.stops), default=0)
         self._pending = ""
 
@@ -34,14 +35,14 @@ class StopMatcher:
         if not self.stops:
             return text, False
         pending = self._pending + text
-        cut = -1
+        first, first_stop = -1, ""
         for stop in self.stops:
             index = pending.find(stop)
-            if index != -1 and (cut == -1 or index < cut):
-                cut = index
-        if cut != -1:
+            if index != -1 and (first == -1 or index < first):
+                first, first_stop = index, stop
+        if first != -1:
             self._pending = ""
-            return pending[:cut], True
+            return pending[:first + len(first_stop) if self._include_stop else first], True
         hold = self._partial_match_length(pending)
         if hold:
             self._pending = pending[-hold:]
@@ -73,11 +74,11 @@ class IncrementalDetokenizer:
     __slots__ = ("_tokenizer", "_stream", "_matcher", "stopped", "token_count")
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = (), prompt_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, include_stop_str: bool = False):
         self._tokenizer = tokenizer
         context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_ids else None
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
-        self._matcher = StopMatcher(stops)
+        self._matcher = StopMatcher(stops, include_stop_str)
         self.stopped = False
         self.token_count = 0  # output tokens accepted (up to and including a stop string's last)
 

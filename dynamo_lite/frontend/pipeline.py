@@ -62,7 +62,9 @@ class Generation:
         self.finish_reason: FinishReason | None = None
         self.migrations = 0
         self._generated: list[int] = []
-        self._detokenizer = IncrementalDetokenizer(plan.model.tokenizer.tokenizer, plan.stop, plan.prompt_ids)
+        self._detokenizer = IncrementalDetokenizer(plan.model.tokenizer.tokenizer, plan.stop, plan.prompt_ids,
+                                                   skip_special_tokens=plan.skip_special_tokens,
+                                                   include_stop_str=plan.include_stop_str_in_output)
         self._first_token_at: float | None = None
         self._last_frame_at = 0.0
         self.serving_reason: str | None = None  # how the prompt was prefilled (frontend/prefill_policy.py reasons)
@@ -148,7 +150,11 @@ class Generation:
                     self.cached_tokens = frame.cached_tokens  # usage reports the engine's own count
                     self.engine_reported_usage = True
                 if frame.token_ids:
-                    text = self._accept_tokens(frame.token_ids)
+                    # The token that stopped the engine (EOS, a stop_token_ids entry) counts but is not
+                    # shown, as in vLLM's detokenizer, unless include_stop_str_in_output.
+                    hide_last = (frame.last and frame.finish_reason == FinishReason.STOP
+                                 and not self.plan.include_stop_str_in_output)
+                    text = self._accept_tokens(frame.token_ids, hide_last)
                     if text:
                         yield text
                     if self._detokenizer.stopped:
@@ -167,7 +173,7 @@ class Generation:
                         yield tail
                     return
 
-    def _accept_tokens(self, token_ids: list[int]) -> str:
+    def _accept_tokens(self, token_ids: list[int], hide_last: bool = False) -> str:
         now = time.monotonic()
         metrics = self._deps.metrics
         if self._first_token_at is None:
@@ -176,9 +182,10 @@ class Generation:
         else:
             self._inter_token_latency.observe(now - self._last_frame_at)
         self._last_frame_at = now
+        shown = token_ids[:-1] if hide_last else token_ids
         before = self._detokenizer.token_count
-        text, _ = self._detokenizer.push(token_ids)
+        text, _ = self._detokenizer.push(shown)
         accepted = self._detokenizer.token_count - before
-        self._generated.extend(token_ids[:accepted] if accepted < len(token_ids) else token_ids)
+        self._generated.extend(token_ids if accepted == len(shown) else token_ids[:accepted])
         self.completion_tokens = len(self._generated)
         return text

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from dynamo_lite.frontend.chat_output import ChatOutput
 from dynamo_lite.frontend.middleware import RequestId
 from dynamo_lite.frontend.models import ServedModel
-from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, check_supported
+from dynamo_lite.frontend.schemas import (ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields,
+                                          check_supported)
+from dynamo_lite.frontend.structured import structured_output_of
+from dynamo_lite.frontend.tool_calls import AnswerShaper, ForcedToolCalls
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.messages import SamplingOptions
 
@@ -29,6 +35,12 @@ class GenerationPlan:
     sampling: SamplingOptions
     stop: list[str]
     prompt_param: str  # the field to blame in errors about the prompt ("messages" or "prompt")
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Chat answers that are more than text (tool calls, reasoning): a new shaper per choice, None for
+    # plain text (the fast path). It splits the choice's text into content, reasoning and tool calls.
+    answer_shaper: Callable[[], AnswerShaper] | None = None
+    tool_choice: str = "none"  # "none" | "auto" | "required" | "named", for the finish reason
 
 
 async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
@@ -37,13 +49,45 @@ async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> li
     return model.tokenizer.encode(text, add_special_tokens)
 
 
-async def plan_chat(model: ServedModel, request: ChatCompletionRequest,
-                    request_id: RequestId | None = None) -> GenerationPlan:
+HARMONY_PARSERS = ("openai", "openai_gptoss")  # gpt-oss: reasoning and calls in special-token channels
+
+
+@dataclass(frozen=True)
+class ChatParsers:
+    """The frontend's --tool-call-parser and --reasoning-parser ("" = none)."""
+
+    tool_call: str = ""
+    reasoning: str = ""
+
+
+async def plan_chat(model: ServedModel, request: ChatCompletionRequest, request_id: RequestId | None = None,
+                    parsers: ChatParsers = ChatParsers()) -> GenerationPlan:
     check_supported(request)
     text = model.tokenizer.render_chat(request.template_messages(), request.add_generation_prompt,
-                                       request.tools, request.chat_template_kwargs)
+                                       request.template_tools(), request.chat_template_kwargs)
     prompt_ids = await _encode(model, text, add_special_tokens=False)
-    return _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages")
+    plan = _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages")
+    choice = request.effective_tool_choice()
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        plan.answer_shaper, plan.tool_choice = (lambda: ForcedToolCalls(name)), "named"
+    elif choice == "required":
+        plan.answer_shaper, plan.tool_choice = (lambda: ForcedToolCalls(None)), "required"
+    elif choice == "auto":
+        if not parsers.tool_call:
+            # vLLM's server answers the same without a parser: the calls would come back as prose.
+            raise InvalidRequestError('"auto" tool choice needs a tool-call parser on this frontend '
+                                      '(--tool-call-parser); "required", a named function and "none" work '
+                                      "without", param="tool_choice")
+        plan.answer_shaper = functools.partial(ChatOutput, parsers.tool_call, parsers.reasoning or None, True)
+        plan.tool_choice = "auto"
+        # Tool-call markers are special tokens in some models' vocabularies (vLLM's hermes parser does the same).
+        plan.skip_special_tokens = False
+    elif parsers.reasoning:
+        plan.answer_shaper = functools.partial(ChatOutput, None, parsers.reasoning, False)
+        if parsers.reasoning in HARMONY_PARSERS:
+            plan.skip_special_tokens = False  # harmony's channels are marked by special tokens
+    return plan
 
 
 async def plan_completion(model: ServedModel, request: CompletionRequest,
@@ -105,6 +149,12 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
     if not request.ignore_eos:
         stop_token_ids.extend(i for i in model.tokenizer.eos_token_ids if i not in stop_token_ids)
     top_k = request.top_k if request.top_k is not None and request.top_k > 0 else 0
+    vocab_size = model.tokenizer.vocab_size
+    logit_bias = _logit_bias(request.logit_bias, vocab_size)
+    for token_id in request.allowed_token_ids or ():
+        if token_id >= vocab_size:
+            raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (size {vocab_size})",
+                                      param="allowed_token_ids")
     sampling = SamplingOptions(
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
@@ -116,6 +166,31 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         stop_token_ids=stop_token_ids,
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        logit_bias=logit_bias,
+        allowed_token_ids=request.allowed_token_ids,
+        bad_words=request.bad_words or None,
+        structured_output=structured_output_of(request),
     )
     return GenerationPlan(request_id=request_id, model=model, prompt_ids=prompt_ids,
-                          sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param)
+                          sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param,
+                          skip_special_tokens=request.skip_special_tokens,
+                          include_stop_str_in_output=request.include_stop_str_in_output)
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias has token ids as JSON object keys (strings)."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise InvalidRequestError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(f"logit_bias token id {token_id} is outside the vocabulary "
+                                      f"(size {vocab_size})", param="logit_bias")
+        out[token_id] = value
+    return out

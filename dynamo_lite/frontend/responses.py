@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from dynamo_lite.frontend.tool_calls import OutputDelta, ParsedMessage
 from dynamo_lite.protocol.messages import json_encoder
 
 DONE = b"data: [DONE]\n\n"
@@ -19,13 +20,25 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_completion(request_id: str, model: str, text: str, finish_reason: str | None, usage_: dict) -> bytes:
+def chat_completion(request_id: str, model: str, message: str | ParsedMessage, finish_reason: str | None,
+                    usage_: dict) -> bytes:
+    """message: the answer's text, or its parts when it may hold tool calls or reasoning."""
     return json_encoder.encode({
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        "choices": [{"index": 0, "message": chat_message(message), "logprobs": None,
                      "finish_reason": finish_reason}],
         "usage": usage_,
     })
+
+
+def chat_message(message: str | ParsedMessage) -> dict:
+    if isinstance(message, str):
+        return {"role": "assistant", "content": message}
+    body = {"role": "assistant", "content": message.content,
+            "tool_calls": [call.to_openai() for call in message.tool_calls]}
+    if message.reasoning is not None:
+        body["reasoning"] = message.reasoning
+    return body
 
 
 def text_completion(request_id: str, model: str, text: str, finish_reason: str | None, usage_: dict) -> bytes:
@@ -70,6 +83,17 @@ class ChunkEncoder:
 
     def text(self, text: str) -> bytes:
         return self._text_prefix + json_encoder.encode(text) + self._text_suffix
+
+    def delta(self, delta: OutputDelta) -> bytes:
+        """A chat chunk with reasoning and tool-call pieces besides (or instead of) content."""
+        body: dict = {}
+        if delta.reasoning:
+            body["reasoning"] = delta.reasoning
+        if delta.content:
+            body["content"] = delta.content
+        if delta.tool_calls:
+            body["tool_calls"] = [piece.to_openai() for piece in delta.tool_calls]
+        return self._encode(self._choice(body, None))
 
     def finish(self, finish_reason: str | None) -> bytes:
         return self._encode(self._choice({} if self.chat else "", finish_reason))

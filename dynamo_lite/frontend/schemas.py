@@ -7,13 +7,15 @@ pipeline. Responses are not pydantic models: they are plain dicts encoded with m
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from dynamo_lite.protocol.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # vLLM's server default max_logprobs (and OpenAI's top_logprobs limit)
 # Integers travel to workers as msgpack int64: anything wider would fail there, not here.
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -27,6 +29,37 @@ StopString = Annotated[StrictStr, Field(min_length=1)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")  # e.g. continuous_usage_stats: refused, not ignored
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64)] = "response"
+    description: StrictStr | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None  # the output always satisfies the schema (the grammar enforces it)
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format. vLLM's structural_tag formats are refused (not implemented here)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's own `structured_outputs` field: exactly one constraint (json, regex, choice, grammar,
+    json_object) and the grammar engine's whitespace options."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | StrictStr | None = Field(None, alias="json")
+    regex: Annotated[StrictStr, Field(min_length=1)] | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: Annotated[StrictStr, Field(min_length=1)] | None = None
+    json_object: StrictBool | None = None
+    disable_any_whitespace: StrictBool = False
+    disable_additional_properties: StrictBool = False
+    whitespace_pattern: StrictStr | None = None
 
 
 class SamplingFields(BaseModel):
@@ -56,6 +89,21 @@ class SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extra sampling fields, passed to the engine.
+    min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, le=2.0)] = 1.0
+    logit_bias: Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=1024)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=256)] | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Detokenization options (applied by the frontend, which detokenizes).
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    # Structured outputs: OpenAI's response_format and vLLM's own field.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -92,12 +140,39 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None  # calls always match the parameters when forced; see docs/api.md
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(gt=0, le=INT32_MAX)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     add_generation_prompt: StrictBool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -121,25 +196,62 @@ class ChatCompletionRequest(SamplingFields):
                 item["content"] = "\n".join(texts)
             elif message.content is None:
                 item["content"] = ""
+            _arguments_as_objects(item, index)
             messages.append(item)
         return messages
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates read them (None: no tools, so templates skip their tool prompt)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: "auto" when there are tools, "none" without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+
+def _arguments_as_objects(message: dict[str, Any], index: int) -> None:
+    """An assistant message's tool-call arguments (JSON text in OpenAI's API) become objects, which is
+    what chat templates with tool support read (Transformers' convention, as vLLM's server does)."""
+    for position, call in enumerate(message.get("tool_calls") or ()):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise InvalidRequestError("an assistant tool call needs a 'function' object",
+                                      param=f"messages[{index}].tool_calls[{position}]")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                function["arguments"] = json.loads(arguments)
+            except ValueError:
+                raise InvalidRequestError("tool call arguments are not JSON",
+                                          param=f"messages[{index}].tool_calls[{position}].function.arguments"
+                                          ) from None
 
 
 def check_supported(request: SamplingFields) -> None:
     """Reject valid OpenAI options this server does not implement, with a clear 400."""
     for name in request.model_extra or {}:
         raise InvalidRequestError(f"'{name}' is not supported by this server (it would be ignored)", param=name)
-    if getattr(request, "tools", None):
-        # The tools reach the chat template, but nothing parses a tool call out of the answer: the
-        # client would get the call as prose with finish_reason "stop".
-        raise InvalidRequestError("tool calling is not supported by this server yet ('tools')", param="tools")
+    if getattr(request, "tool_choice", None) not in (None, "none") and not request.tools:
+        raise InvalidRequestError("tool_choice needs 'tools'", param="tool_choice")
     if request.n > 1:
         raise InvalidRequestError("n > 1 is not supported", param="n")
     if request.best_of is not None and request.best_of > 1:
         raise InvalidRequestError("best_of > 1 is not supported", param="best_of")
     if getattr(request, "logprobs", None) or getattr(request, "top_logprobs", None):
         raise InvalidRequestError("logprobs are not supported", param="logprobs")
+    if request.prompt_logprobs is not None:
+        raise InvalidRequestError("prompt_logprobs are not supported", param="prompt_logprobs")
     if getattr(request, "echo", False):
         raise InvalidRequestError("echo is not supported", param="echo")
     if getattr(request, "suffix", None):
         raise InvalidRequestError("suffix is not supported", param="suffix")
+    if not request.skip_special_tokens and not request.spaces_between_special_tokens:
+        # vLLM then drops the spaces its slow-tokenizer path put between added tokens; this server's
+        # fast detokenizer has no such option.
+        raise InvalidRequestError("spaces_between_special_tokens=false is not supported",
+                                  param="spaces_between_special_tokens")
+    if request.response_format is not None and request.structured_outputs is not None:
+        raise InvalidRequestError("give either response_format or structured_outputs, not both",
+                                  param="structured_outputs")

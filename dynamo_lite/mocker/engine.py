@@ -49,6 +49,10 @@ MAX_CATCH_UP_SECONDS = 10e-3
 MAX_UNREAD_KV_BATCHES = 4096
 
 
+# Sampling options that constrain which tokens may come out (grammars, allowed/banned tokens): the
+# mocker cannot honour them, so it refuses them.
+UNSIMULATED_CONSTRAINTS = ("structured_output", "allowed_token_ids", "logit_bias", "bad_words")
+
 class _TokenStream:
     """Hand-off from the step loop to one generate() consumer: cheaper than an asyncio.Queue per token."""
 
@@ -219,6 +223,11 @@ class MockerEngine(Engine):
             raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
         if min(prompt) < 0 or max(prompt) >= facts.vocab_size:
             raise InvalidRequestError(f"prompt token ids must be in [0, {facts.vocab_size})", param="prompt")
+        for name in UNSIMULATED_CONSTRAINTS:
+            if getattr(sampling, name) is not None:
+                # Its tokens are drawn without regard to them: a client would get output that breaks them.
+                raise InvalidRequestError(f"the mocker does not simulate '{name}' (it needs a real engine)",
+                                          param=name)
         params = request.kv_transfer_params or {}
         remote_decode = bool(params.get("do_remote_decode"))
         # A decode request carrying a prefill's params finds its prompt KV already transferred.

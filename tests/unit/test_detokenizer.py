@@ -56,6 +56,12 @@ def test_earliest_of_several_stops_wins():
     assert matcher.feed("hello world") == ("hel", True)
 
 
+def test_include_stop_keeps_the_earliest_stop_string_and_nothing_after():
+    matcher = StopMatcher(["world", "lo w"], include_stop=True)
+    assert matcher.feed("Hel") == ("He", False)  # "l" may start "lo w": held back
+    assert matcher.feed("lo world, more") == ("llo w", True)
+
+
 def test_flush_releases_a_partial_match_at_the_end():
     matcher = StopMatcher(["</answer>"])
     assert matcher.feed("42 </ans") == ("42 ", False)

@@ -17,7 +17,7 @@ from dynamo_lite.mocker.scheduler import StepOutput
 from dynamo_lite.mocker.timing import StepTimeModel
 from dynamo_lite.protocol.errors import ConfigError, EngineError, InvalidRequestError
 from dynamo_lite.protocol.hashing import block_hashes
-from dynamo_lite.protocol.messages import BlockStored, GenerateFrame, GenerateRequest, SamplingOptions
+from dynamo_lite.protocol.messages import BlockStored, GenerateFrame, GenerateRequest, SamplingOptions, StructuredOutput
 
 VOCAB = 1000
 CONTEXT = 256
@@ -138,6 +138,19 @@ async def test_invalid_prompts_are_rejected_as_invalid_requests(model_dir):
         with pytest.raises(InvalidRequestError):
             await collect(engine, request(prompt=[]))
         assert engine.load().active_blocks == 0
+
+
+@pytest.mark.parametrize("constraint", [{"structured_output": StructuredOutput(regex="[0-9]+")},
+                                        {"allowed_token_ids": [5, 6]}, {"logit_bias": {5: -100.0}},
+                                        {"bad_words": ["no"]}])
+async def test_token_constraints_are_refused_not_ignored(model_dir, constraint):
+    async with running_engine(make_config(model_dir)) as engine:
+        req = GenerateRequest(request_id="r1", token_ids=list(PROMPT),
+                              sampling=SamplingOptions(max_tokens=4, **constraint))
+        with pytest.raises(InvalidRequestError, match="needs a real engine") as info:
+            await collect(engine, req)
+        assert info.value.param == next(iter(constraint)) and info.value.status == 400
+        assert engine.load().running_requests == 0
 
 
 async def test_output_is_capped_by_the_context_length(model_dir):

@@ -106,9 +106,13 @@ def test_bad_completion_prompt_is_400(body, field):
     ({"n": 2}, "n", "n > 1 is not supported"),
     ({"logprobs": True}, "logprobs", "logprobs are not supported"),
     ({"best_of": 3}, "best_of", "best_of"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "'response_format' is not supported"),
-    ({"repetition_penalty": 1.2}, "repetition_penalty", "it would be ignored"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling is not supported"),
+    ({"truncate_prompt_tokens": 10}, "truncate_prompt_tokens", "it would be ignored"),
+    ({"prompt_logprobs": 1}, "prompt_logprobs", "prompt_logprobs are not supported"),
+    ({"skip_special_tokens": False, "spaces_between_special_tokens": False}, "spaces_between_special_tokens",
+     "not supported"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
+     "not both"),
+    ({"tool_choice": "required"}, "tool_choice", "tool_choice needs 'tools'"),
 ])
 def test_unsupported_options_are_rejected_clearly(extra, param, words):
     # Each of these, accepted and dropped, would change the answer without the client knowing.

@@ -1,0 +1,1 @@
+"""Model output formats that do not fit chat_output.py's marker parsers, one module each."""
