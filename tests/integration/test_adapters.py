@@ -156,10 +156,7 @@ async def test_responses_stream_client_gone_aborts_the_worker(model_dir):
     ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-    # Function tools and structured output reach the chat path, which has neither yet: its 400, named
-    # by the Responses field.
-    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tools"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}, "text.format"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format"),  # no name
     ({"input": 5}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -343,3 +340,47 @@ async def test_a_worker_dying_mid_stream_is_an_error_event_on_both(model_dir):
         events = named_events(response.text)
         assert [name for name, _ in events][-2:] == ["content_block_delta", "error"]
         assert events[-1][1]["type"] == "error" and events[-1][1]["error"]["type"] == "overloaded_error"
+
+
+TOOL = {"type": "function", "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+async def test_responses_function_tools_answer_function_call_items(model_dir):
+    from tests.integration.test_tool_choice import REQUIRED_ANSWER, AnsweringEngine
+
+    async with running_stack() as stack:
+        engine = AnsweringEngine(model_dir, REQUIRED_ANSWER)
+        await stack.add_worker(engine)
+        body = {"model": MODEL, "input": "Weather in Paris?", "tools": [TOOL], "tool_choice": "required"}
+        response = await stack.http.post("/v1/responses", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        OpenAIResponse.model_validate(answer)
+        [call] = answer["output"]
+        assert call["type"] == "function_call" and call["name"] == "get_weather"
+        assert json.loads(call["arguments"]) == {"city": "Paris"} and call["call_id"].startswith("call_")
+        assert answer["tools"] == [TOOL] and answer["tool_choice"] == "required"
+
+        streamed = await stack.http.post("/v1/responses", json={**body, "stream": True})
+        events = named_events(streamed.text)
+        for _, data in events:
+            RESPONSE_EVENTS.validate_python(data)
+        assert [name for name, _ in events] == [
+            "response.created", "response.in_progress", "response.output_item.added",
+            "response.function_call_arguments.delta", "response.function_call_arguments.done",
+            "response.output_item.done", "response.completed"]
+        [final] = events[-1][1]["response"]["output"]
+        assert final["type"] == "function_call" and json.loads(final["arguments"]) == {"city": "Paris"}
+
+
+async def test_responses_json_schema_format_constrains_the_worker(model_dir):
+    async with running_stack() as stack:
+        engine = ScriptedEngine(model_dir)
+        await stack.add_worker(engine)
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        text = {"format": {"type": "json_schema", "name": "x", "schema": schema, "strict": True}}
+        response = await stack.http.post("/v1/responses", json={"model": MODEL, "input": "hi", "text": text})
+        assert response.status_code == 200, response.text
+        assert json.loads(engine.requests[0].sampling.structured_output.json) == schema
+        assert response.json()["text"] == text
