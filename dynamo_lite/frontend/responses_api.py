@@ -89,6 +89,12 @@ class TextFormat(_Strict):
     description: StrictStr | None = None
     strict: StrictBool | None = None
 
+    @pydantic.model_validator(mode="after")
+    def _named_schema(self) -> TextFormat:
+        if self.type == "json_schema" and (self.name is None or self.schema_ is None):
+            raise ValueError("a json_schema format needs 'name' and 'schema' (as in OpenAI's API)")
+        return self
+
 
 class TextConfig(_Strict):
     format: TextFormat | None = None
@@ -340,8 +346,11 @@ class _EventStream:
             index = len(output)
             yield self.event("response.output_item.added", output_index=index, item=dict(call, arguments="",
                                                                                          status="in_progress"))
+            # The chat path hands over a call's arguments whole (its parser completes them): one delta.
+            yield self.event("response.function_call_arguments.delta", item_id=call["id"], output_index=index,
+                             delta=call["arguments"])
             yield self.event("response.function_call_arguments.done", item_id=call["id"], output_index=index,
-                             arguments=call["arguments"])
+                             arguments=call["arguments"], name=call["name"])
             yield self.event("response.output_item.done", output_index=index, item=call)
             output.append(call)
         yield self.event("response.completed",

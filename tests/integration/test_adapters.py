@@ -14,7 +14,8 @@ from openai.types.responses import Response as OpenAIResponse
 from openai.types.responses import ResponseStreamEvent
 
 from tests.integration.test_frontend_app import (CONTEXT, MODEL, REPLY, REPLY_IDS, TEMPLATE, TOKENIZER,
-                                                 ScriptedEngine, chat_prompt_ids, model_dir, over_real_http,
+                                                 PreferRouter, ScriptedEngine, chat_prompt_ids,
+                                                 dying_worker_server, model_dir, over_real_http,
                                                  running_stack, wait_until)
 
 __all__ = ["model_dir"]  # the module-scoped fixture, shared
@@ -155,8 +156,7 @@ async def test_responses_stream_client_gone_aborts_the_worker(model_dir):
     ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-    # Function tools reach the chat path; tool_choice "auto" (the default) needs a tool-call parser there.
-    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}, "tool_choice"),
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format"),  # no name
     ({"input": 5}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -172,22 +172,6 @@ async def test_responses_refuses_what_it_cannot_honour(model_dir, extra, param):
         assert error["type"] == "invalid_request_error"
         assert error["param"].startswith(param), error
         assert engine.requests == []
-
-
-async def test_responses_text_format_and_forced_tools_reach_the_engine_as_constraints(model_dir):
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    async with running_stack() as stack:
-        engine = ScriptedEngine(model_dir)
-        await stack.add_worker(engine)
-        response = await stack.http.post("/v1/responses", json={
-            "model": MODEL, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}})
-        assert response.status_code == 200, response.text
-        assert json.loads(engine.requests[-1].sampling.structured_output.json) == schema
-        response = await stack.http.post("/v1/responses", json={
-            "model": MODEL, "input": "hi", "tool_choice": "required",
-            "tools": [{"type": "function", "name": "f", "parameters": schema}]})
-        assert response.status_code == 200, response.text
-        assert json.loads(engine.requests[-1].sampling.structured_output.json)["type"] == "array"
 
 
 async def test_responses_store_false_and_metadata_are_accepted(model_dir):
@@ -333,3 +317,70 @@ async def test_messages_stream_client_gone_aborts_the_worker(model_dir):
             await wait_until(lambda: shell.stats.aborted_requests == 1)
         metrics = (await stack.http.get("/metrics")).text
         assert f'endpoint="messages",model="{MODEL}",status="499"}} 1.0' in metrics
+
+
+async def test_a_worker_dying_mid_stream_is_an_error_event_on_both(model_dir):
+    """After the first text the status line is out: the failure is an `error` event in each API's shape,
+    and the stream ends there (no response.completed / message_stop)."""
+    router = PreferRouter()
+    async with running_stack(router) as stack:
+        server, address = await dying_worker_server(tokens_before_death=4)
+        stack.servers.append(server)
+        router.preferred = await stack.register(address, str(model_dir), migration_limit=0)
+        body = {"model": MODEL, "input": "hi", "stream": True}
+        response = await stack.http.post("/v1/responses", json=body)
+        events = named_events(response.text)
+        assert [name for name, _ in events][-2:] == ["response.output_text.delta", "error"]
+        error = events[-1][1]
+        RESPONSE_EVENTS.validate_python(error)
+        assert error["sequence_number"] == len(events) - 1 and "closed the stream" in error["message"]
+
+        router.preferred = await stack.register(address, str(model_dir), migration_limit=0)
+        response = await stack.http.post("/v1/messages", json=messages_body(stream=True))
+        events = named_events(response.text)
+        assert [name for name, _ in events][-2:] == ["content_block_delta", "error"]
+        assert events[-1][1]["type"] == "error" and events[-1][1]["error"]["type"] == "overloaded_error"
+
+
+TOOL = {"type": "function", "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+async def test_responses_function_tools_answer_function_call_items(model_dir):
+    from tests.integration.test_tool_choice import REQUIRED_ANSWER, AnsweringEngine
+
+    async with running_stack() as stack:
+        engine = AnsweringEngine(model_dir, REQUIRED_ANSWER)
+        await stack.add_worker(engine)
+        body = {"model": MODEL, "input": "Weather in Paris?", "tools": [TOOL], "tool_choice": "required"}
+        response = await stack.http.post("/v1/responses", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        OpenAIResponse.model_validate(answer)
+        [call] = answer["output"]
+        assert call["type"] == "function_call" and call["name"] == "get_weather"
+        assert json.loads(call["arguments"]) == {"city": "Paris"} and call["call_id"].startswith("call_")
+        assert answer["tools"] == [TOOL] and answer["tool_choice"] == "required"
+
+        streamed = await stack.http.post("/v1/responses", json={**body, "stream": True})
+        events = named_events(streamed.text)
+        for _, data in events:
+            RESPONSE_EVENTS.validate_python(data)
+        assert [name for name, _ in events] == [
+            "response.created", "response.in_progress", "response.output_item.added",
+            "response.function_call_arguments.delta", "response.function_call_arguments.done",
+            "response.output_item.done", "response.completed"]
+        [final] = events[-1][1]["response"]["output"]
+        assert final["type"] == "function_call" and json.loads(final["arguments"]) == {"city": "Paris"}
+
+
+async def test_responses_json_schema_format_constrains_the_worker(model_dir):
+    async with running_stack() as stack:
+        engine = ScriptedEngine(model_dir)
+        await stack.add_worker(engine)
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        text = {"format": {"type": "json_schema", "name": "x", "schema": schema, "strict": True}}
+        response = await stack.http.post("/v1/responses", json={"model": MODEL, "input": "hi", "text": text})
+        assert response.status_code == 200, response.text
+        assert json.loads(engine.requests[0].sampling.structured_output.json) == schema
+        assert response.json()["text"] == text
