@@ -19,8 +19,8 @@ from dynamo_lite.engine.kv_publisher import KvEventPublisher
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
-    TOKENIZER_FILE_NAMES, EmbedRequest, GenerateRequest, InstanceRecord, ModelCard, Reply, Request, TokenizerFiles,
-    TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
+    TOKENIZER_FILE_NAMES, EmbedRequest, GenerateRequest, InstanceRecord, ModelCard, Reply, Request,
+    TokenizerFiles, TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
 from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
 from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer

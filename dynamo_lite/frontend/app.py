@@ -307,7 +307,8 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/tokenize", tokenization.tokenize, methods=["POST"])
     app.add_route("/detokenize", tokenization.detokenize, methods=["POST"])
     app.add_route("/version", tokenization.version, methods=["GET"])
-    app.add_route("/v1/embeddings", EmbeddingsService(service.dispatcher, service.models).embeddings, methods=["POST"])
+    app.add_route("/v1/embeddings", EmbeddingsService(service.dispatcher, service.models).embeddings,
+                  methods=["POST"])
     install_middleware(app, deps.config)
     app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
     app.add_exception_handler(RequestValidationError, errors.handle_request_validation)

@@ -22,8 +22,8 @@ from dynamo_lite.frontend import errors
 from dynamo_lite.frontend.attempt import POOL_DECODE, Dispatcher
 from dynamo_lite.frontend.middleware import request_id_of
 from dynamo_lite.frontend.models import ModelRegistry, ServedModel
-from dynamo_lite.protocol.errors import (DynamoLiteError, EngineError, InvalidRequestError, NoWorkerAvailableError,
-                                         WorkerFailedError, worker_error)
+from dynamo_lite.protocol.errors import (DynamoLiteError, EngineError, InvalidRequestError,
+                                         NoWorkerAvailableError, WorkerFailedError, worker_error)
 from dynamo_lite.protocol.messages import EmbedReply, EmbedRequest, ErrorFrame, json_encoder
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class EmbeddingsService:
             if e.status >= 500:
                 logger.warning("embeddings request for %s failed: %s", body.model, e.message)
             return errors.dynamo_error_response(e)
-        data = [{"object": "embedding", "index": i, "embedding": encode_embedding(values, body.encoding_format)}
+        data = [{"object": "embedding", "index": i,
+                 "embedding": encode_embedding(values, body.encoding_format)}
                 for i, values in enumerate(reply.embeddings)]
         usage = {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}
         return Response(json_encoder.encode({"object": "list", "data": data, "model": served.requested_name,

@@ -24,8 +24,8 @@ from vllm.v1.metrics.stats import SchedulerStats
 
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
-from dynamo_lite.protocol.messages import (EmbedReply, EmbedRequest, FinishReason, GenerateFrame, GenerateRequest, KvEvent, SamplingOptions,
-                                            StructuredOutput)
+from dynamo_lite.protocol.messages import (EmbedReply, EmbedRequest, FinishReason, GenerateFrame,
+                                            GenerateRequest, KvEvent, SamplingOptions, StructuredOutput)
 from dynamo_lite.vllm.compat import check_vllm_version, request_error_classes, unfinished_requests
 from dynamo_lite.vllm.kv_events import KvEventSubscriber
 
