@@ -18,7 +18,8 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, KvEvent
+from dynamo_lite.protocol.errors import InvalidRequestError
+from dynamo_lite.protocol.messages import EmbedReply, EmbedRequest, GenerateFrame, GenerateRequest, KvEvent
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class EngineInfo:
     kv_block_size: int
     total_kv_blocks: int
     model_aliases: tuple[str, ...] = ()  # more names clients may use (vLLM's --served-model-name a b)
+    runner: str = "generate"  # "pooling": an embedding model (ModelCard.runner)
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
+
+    async def embed(self, request: EmbedRequest) -> EmbedReply:
+        """Embeddings of request.prompts (pooling engines only; the rest refuse with a 400)."""
+        raise InvalidRequestError(f"{type(self).__name__} does not serve embeddings")

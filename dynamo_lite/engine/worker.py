@@ -19,8 +19,8 @@ from dynamo_lite.engine.kv_publisher import KvEventPublisher
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
-    TOKENIZER_FILE_NAMES, GenerateRequest, InstanceRecord, ModelCard, Reply, Request, TokenizerFiles,
-    TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
+    TOKENIZER_FILE_NAMES, EmbedRequest, GenerateRequest, InstanceRecord, ModelCard, Reply, Request,
+    TokenizerFiles, TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
 from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
 from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
@@ -141,6 +141,8 @@ class WorkerShell:
             return self._tokenizer_files()
         if isinstance(request, WorkerStatsRequest):
             return self._single(self.stats)
+        if isinstance(request, EmbedRequest):
+            return self._embed(request)
         raise InvalidRequestError(f"unsupported request {type(request).__name__}")
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[Reply]:
@@ -175,6 +177,15 @@ class WorkerShell:
             if aclose is not None:
                 await aclose()
 
+    async def _embed(self, request: EmbedRequest) -> AsyncIterator[Reply]:
+        logger.debug("request %s: embed %d prompts", request.request_id, len(request.prompts))
+        self._active += 1
+        try:
+            yield await self._engine.embed(request)
+            self._completed += 1
+        finally:
+            self._active -= 1
+
     async def _tokenizer_files(self) -> AsyncIterator[Reply]:
         assert self._info is not None
         folder = Path(self._info.model_path)
@@ -202,7 +213,7 @@ class WorkerShell:
         card = ModelCard(name=info.model_name, path=info.model_path, context_length=info.context_length,
                          kv_block_size=info.kv_block_size, total_kv_blocks=info.total_kv_blocks,
                          migration_limit=config.migration_limit, engine=config.engine_kind,
-                         aliases=list(info.model_aliases))
+                         aliases=list(info.model_aliases), runner=info.runner)
         # The card goes first, so whoever sees the instance can already read its card.
         await self._discovery.put(keys.model_card_key(config.namespace, info.model_name, lease.id),
                                   json_encoder.encode(card), lease)

@@ -36,6 +36,7 @@ from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
 from dynamo_lite.frontend.preprocess import ChatParsers, plan_chat, plan_completion
 from dynamo_lite.frontend.responses_api import ResponsesService
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
+from dynamo_lite.frontend.embeddings_api import EmbeddingsService
 from dynamo_lite.frontend.tokenize_api import TokenizeService
 from dynamo_lite.frontend.tool_calls import finish_reason_with_tools
 from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
@@ -336,6 +337,8 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/tokenize", tokenization.tokenize, methods=["POST"])
     app.add_route("/detokenize", tokenization.detokenize, methods=["POST"])
     app.add_route("/version", tokenization.version, methods=["GET"])
+    app.add_route("/v1/embeddings", EmbeddingsService(service.dispatcher, service.models).embeddings,
+                  methods=["POST"])
     install_middleware(app, deps.config)
     app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
     app.add_exception_handler(RequestValidationError, errors.handle_request_validation)

@@ -124,6 +124,9 @@ def _request_id(prefix: str, request_id: RequestId | None) -> str:
 
 def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], request_id: str,
           prompt_param: str) -> GenerationPlan:
+    if model.card.runner != "generate":  # a pooling worker has no sampler: vLLM's server answers 400 too
+        raise InvalidRequestError(f"the model {model.requested_name} is an embedding model (runner "
+                                  f"{model.card.runner}): it serves /v1/embeddings only", param="model")
     context_length = model.card.context_length
     prompt_tokens = len(prompt_ids)
     if prompt_tokens == 0:

@@ -59,6 +59,9 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
     # More names clients may use for this model (vLLM's `--served-model-name a b`: "b" here). Routing,
     # events and metrics use `name`; a frontend answers with the name the client asked for.
     aliases: list[str] = []
+    # "generate" (chat/completions) or "pooling" (an embedding model, vLLM's `--runner pooling`): the
+    # frontend answers the other kind's endpoints with a 400.
+    runner: str = "generate"
 
 
 # --------------------------------------------------------------------------- request plane
@@ -127,7 +130,16 @@ class WorkerStatsRequest(msgspec.Struct, frozen=True, tag="worker_stats"):
     """Ask a worker for its request counters (operators and tests)."""
 
 
-Request = GenerateRequest | TokenizerFilesRequest | WorkerStatsRequest
+class EmbedRequest(msgspec.Struct, frozen=True, kw_only=True, tag="embed"):
+    """Embed each prompt (token ids) with a pooling model: one EmbedReply answers all of them."""
+
+    request_id: str
+    prompts: list[list[int]]
+    dimensions: int | None = None  # Matryoshka truncation (vLLM's PoolingParams.dimensions)
+    normalize: bool | None = None  # None: the model's pooler default
+
+
+Request = GenerateRequest | TokenizerFilesRequest | WorkerStatsRequest | EmbedRequest
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -182,7 +194,13 @@ class ErrorFrame(msgspec.Struct, kw_only=True, tag="error"):
     last: bool = True
 
 
-Reply = GenerateFrame | TokenizerFiles | WorkerStats | ErrorFrame
+class EmbedReply(msgspec.Struct, kw_only=True, tag="embed"):
+    embeddings: list[list[float]]  # one per EmbedRequest.prompts entry, in order
+    prompt_tokens: int
+    last: bool = True
+
+
+Reply = GenerateFrame | TokenizerFiles | WorkerStats | ErrorFrame | EmbedReply
 
 # --------------------------------------------------------------------------- event plane (NATS)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from vllm import SamplingParams, TokensPrompt
+from vllm import PoolingParams, SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.usage.usage_lib import UsageContext
@@ -24,8 +24,8 @@ from vllm.v1.metrics.stats import SchedulerStats
 
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
-from dynamo_lite.protocol.messages import (FinishReason, GenerateFrame, GenerateRequest, KvEvent, SamplingOptions,
-                                            StructuredOutput)
+from dynamo_lite.protocol.messages import (EmbedReply, EmbedRequest, FinishReason, GenerateFrame,
+                                            GenerateRequest, KvEvent, SamplingOptions, StructuredOutput)
 from dynamo_lite.vllm.compat import check_vllm_version, request_error_classes, unfinished_requests
 from dynamo_lite.vllm.kv_events import KvEventSubscriber
 
@@ -223,7 +223,8 @@ class VllmEngine(Engine):
         self._info = EngineInfo(model_name=names[0], model_path=model_config.model,
                                 context_length=model_config.max_model_len,
                                 kv_block_size=cache_config.block_size, total_kv_blocks=total_blocks,
-                                model_aliases=names[1:])
+                                model_aliases=names[1:],
+                                runner="pooling" if model_config.runner_type == "pooling" else "generate")
         logger.info("vLLM engine ready: %s (context %d, %d KV blocks of %d tokens, prefix caching %s)",
                     self._info.model_name, self._info.context_length, total_blocks,
                     cache_config.block_size, cache_config.enable_prefix_caching)
@@ -271,6 +272,35 @@ class VllmEngine(Engine):
         finally:
             if window is not None:
                 window.close()
+
+    async def embed(self, request: EmbedRequest) -> EmbedReply:
+        """One AsyncLLM.encode per prompt, run concurrently (vLLM's serving_embedding does the same)."""
+        llm = self._require_llm()
+        if self._info is None or self._info.runner != "pooling":
+            raise InvalidRequestError("this worker runs a generating model: start it with --runner pooling")
+        # normalize maps to vLLM's use_activation (the embed pooler's normalization).
+        params = PoolingParams(task="embed", dimensions=request.dimensions, use_activation=request.normalize)
+        try:
+            params.verify(llm.model_config)
+        except ValueError as e:  # e.g. dimensions on a model without Matryoshka support
+            raise InvalidRequestError(str(e)) from e
+
+        async def one(index: int, token_ids: list[int]):
+            last = None
+            async for output in llm.encode(TokensPrompt(prompt_token_ids=list(token_ids)), params,
+                                           f"{request.request_id}-{index}"):
+                last = output
+            assert last is not None and last.finished
+            return last.outputs.data.tolist()
+
+        try:
+            embeddings = await asyncio.gather(*(one(i, p) for i, p in enumerate(request.prompts)))
+        except CLIENT_ERRORS as e:
+            raise InvalidRequestError(str(e)) from e
+        except SERVER_ERRORS as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise EngineError(f"vLLM failed request {request.request_id}: {cause}") from e
+        return EmbedReply(embeddings=list(embeddings), prompt_tokens=sum(map(len, request.prompts)))
 
     async def kv_events(self) -> AsyncIterator[list[KvEvent]]:
         if not self._events_enabled:

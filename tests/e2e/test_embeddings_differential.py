@@ -1,0 +1,91 @@
+"""/v1/embeddings differentially: this project's frontend + a pooling vLLM worker beside vLLM's own OpenAI
+server started the same way (`--runner pooling --convert embed`) on the default model, each engine pinned
+to its own core. The same request to both gives the same vectors."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import _new_group, start_stack
+from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, wait_until
+from tests.services import free_tcp_port
+
+pytestmark = pytest.mark.vllm
+
+POOLING_ARGS = ["--runner", "pooling", "--convert", "embed", "--max-model-len", "2048", "--max-num-seqs", "8"]
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory, etcd_endpoint, nats_url):
+    if not (DEFAULT_MODEL_PATH / "config.json").exists():
+        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
+    group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "embed-pair")
+    try:
+        port = free_tcp_port()
+        reference = group.start(
+            "vllm-serve-embed", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
+            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *POOLING_ARGS,
+            extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
+        ours = start_stack(group, "dynamo_lite.vllm",
+                           ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
+                            *POOLING_ARGS],
+                           model=SERVED_MODEL_NAME,
+                           worker_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
+                           startup_timeout=300)
+        reference_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _ready(reference_url), 300, f"vLLM's server on {reference_url}", [reference])
+        yield {"ours": ours.base_url, "vllm": reference_url}
+    finally:
+        group.stop()
+
+
+def _embed(url: str, **body) -> dict:
+    response = httpx.post(f"{url}/v1/embeddings", json={"model": SERVED_MODEL_NAME, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _assert_close(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    assert dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))) > 0.9999
+
+
+@pytest.mark.parametrize("value", ["The capital of France is Paris.",
+                                   ["one sentence", "and a second, longer sentence here"],
+                                   [1, 504, 3458, 282, 4649], [[1, 504], [3458, 282, 4649]]])
+def test_embeddings_equal_vllm(urls, value):
+    ours, theirs = _embed(urls["ours"], input=value), _embed(urls["vllm"], input=value)
+    assert [d["index"] for d in ours["data"]] == [d["index"] for d in theirs["data"]]
+    for mine, ref in zip(ours["data"], theirs["data"], strict=True):
+        assert mine["object"] == "embedding"
+        _assert_close(mine["embedding"], ref["embedding"])
+    assert ours["usage"] == theirs["usage"]
+    assert ours["object"] == "list" and ours["model"] == SERVED_MODEL_NAME
+
+
+def test_base64_decodes_to_the_same_floats(urls):
+    floats = _embed(urls["ours"], input="base64 please")["data"][0]["embedding"]
+    raw = base64.b64decode(_embed(urls["ours"], input="base64 please", encoding_format="base64")
+                           ["data"][0]["embedding"])
+    _assert_close(list(struct.unpack(f"<{len(raw) // 4}f", raw)), floats)
+
+
+def test_generate_on_the_embedding_model_is_400(urls):
+    for url in (urls["ours"], urls["vllm"]):
+        response = httpx.post(f"{url}/v1/completions", json={"model": SERVED_MODEL_NAME, "prompt": "hi",
+                                                             "max_tokens": 4}, timeout=60)
+        assert 400 <= response.status_code < 500, (url, response.text)
