@@ -59,7 +59,9 @@ def _embed(url: str, **body) -> dict:
 
 def _assert_close(a: list[float], b: list[float]) -> None:
     assert len(a) == len(b)
-    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+    # The model runs in bf16: two engines on different cores differ in the last bf16 bits (first run:
+    # max |a - b| 3.6e-4 on components ~0.04), so the element bound is 1e-3 and the cosine is the real test.
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-3
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     assert dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))) > 0.9999
 
