@@ -36,7 +36,8 @@ def urls(tmp_path_factory, etcd_endpoint, nats_url):
         port = free_tcp_port()
         reference = group.start(
             "vllm-serve-embed", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
-            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *POOLING_ARGS,
+            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+            *POOLING_ARGS,
             extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
         ours = start_stack(group, "dynamo_lite.vllm",
                            ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
