@@ -368,3 +368,13 @@ async def test_round_robin_spreads_prefills_and_decodes_over_both_pools(model_di
         assert [len(p.requests) for p in prefills] == [2, 2]
         assert [len(d.requests) for d in decodes] == [2, 2]
         assert s.served("disaggregated", "disaggregated") == 4
+
+
+async def test_parallel_sampling_prefills_on_the_decode_worker(model_dir):
+    async with disagg_stack(model_dir) as s:
+        _, prefill = await s.add("prefill")
+        _, decode = await s.add("decode")
+        response = await s.chat(LONG, n=2)
+        assert response.status_code == 200, response.text
+        assert prefill.requests == [] and decode.requests[0].kv_transfer_params is None
+        assert s.served("aggregated", "parallel_sampling") == 1
