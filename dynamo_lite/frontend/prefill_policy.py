@@ -49,6 +49,9 @@ SHORT_PROMPT = "short_prompt"
 PREFILL_POOL_BUSY = "prefill_pool_busy"
 PREFILL_FAILED = "prefill_failed"
 DISABLED = "disabled"  # --no-disaggregation while prefill workers are registered
+# n > 1: vLLM splits the request into n children that would each pull the same remote blocks through
+# the NixlConnector (one transfer id, freed after the first pull): the decode worker prefills once itself.
+PARALLEL_SAMPLING = "parallel_sampling"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class PrefillPolicy:
         if not self.settings.enabled:
             return self._count(ServingPlan(self._aggregated(plan), None, DISABLED), model)
         decode, overlap_tokens = self._pick_decode(plan)
+        if plan.sampling.n > 1:
+            return self._count(ServingPlan(decode, None, PARALLEL_SAMPLING), model)
         try:
             uncached = len(plan.prompt_ids) - overlap_tokens
             if uncached < self.settings.min_prefill_tokens:

@@ -18,6 +18,7 @@ a request ends after max_tokens ("length"), at the context length, or on one of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import deque
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
 from dynamo_lite.mocker.block_pool import BlockPool
+from dynamo_lite.mocker.choices import generate_choices
 from dynamo_lite.mocker.config import MockerConfig, ModelFacts, load_model_facts
 from dynamo_lite.mocker.scheduler import Scheduler, SchedRequest, StepOutput
 from dynamo_lite.mocker.timing import StepTimeModel
@@ -133,6 +135,14 @@ class MockerEngine(Engine):
         return self._info
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]:
+        if self._facts is not None:
+            self._admit(request)  # bad requests fail before any choice starts
+        vocab = self._facts.vocab_size if self._facts is not None else 1
+        async with contextlib.aclosing(generate_choices(request, self._generate_one, vocab)) as frames:
+            async for frame in frames:
+                yield frame
+
+    async def _generate_one(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]:
         scheduler, wake = self._scheduler, self._wake
         if scheduler is None or wake is None or self._closed:
             raise EngineError("the mocker engine is not running")
@@ -219,6 +229,8 @@ class MockerEngine(Engine):
                 f"This model's maximum context length is {facts.context_length} tokens, but the prompt has "
                 f"{len(prompt)} tokens, which leaves no room to generate.", param="messages",
                 code="context_length_exceeded")
+        if sampling.n < 1:
+            raise InvalidRequestError("n must be at least 1", param="n")
         if sampling.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
         if min(prompt) < 0 or max(prompt) >= facts.vocab_size:

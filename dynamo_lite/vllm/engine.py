@@ -25,7 +25,8 @@ from vllm.v1.metrics.stats import SchedulerStats
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
 from dynamo_lite.protocol.messages import (EmbedReply, EmbedRequest, FinishReason, GenerateFrame,
-                                            GenerateRequest, KvEvent, SamplingOptions, StructuredOutput)
+                                            GenerateRequest, KvEvent, SamplingOptions, StructuredOutput,
+                                            TokenLogprob)
 from dynamo_lite.vllm.compat import check_vllm_version, request_error_classes, unfinished_requests
 from dynamo_lite.vllm.kv_events import KvEventSubscriber
 
@@ -160,6 +161,24 @@ async def _keep_pinned(interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
 
 
+def token_logprob(token_id: int, position: dict, top: int | None) -> TokenLogprob:
+    """One position of vLLM's logprobs (token id -> Logprob; the sampled token first, then the top-k).
+    `top` keeps what vLLM's OpenAI server reports as top_logprobs: the dict's first `top` entries
+    (so the sampled token is always among them), here sorted most likely first."""
+    chosen = position.get(token_id)
+    logprob = chosen.logprob if chosen is not None else float("-inf")
+    rank = chosen.rank if chosen is not None else None
+    entries = list(position.items())[:top or 0]
+    alternatives = sorted(((tid, max(lp.logprob, -9999.0)) for tid, lp in entries), key=lambda e: -e[1])
+    return TokenLogprob(token_id=token_id, logprob=max(logprob, -9999.0), rank=rank, top=alternatives)
+
+
+def prompt_logprobs(token_ids, positions, top: int | None) -> list[TokenLogprob | None]:
+    """vLLM's prompt logprobs: one per prompt token, None for the first (nothing predicts it)."""
+    return [None if position is None else token_logprob(token, position, top)
+            for token, position in zip(token_ids, positions)]
+
+
 class VllmEngine(Engine):
     def __init__(self, engine_args: AsyncEngineArgs):
         check_vllm_version()
@@ -250,20 +269,36 @@ class VllmEngine(Engine):
         try:
             async with contextlib.aclosing(llm.generate(prompt, params, request.request_id)) as outputs:
                 async for output in outputs:
-                    completion = output.outputs[0]
-                    frame = GenerateFrame(token_ids=list(completion.token_ids))
+                    # Parallel sampling (n > 1) in DELTA mode: each RequestOutput carries the deltas of
+                    # one or more children (CompletionOutput.index); output.finished once all are done.
+                    frames = []
+                    for completion in output.outputs:
+                        frame = GenerateFrame(token_ids=list(completion.token_ids), index=completion.index)
+                        if completion.logprobs is not None:
+                            frame.logprobs = [token_logprob(token, position, request.sampling.logprobs)
+                                              for token, position in zip(completion.token_ids,
+                                                                         completion.logprobs)]
+                        if completion.finish_reason is not None:
+                            frame.finish_reason = finish_reason(completion.finish_reason, request.request_id)
+                        frames.append(frame)
+                    if first or output.finished:
+                        frames = frames or [GenerateFrame()]
                     if first:
+                        frame = frames[0]
                         frame.prompt_tokens = len(request.token_ids)
                         frame.cached_tokens = output.num_cached_tokens or 0
+                        if output.prompt_logprobs is not None:
+                            frame.prompt_logprobs = prompt_logprobs(request.token_ids, output.prompt_logprobs,
+                                                                    request.sampling.prompt_logprobs)
                         if window is not None:
                             window.measure(frame)
                             window.close()
                         first = False
                     if output.finished:
-                        frame.finish_reason = finish_reason(completion.finish_reason, request.request_id)
-                        frame.kv_transfer_params = output.kv_transfer_params
-                        frame.last = True
-                    yield frame
+                        frames[-1].kv_transfer_params = output.kv_transfer_params
+                        frames[-1].last = True
+                    for frame in frames:
+                        yield frame
         except CLIENT_ERRORS as e:  # vLLM's own validation, e.g. prompt longer than the context
             raise InvalidRequestError(str(e)) from e
         except SERVER_ERRORS as e:

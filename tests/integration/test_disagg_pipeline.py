@@ -368,3 +368,4 @@ async def test_round_robin_spreads_prefills_and_decodes_over_both_pools(model_di
         assert [len(p.requests) for p in prefills] == [2, 2]
         assert [len(d.requests) for d in decodes] == [2, 2]
         assert s.served("disaggregated", "disaggregated") == 4
+

@@ -258,3 +258,34 @@ async def test_translator_drops_what_token_ids_cannot_describe():
     offloaded.medium = "CPU"
     assert translator.translate([orphan, lora, offloaded]) == []
     assert translator.dropped_orphans == 1
+
+
+async def test_n_choices_each_finish_on_their_own_and_one_last_frame(engine, tokenizer):
+    prompt = chat_token_ids(tokenizer, QUESTION)
+    req = GenerateRequest(request_id="choices", token_ids=prompt, sampling=SamplingOptions(
+        max_tokens=8, temperature=1.0, seed=7, n=3, ignore_eos=True))
+    frames = await collect(engine, req)
+    assert frames[0].prompt_tokens == len(prompt)
+    assert [f.last for f in frames].count(True) == 1 and frames[-1].last
+    finishes = [(f.index, f.finish_reason) for f in frames if f.finish_reason is not None]
+    assert sorted(finishes) == [(0, "length"), (1, "length"), (2, "length")]
+    for index in range(3):
+        mine = [f for f in frames if f.index == index]
+        assert sum(len(f.token_ids) for f in mine) == 8
+        assert mine[-1].finish_reason == "length"  # nothing of a choice after its finish frame
+
+
+async def test_logprobs_top_alternatives_include_the_sampled_token(engine, tokenizer):
+    prompt = chat_token_ids(tokenizer, QUESTION)
+    frames = await collect(engine, request("logprobs", prompt, max_tokens=6, logprobs=5, prompt_logprobs=2))
+    tokens = [t for f in frames for t in f.token_ids]
+    logprobs = [lp for f in frames for lp in (f.logprobs or [])]
+    assert len(logprobs) == len(tokens) == 6
+    for token, lp in zip(tokens, logprobs):
+        assert lp.token_id == token and lp.rank == 1  # greedy: the most likely token
+        assert len(lp.top) == 5
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+        assert dict(lp.top)[token] == lp.logprob and lp.top[0][0] == token
+    echo = frames[0].prompt_logprobs
+    assert echo is not None and len(echo) == len(prompt) and echo[0] is None
+    assert all(e.token_id == t and e.rank >= 1 and len(e.top) == 2 for e, t in zip(echo[1:], prompt[1:]))

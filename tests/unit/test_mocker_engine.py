@@ -352,3 +352,41 @@ def test_range_checks_name_the_flag_for_flags_and_env_twins(monkeypatch, capsys,
         parse_config([])
     assert exit_info.value.code == 2
     assert "DYN_NUM_WORKERS='0': --num-workers must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def choices_request(n=1, max_tokens=6, **sampling) -> GenerateRequest:
+    return GenerateRequest(request_id="c1", token_ids=list(PROMPT),
+                           sampling=SamplingOptions(max_tokens=max_tokens, seed=3, n=n, **sampling))
+
+
+async def test_n_choices_interleave_with_their_own_finish_and_one_last_frame(model_dir):
+    async with running_engine(make_config(model_dir)) as engine:
+        frames = await collect(engine, choices_request(n=3))
+        assert frames[0].prompt_tokens == len(PROMPT)
+        assert [f.prompt_tokens is not None for f in frames].count(True) == 1
+        assert frames[-1].last and [f.last for f in frames].count(True) == 1
+        streams = {i: [t for f in frames if f.index == i for t in f.token_ids] for i in range(3)}
+        assert all(len(tokens) == 6 for tokens in streams.values())
+        assert len({tuple(tokens) for tokens in streams.values()}) == 3  # each its own seed
+        finishes = sorted((f.index, f.finish_reason) for f in frames if f.finish_reason is not None)
+        assert finishes == [(0, "length"), (1, "length"), (2, "length")]
+        again = await collect(engine, choices_request(n=3))  # reproducible
+        assert sorted((f.index, f.token_ids) for f in again) == sorted((f.index, f.token_ids) for f in frames)
+        assert engine.load().running_requests == 0
+
+
+async def test_logprobs_are_deterministic_with_the_sampled_token_at_its_rank(model_dir):
+    async with running_engine(make_config(model_dir)) as engine:
+        frames = await collect(engine, choices_request(logprobs=4, prompt_logprobs=2))
+        tokens = tokens_of(frames)
+        logprobs = [lp for f in frames for lp in f.logprobs or []]
+        assert [lp.token_id for lp in logprobs] == tokens
+        for lp in logprobs:
+            assert len(lp.top) == 4 and dict(lp.top)[lp.token_id] == lp.logprob
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+            assert lp.rank >= 1 and (lp.rank > 4 or lp.top[lp.rank - 1][0] == lp.token_id)
+        echo = frames[0].prompt_logprobs
+        assert len(echo) == len(PROMPT) and echo[0] is None and echo[1].token_id == PROMPT[1]
+        again = await collect(engine, choices_request(logprobs=4, prompt_logprobs=2))
+        assert [lp for f in again for lp in f.logprobs] == logprobs and again[0].prompt_logprobs == echo
+
