@@ -11,43 +11,20 @@ import struct
 import httpx
 import pytest
 
-from tests.e2e.conftest import _new_group, start_stack
-from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, wait_until
-from tests.services import free_tcp_port
+from tests.e2e.api.conftest import start_pair
+from tests.e2e.conftest import _new_group
+from tests.e2e.harness import SERVED_MODEL_NAME
 
 pytestmark = pytest.mark.vllm
 
 POOLING_ARGS = ["--runner", "pooling", "--convert", "embed", "--max-model-len", "2048", "--max-num-seqs", "8"]
 
 
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def urls(tmp_path_factory, etcd_endpoint, nats_url):
-    if not (DEFAULT_MODEL_PATH / "config.json").exists():
-        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
     group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "embed-pair")
     try:
-        port = free_tcp_port()
-        reference = group.start(
-            "vllm-serve-embed", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
-            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-            *POOLING_ARGS,
-            extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        ours = start_stack(group, "dynamo_lite.vllm",
-                           ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
-                            *POOLING_ARGS],
-                           model=SERVED_MODEL_NAME,
-                           worker_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
-                           startup_timeout=300)
-        reference_url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _ready(reference_url), 300, f"vLLM's server on {reference_url}", [reference])
-        yield {"ours": ours.base_url, "vllm": reference_url}
+        yield start_pair(group, "vllm-serve-embed", POOLING_ARGS).urls()
     finally:
         group.stop()
 

@@ -56,26 +56,33 @@ def _reference_ready(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="package")
-def api_pair(tmp_path_factory, etcd_endpoint, nats_url):
+def start_pair(group, name: str, engine_args: list[str], frontend_args: list[str] = (),
+               reference_args: list[str] = (), reference_env: dict[str, str] | None = None) -> ApiPair:
+    """vLLM's own server (core 1) and this project's frontend + one worker (core 0) in `group`, both on
+    the default model with `engine_args`, once both answer."""
     if not (DEFAULT_MODEL_PATH / "config.json").exists():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
+    port = free_tcp_port()
+    reference = group.start(
+        name, "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
+        "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+        *engine_args, *reference_args,
+        extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1", **(reference_env or {})})
+    reference_url = f"http://127.0.0.1:{port}"
+    ours = start_stack(group, "dynamo_lite.vllm",
+                       ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
+                        *engine_args],
+                       model=SERVED_MODEL_NAME, frontend_args=list(frontend_args),
+                       worker_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
+                       startup_timeout=300)
+    wait_until(lambda: _reference_ready(reference_url), 300, f"vLLM's server on {reference_url}", [reference])
+    return ApiPair(ours, reference_url, reference)
+
+
+@pytest.fixture(scope="package")
+def api_pair(tmp_path_factory, etcd_endpoint, nats_url):
     group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "api-pair")
     try:
-        port = free_tcp_port()
-        reference = group.start(
-            "vllm-serve", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
-            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-            *ENGINE_ARGS, *REFERENCE_ARGS,
-            extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1", **REFERENCE_ENV})
-        reference_url = f"http://127.0.0.1:{port}"
-        ours = start_stack(group, "dynamo_lite.vllm",
-                           ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
-                            *ENGINE_ARGS],
-                           model=SERVED_MODEL_NAME, frontend_args=FRONTEND_ARGS,
-                           worker_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
-                           startup_timeout=300)
-        wait_until(lambda: _reference_ready(reference_url), 300, f"vLLM's server on {reference_url}", [reference])
-        yield ApiPair(ours, reference_url, reference)
+        yield start_pair(group, "vllm-serve", ENGINE_ARGS, FRONTEND_ARGS, REFERENCE_ARGS, REFERENCE_ENV)
     finally:
         group.stop()
