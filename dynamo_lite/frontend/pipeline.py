@@ -13,7 +13,8 @@ Failures:
 - before the first token of an attempt (connect refused, worker died during prefill): nothing has
   reached the client, so the request is simply sent to another worker (the failed one is excluded);
 - after tokens were produced: the request migrates (prompt + tokens so far, fewer max_tokens) if
-  the model card's migration_limit allows, otherwise the error reaches the client.
+  the model card's migration_limit allows, otherwise the error reaches the client. A request with a
+  structured output (response_format, a forced tool call, a grammar) never migrates.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ class Generation:
                         raise
                 elif self.migrations >= self.plan.model.card.migration_limit:
                     raise
+                elif self.plan.sampling.structured_output is not None:
+                    # The new worker's grammar would start again at the tokens already generated (they
+                    # are its prompt), so the answer would break the schema: fail rather than migrate.
+                    raise WorkerFailedError(f"{e.message}; a structured-output request cannot migrate "
+                                            "(its grammar would restart mid-answer)",
+                                            instance_id=e.instance_id) from e
                 else:
                     self.migrations += 1
                     self._deps.metrics.migrations.labels(self._model_label).inc()
