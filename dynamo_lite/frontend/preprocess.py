@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dynamo_lite.frontend.chat_output import ChatOutput
+from dynamo_lite.frontend.chat_output import ChatOutput, prompt_ends_reasoning
 from dynamo_lite.frontend.middleware import RequestId
 from dynamo_lite.frontend.models import ServedModel
 from dynamo_lite.frontend.schemas import (ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields,
@@ -68,6 +68,9 @@ async def plan_chat(model: ServedModel, request: ChatCompletionRequest, request_
     prompt_ids = await _encode(model, text, add_special_tokens=False)
     plan = _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages")
     choice = request.effective_tool_choice()
+    reasoning = parsers.reasoning or None
+    if reasoning not in (None, *HARMONY_PARSERS) and prompt_ends_reasoning(text):
+        reasoning = None  # no thinking to split off (e.g. Qwen3 with enable_thinking false)
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
         plan.answer_shaper, plan.tool_choice = (lambda: ForcedToolCalls(name)), "named"
@@ -79,13 +82,13 @@ async def plan_chat(model: ServedModel, request: ChatCompletionRequest, request_
             raise InvalidRequestError('"auto" tool choice needs a tool-call parser on this frontend '
                                       '(--tool-call-parser); "required", a named function and "none" work '
                                       "without", param="tool_choice")
-        plan.answer_shaper = functools.partial(ChatOutput, parsers.tool_call, parsers.reasoning or None, True)
+        plan.answer_shaper = functools.partial(ChatOutput, parsers.tool_call, reasoning, True)
         plan.tool_choice = "auto"
         # Tool-call markers are special tokens in some models' vocabularies (vLLM's hermes parser does the same).
         plan.skip_special_tokens = False
-    elif parsers.reasoning:
-        plan.answer_shaper = functools.partial(ChatOutput, None, parsers.reasoning, False)
-        if parsers.reasoning in HARMONY_PARSERS:
+    elif reasoning:
+        plan.answer_shaper = functools.partial(ChatOutput, None, reasoning, False)
+        if reasoning in HARMONY_PARSERS:
             plan.skip_special_tokens = False  # harmony's channels are marked by special tokens
     return plan
 
