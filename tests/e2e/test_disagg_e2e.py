@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
 import uuid
 
 import httpx
+import jsonschema
 import pytest
 
 from dynamo_lite.protocol.messages import GenerateRequest, SamplingOptions, WorkerStatsRequest
@@ -291,6 +293,40 @@ def test_cancelling_during_prefill_transfer_or_decode_leaves_every_engine_servin
     answer = complete(stack.base_url, chat_ids(tokenizer, long_text(TOPICS[0] + " again")), max_tokens=8)
     assert answer["choices"][0]["text"]
     assert stack.served("disaggregated") == served + 1 and stack.served("prefill_failed") == failed
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def test_structured_answers_survive_disaggregation(stack):
+    """The decode worker samples under the grammar from the first token it makes from the pulled KV:
+    a JSON-schema answer and a forced tool call of a remotely prefilled prompt are valid."""
+    served = stack.served("disaggregated")
+    # Two contexts: with one, the second prompt's prefix would already sit on the decode worker.
+    keepers, harbours = long_text("the keepers of lighthouses"), long_text("the harbours of Brittany")
+    bodies = [{"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                                          "strict": True}},
+               "messages": [{"role": "system", "content": keepers},
+                            {"role": "user", "content": "Describe one keeper as JSON."}]},
+              {"tools": [WEATHER_TOOL], "tool_choice": "required",
+               "messages": [{"role": "system", "content": harbours},
+                            {"role": "user", "content": "What is the weather at the harbour of Brest?"}]}]
+    answers = []
+    for body in bodies:
+        r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=300,
+                       json={"model": SERVED_MODEL_NAME, "max_tokens": 60, "temperature": 0, **body})
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0])
+    jsonschema.validate(json.loads(answers[0]["message"]["content"]), PERSON)
+    [call] = answers[1]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and answers[1]["finish_reason"] == "tool_calls"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+    assert stack.served("disaggregated") == served + 2
 
 
 def test_killed_prefill_worker_does_not_fail_later_requests(stack, tokenizer):
