@@ -119,3 +119,28 @@ def test_a_worker_that_refuses_its_arguments_exits_2_and_stops_everything(serve_
     assert "worker0 refused its arguments" in result.stderr
     assert "unrecognized arguments: --no-such-flag" in result.stderr
     assert all(gone(pid) for pid in started_pids(tmp_path / "run").values())
+
+
+def test_disaggregated_mocker_prefill_and_decode_workers_answer(serve_env, tmp_path):
+    port = free_tcp_port()
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen(serve("--engine", "mocker", "--prefill-workers", "1", "--decode-workers", "1",
+                                      "--port", str(port), "--enforce-disagg", "--disagg-min-prefill-tokens", "0"),
+                                env=serve_env, cwd=REPO, stdout=stdout, stderr=stderr)
+    try:
+        wait_until(lambda: "press Ctrl-C" in err.read_text(), 90, "serve to get ready", interval=0.2)
+        assert "1 prefill + 1 decode workers (NIXL)" in out.read_text()
+        assert chat(port, "What is the capital of France?")
+        pids = started_pids(tmp_path / "run")
+        assert [n for n in pids if n not in ("etcd", "nats")] == ["prefill0", "decode0", "frontend"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        disagg = [line for line in metrics.splitlines()
+                  if line.startswith("dynamo_lite_frontend_disagg_requests_total{") and 'mode="disaggregated"' in line]
+        assert disagg and float(disagg[0].rsplit(" ", 1)[1]) == 1.0, metrics  # prefilled on prefill0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert all(gone(pid) for pid in pids.values()), err.read_text()
