@@ -17,7 +17,12 @@ from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.launch.stack import ENGINES
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, flag_name
-from dynamo_lite.runtime.models import DEFAULT_SERVED_MODEL_NAME, default_model_path, refuse_hub_id
+from dynamo_lite.runtime.models import (
+    DEFAULT_MODEL_PATH,
+    DEFAULT_SERVED_MODEL_NAME,
+    default_model_path,
+    refuse_hub_id,
+)
 from dynamo_lite.serve.placement import parse_cpu_list
 
 PROG = "python -m dynamo_lite.serve"
@@ -173,8 +178,9 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
         if model is not None:
             parser.error(f"the model is given twice: {model} and --model {ns.model_flag}")
         model = ns.model_flag
-    if model is None:
-        model, names = default_model_path(), [DEFAULT_SERVED_MODEL_NAME]
+    if model is None:  # the prepared default model is served under its hub name; a $DYN_MODEL_PATH as given
+        model = default_model_path()
+        names = [DEFAULT_SERVED_MODEL_NAME if model == DEFAULT_MODEL_PATH else model]
     else:
         names = [model]
         try:

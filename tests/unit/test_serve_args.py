@@ -23,6 +23,11 @@ def test_no_model_means_the_default_model_under_its_hub_name():
     assert args.model.endswith("SmolLM2-135M-Instruct")
 
 
+def test_a_model_folder_from_dyn_model_path_is_served_under_its_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("DYN_MODEL_PATH", str(tmp_path))
+    assert parse_args([]).served_model_names == (str(tmp_path),)
+
+
 def test_a_worker_flag_value_is_not_taken_for_the_model(tmp_path):
     # `--max-model-len 2048` before the model: 2048 stays with its flag, --model names the model.
     args = parse_args(["--max-model-len", "2048", "--model", str(tmp_path)])
