@@ -6,7 +6,7 @@ is vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`, wha
 same model and engine arguments: seconds until /health answers 200, then until the same question is
 answered. The page cache is warm after the first run; `--runs` repeats each setup.
 
-    .venv/bin/python benchmarks/bench_serve_startup.py [--runs 2] [--setups vllm-1,vllm-2,mocker-2,vllm-serve]
+    .venv/bin/python benchmarks/bench_serve_startup.py [--runs 2] [--setups vllm-1,mocker-2,vllm-serve,...]
 """
 
 from __future__ import annotations
@@ -32,17 +32,20 @@ from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME  # noqa: E40
 
 QUESTION = "What is the capital of France?"
 ENGINE_ARGS = ["--max-model-len", "2048"]
-SETUPS = {  # name -> serve arguments (None: vLLM's own server)
+SETUPS = {  # name -> serve arguments
     "vllm-1": ["--workers", "1"],
     "vllm-2": ["--workers", "2"],
     "vllm-disagg": ["--prefill-workers", "1", "--decode-workers", "1"],
     "mocker-2": ["--engine", "mocker", "--workers", "2"],
-    "vllm-serve": None,
 }
+# name -> vLLM's own server's extra arguments. Our vLLM worker runs eager on a CPU build of vLLM (no
+# torch.compile at start-up); vLLM's server compiles unless told --enforce-eager: both are measured.
+VLLM_SERVE = {"vllm-serve": [], "vllm-serve-eager": ["--enforce-eager"]}
 
 
 def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ETCD_ENDPOINTS", "NATS_SERVER", "DYN_DISCOVERY_DIR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ETCD_ENDPOINTS", "NATS_SERVER", "DYN_DISCOVERY_DIR")}
     env.update(PYTHONUNBUFFERED="1", VLLM_CPU_KVCACHE_SPACE="1")
     return env
 
@@ -54,7 +57,8 @@ def time_serve(args: list[str], run_dir: Path) -> dict[str, float]:
             "--ask", QUESTION, "--once", *([] if "mocker" in args else ENGINE_ARGS)]
     marks: dict[str, float] = {}
     started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
 
     def read() -> None:
         for line in proc.stdout:
@@ -73,11 +77,12 @@ def time_serve(args: list[str], run_dir: Path) -> dict[str, float]:
     return marks
 
 
-def time_vllm_serve(run_dir: Path) -> dict[str, float]:
+def time_vllm_serve(extra: list[str], run_dir: Path) -> dict[str, float]:
     """The same for vLLM's own server: /health 200, then the answer; exit = stopped after SIGTERM."""
     port = free_tcp_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL_PATH),
-            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS]
+            "--served-model-name", SERVED_MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+            *ENGINE_ARGS, *extra]
     started = time.monotonic()
     proc = start_process("vllm-serve", argv, run_dir / "vllm-serve.log", env=clean_env())
     try:
@@ -99,11 +104,11 @@ def time_vllm_serve(run_dir: Path) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--setups", default="vllm-1,vllm-2,mocker-2,vllm-serve",
-                        help=f"comma-separated, of {', '.join(SETUPS)}")
+    parser.add_argument("--setups", default="vllm-1,vllm-2,vllm-disagg,mocker-2,vllm-serve,vllm-serve-eager",
+                        help=f"comma-separated, of {', '.join([*SETUPS, *VLLM_SERVE])}")
     opts = parser.parse_args()
     names = [n.strip() for n in opts.setups.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SETUPS]
+    unknown = [n for n in names if n not in SETUPS and n not in VLLM_SERVE]
     if unknown:
         parser.error(f"unknown setup(s) {', '.join(unknown)}")
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -111,7 +116,8 @@ def main() -> int:
     for run in range(opts.runs):  # interleaved: a slow moment of the machine hits every setup alike
         for name in names:
             run_dir = root / f"{name}-{run}"
-            marks = time_vllm_serve(run_dir) if SETUPS[name] is None else time_serve(SETUPS[name], run_dir)
+            marks = time_vllm_serve(VLLM_SERVE[name], run_dir) if name in VLLM_SERVE else \
+                time_serve(SETUPS[name], run_dir)
             results[name].append(marks)
             print(f"run {run + 1} {name}: ready {marks['ready']:.1f}s, answer {marks['answer']:.1f}s, "
                   f"stopped {marks['exit']:.1f}s", flush=True)

@@ -78,7 +78,8 @@ def main(argv: list[str]) -> int:
         start_serve(stack, args, engines)
         print(summary(stack, args, engines), flush=True)
         if args.ask:
-            answer = ask(stack.url, args.served_model_name, args.ask, sup.run_dir / "answer.json")
+            answer = ask(stack.url, args.served_model_name, args.ask, sup.run_dir / "answer.json",
+                         args.api_key)
             print(f"\nQ: {args.ask}\nA: {answer}\n", flush=True)
         if args.once:
             say("--once: stopping everything")

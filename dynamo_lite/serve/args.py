@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.launch.stack import ENGINES
 from dynamo_lite.protocol.errors import ConfigError
-from dynamo_lite.runtime.config import add_config_arguments, config_from_args, flag_name
+from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name, parse_list
 from dynamo_lite.runtime.models import (
     DEFAULT_MODEL_PATH,
     DEFAULT_SERVED_MODEL_NAME,
@@ -28,6 +29,7 @@ from dynamo_lite.serve.placement import parse_cpu_list
 PROG = "python -m dynamo_lite.serve"
 # Frontend options serve sets itself (--host/--port, the planes, the namespace it gives every process).
 _NOT_PASSED = {"http_host", "http_port", "etcd_endpoints", "nats_server", "namespace"}
+API_KEY_ENV = env_name(next(f for f in dataclasses.fields(FrontendConfig) if f.name == "api_key"))
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class ServeArgs:
     cpus: tuple[int, ...] | None  # None: every core this process may use
     startup_timeout: float
     ask: str | None              # a question to ask once ready
+    api_key: str | None          # the frontend's first API key (--api-key, else DYN_API_KEY): --ask sends it
     once: bool                   # stop once ready (and answered)
     frontend_args: tuple[str, ...]
     worker_args: tuple[str, ...]
@@ -165,6 +168,13 @@ def frontend_argv(ns: argparse.Namespace) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _first_api_key(ns: argparse.Namespace) -> str | None:
+    keys = getattr(ns, "api_key", None)
+    if keys is None and os.environ.get(API_KEY_ENV):
+        keys = parse_list(os.environ[API_KEY_ENV])
+    return keys[0] if keys else None
+
+
 def parse_args(argv: Sequence[str]) -> ServeArgs:
     """ServeArgs from the command line; argparse's usage error (exit status 2) for bad arguments."""
     parser = build_parser()
@@ -209,5 +219,5 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
     return ServeArgs(model=model, served_model_names=tuple(names), engine=ns.engine, workers=workers,
                      prefill_workers=prefill, decode_workers=decode, host=ns.host, port=ns.port,
                      namespace=ns.namespace, cpus=ns.cpus, startup_timeout=ns.startup_timeout,
-                     ask=ns.ask, once=ns.once,
+                     ask=ns.ask, once=ns.once, api_key=_first_api_key(ns),
                      frontend_args=frontend, worker_args=tuple(worker_args))

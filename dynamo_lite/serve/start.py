@@ -2,15 +2,16 @@
 own cores or GPUs, the frontend, then a wait with the progress display until every engine serves.
 
 Planes: serve passes no plane options. With no ETCD_ENDPOINTS / NATS_SERVER exported the components use
-the embedded planes, which need no server; a checkout whose planes.py does not know them yet (the
-`file://` discovery scheme, the `embedded://` event plane) gets a private etcd and NATS on free ports
-instead, so that the command works either way and two `serve` runs never see each other.
+the embedded planes, which need no server; a checkout that does not have them yet (planes.py's
+`file://` discovery scheme and `embedded://` event plane, and their modules) gets a private etcd and/or
+NATS on free ports instead, so that the command works either way and two `serve` runs never see each other.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dynamo_lite import planes
@@ -30,18 +31,24 @@ class WorkerArgumentsError(LaunchError):
     exit_status = ARGUMENT_ERROR_STATUS
 
 
-def _known(check, url: str) -> bool:
+EMBEDDED_DISCOVERY = ("file:///", "dynamo_lite.discovery.embedded")  # (url planes.py takes, module)
+EMBEDDED_EVENTS = ("embedded://", "dynamo_lite.events.embedded")
+
+
+def _available(check: Callable[[str], None], url: str, module: str) -> bool:
+    # Both: planes.py may know a scheme before its implementation exists (a placeholder that refuses
+    # to connect), and a module alone is not reachable by the components.
     try:
         check(url)
-        return True
     except ConfigError:
         return False
+    return importlib.util.find_spec(module) is not None
 
 
 def embedded_planes() -> tuple[bool, bool]:
-    """(embedded discovery, embedded event plane): which of the two this checkout's planes.py knows."""
-    return (_known(planes.check_discovery_url, "file:///"),
-            _known(planes.check_event_bus_url, "embedded://"))
+    """(embedded discovery, embedded event plane): which of the two this checkout has."""
+    return (_available(planes.check_discovery_url, *EMBEDDED_DISCOVERY),
+            _available(planes.check_event_bus_url, *EMBEDDED_EVENTS))
 
 
 def start_planes(stack: Stack) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,11 +40,29 @@ def environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
-def chat(port: int, question: str) -> str:
+def group_members(pgids: set[int]) -> list[int]:
+    """Live processes in any of these process groups: what a started process left behind (vLLM's
+    engine core, say) is still in its group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in ("Z", "X") and int(fields[2]) in pgids:
+                members.append(int(entry.name))
+    return members
+
+
+def chat(port: int, question: str, api_key: str | None = None) -> str:
     body = json.dumps({"model": SERVED_MODEL_NAME, "max_tokens": 8,
                        "messages": [{"role": "user", "content": question}]}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
     with urllib.request.urlopen(request, timeout=30) as resp:
         return json.loads(resp.read())["choices"][0]["message"]["content"]
 
@@ -55,21 +74,25 @@ def test_two_mocker_workers_serve_on_their_own_cores_and_sigint_stops_every_chil
     out, err = tmp_path / "out.log", tmp_path / "err.log"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         proc = subprocess.Popen(serve("--engine", "mocker", "--workers", "2", "--cpus", "0-1",
-                                      "--port", str(port)),
+                                      "--port", str(port), "--api-key", "k1"),
                                 env=serve_env, cwd=REPO, stdout=stdout, stderr=stderr)
     try:
         wait_until(lambda: "press Ctrl-C" in err.read_text(), 90, "serve to get ready", interval=0.2)
         assert f"Serving {SERVED_MODEL_NAME} at http://127.0.0.1:{port}/v1" in out.read_text()
         assert "worker0 (CPU 0)  ready in" in err.read_text()
         assert "worker1 (CPU 1)  ready in" in err.read_text()
-        assert chat(port, "What is the capital of France?")
+        assert chat(port, "What is the capital of France?", api_key="k1")
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the frontend got --api-key
+            chat(port, "What is the capital of France?")
+        assert refused.value.code == 401
         pids = started_pids(tmp_path / "run")
         discovery, events = embedded_planes()  # etcd / NATS only where the embedded plane is missing
         planes = ["etcd"] * (not discovery) + ["nats"] * (not events)
         assert list(pids) == [*planes, "worker0", "worker1", "frontend"]
         assert os.sched_getaffinity(pids["worker0"]) == {0} and os.sched_getaffinity(pids["worker1"]) == {1}
         frontend_argv = Path(f"/proc/{pids['frontend']}/cmdline").read_bytes().split(b"\0")
-        assert frontend_argv[-3:-1] == [b"--router-mode", b"kv"]
+        assert frontend_argv[frontend_argv.index(b"--router-mode") + 1] == b"kv"
+        assert frontend_argv[frontend_argv.index(b"--api-key") + 1] == b"k1"
         # One private discovery directory for every child, removed at exit.
         discovery_dirs = {environ(pid)["DYN_DISCOVERY_DIR"] for name, pid in pids.items()}
         assert len(discovery_dirs) == 1 and os.path.isdir(next(iter(discovery_dirs)))
@@ -79,11 +102,13 @@ def test_two_mocker_workers_serve_on_their_own_cores_and_sigint_stops_every_chil
         if proc.poll() is None:
             proc.kill()
     assert all(gone(pid) for pid in pids.values()), err.read_text()
+    assert group_members(set(pids.values())) == []
     assert not os.path.exists(next(iter(discovery_dirs)))
     assert f"stopping {len(pids)} process(es)" in err.read_text()
 
 
 def test_ask_once_answers_and_exits_0(serve_env, tmp_path):
+    serve_env["DYN_API_KEY"] = "from-env"  # the frontend's env twin: --ask sends that key
     result = subprocess.run(serve("--engine", "mocker", "--ask", "What is the capital of France?", "--once",
                                   "--port", str(free_tcp_port())),
                             env=serve_env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
@@ -126,7 +151,8 @@ def test_disaggregated_mocker_prefill_and_decode_workers_answer(serve_env, tmp_p
     out, err = tmp_path / "out.log", tmp_path / "err.log"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         proc = subprocess.Popen(serve("--engine", "mocker", "--prefill-workers", "1", "--decode-workers", "1",
-                                      "--port", str(port), "--enforce-disagg", "--disagg-min-prefill-tokens", "0"),
+                                      "--port", str(port), "--enforce-disagg",
+                                      "--disagg-min-prefill-tokens", "0"),
                                 env=serve_env, cwd=REPO, stdout=stdout, stderr=stderr)
     try:
         wait_until(lambda: "press Ctrl-C" in err.read_text(), 90, "serve to get ready", interval=0.2)
@@ -136,7 +162,8 @@ def test_disaggregated_mocker_prefill_and_decode_workers_answer(serve_env, tmp_p
         assert [n for n in pids if n not in ("etcd", "nats")] == ["prefill0", "decode0", "frontend"]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         disagg = [line for line in metrics.splitlines()
-                  if line.startswith("dynamo_lite_frontend_disagg_requests_total{") and 'mode="disaggregated"' in line]
+                  if line.startswith("dynamo_lite_frontend_disagg_requests_total{")
+                  and 'mode="disaggregated"' in line]
         assert disagg and float(disagg[0].rsplit(" ", 1)[1]) == 1.0, metrics  # prefilled on prefill0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 143

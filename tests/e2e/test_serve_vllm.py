@@ -13,7 +13,7 @@ from dynamo_lite.launch.supervisor import wait_until
 from dynamo_lite.runtime.net import free_tcp_port
 from tests.e2e.harness import REPO, SERVED_MODEL_NAME
 from tests.e2e.test_launch_scripts import gone, started_pids
-from tests.e2e.test_serve import serve, serve_env  # noqa: F401 - the fixture
+from tests.e2e.test_serve import group_members, serve, serve_env  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.vllm
 
@@ -42,4 +42,5 @@ def test_serve_the_default_model_answers_and_sigterm_stops_everything(serve_env,
             proc.kill()
             proc.wait(30)
     assert pids and all(gone(pid) for pid in pids.values()), err.read_text()
+    assert group_members(set(pids.values())) == []  # vLLM's engine core went too
     assert "Traceback" not in (tmp_path / "run" / "worker0.log").read_text()

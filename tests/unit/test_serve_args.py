@@ -94,3 +94,10 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
         parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_ask_sends_the_first_api_key_given_or_from_the_environment(monkeypatch):
+    assert parse_args(["--api-key", "k1", "k2"]).api_key == "k1"
+    monkeypatch.setenv("DYN_API_KEY", "e1,e2")
+    assert parse_args([]).api_key == "e1"
+    assert parse_args([]).frontend_args == ()  # the frontend reads DYN_API_KEY itself
