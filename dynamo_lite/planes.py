@@ -129,13 +129,14 @@ class PlaneOptions:
     discovery_dir: str = option("", "Embedded discovery: the directory the components of one deployment "
                                 "share (default: $XDG_RUNTIME_DIR/dynamo_lite, else /tmp/dynamo_lite-$UID).")
     event_plane: str = option("", "Event plane for KV events and load reports: nats or embedded (no "
-                              "broker). Default: nats if --nats-server / NATS_SERVER is given, else embedded.",
+                              "broker). Default: nats if --nats-server / NATS_SERVER is given, else "
+                              "embedded.",
                               choices=EVENT_PLANE_KINDS)
     etcd_endpoints: str = option("", "etcd endpoints, comma-separated (etcd://host:port, http://host:port or "
                                  f"host:port); giving them selects etcd discovery ({DEFAULT_ETCD_ENDPOINTS} "
                                  "with --discovery etcd alone).", env="ETCD_ENDPOINTS")
-    nats_server: str = option("", "NATS server URL (nats://host:port or host:port); giving it selects the NATS "
-                              f"event plane ({DEFAULT_NATS_SERVER} with --event-plane nats alone).",
+    nats_server: str = option("", "NATS server URL (nats://host:port or host:port); giving it selects the "
+                              f"NATS event plane ({DEFAULT_NATS_SERVER} with --event-plane nats alone).",
                               env="NATS_SERVER")
     # Set by _resolve_planes(): what connect_discovery / connect_event_bus are given.
     discovery_url: str = field(default="", init=False)
@@ -146,6 +147,18 @@ class PlaneOptions:
                                                         self.etcd_endpoints, self.nats_server)
         object.__setattr__(self, "discovery_url", discovery_url)  # the config is frozen
         object.__setattr__(self, "event_plane_url", event_plane_url)
+
+
+def announce_planes(role: str, namespace: str, discovery_url: str, event_plane_url: str | None,
+                    env: Mapping[str, str] = os.environ):
+    """An async context manager: this process's presence record (runtime/presence.py) in the default
+    embedded directory, checked against the other components' while the block runs, so that a frontend
+    and a worker on different planes both log it within seconds."""
+    from dynamo_lite.runtime import presence
+
+    record = presence.own_record(str(role), namespace, discovery_kind(discovery_url), discovery_url,
+                                 event_plane_kind(event_plane_url), event_plane_url or "")
+    return presence.presence(os.path.join(default_discovery_dir(env), "presence"), record)
 
 
 def discovery_kind(url: str) -> str:

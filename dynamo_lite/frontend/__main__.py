@@ -25,7 +25,8 @@ from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.router_setup import build_router
-from dynamo_lite.planes import connect_discovery, discovery_kind
+from dynamo_lite.planes import announce_planes, connect_discovery, discovery_kind
+from dynamo_lite.runtime.presence import FRONTEND
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
 from dynamo_lite.runtime.lifecycle import install_shutdown_signals
@@ -114,6 +115,9 @@ async def serve(config: FrontendConfig) -> None:
         sockets = bind_http_sockets(config.http_host, config.http_port)
         for sock in sockets:
             stack.callback(sock.close)
+        # Before connecting: a worker on other planes is reported even while etcd is awaited.
+        await stack.enter_async_context(announce_planes(FRONTEND, config.namespace, config.discovery_url,
+                                                        config.event_plane_url))
         watcher = await _connect_discovery(config, stack)
         client = RequestClient(connect_timeout=config.connect_timeout)
         stack.push_async_callback(client.close)

@@ -14,7 +14,7 @@ ROUTER_MODES = ["round-robin", "random", "kv"]
 
 @dataclass(frozen=True)
 class FrontendConfig(PlaneOptions):
-    """The frontend's options; the planes' options (--discovery, --event-plane, ...) come from PlaneOptions."""
+    """The frontend's options; the planes' (--discovery, --event-plane, ...) come from PlaneOptions."""
 
     http_host: str = option("0.0.0.0", "Address the HTTP server binds to.")
     http_port: int = option(8000, "Port of the OpenAI-compatible HTTP server.")

@@ -40,7 +40,8 @@ ENV = {"XDG_RUNTIME_DIR": "/run/user/1000"}
 
 
 def test_with_no_endpoints_every_plane_is_embedded_in_the_private_default_dir():
-    assert planes.resolve_planes("", "", "", "", "", ENV) == ("file:///run/user/1000/dynamo_lite", "embedded://")
+    assert planes.resolve_planes("", "", "", "", "", ENV) == ("file:///run/user/1000/dynamo_lite",
+                                                             "embedded://")
     import os
     assert planes.resolve_planes("", "", "", "", "", {})[0] == f"file:///tmp/dynamo_lite-{os.getuid()}"
     assert planes.resolve_planes("", "/srv/d", "", "", "", ENV)[0] == "file:///srv/d"
@@ -64,7 +65,8 @@ def test_explicit_kinds_beat_the_endpoints_and_default_their_urls():
 
 @pytest.mark.parametrize("args, flag", [
     (("zk", "", "", "", ""), "--discovery"), (("", "", "kafka", "", ""), "--event-plane"),
-    (("", "", "", "redis://r:6379", ""), "--etcd-endpoints"), (("etcd", "", "", "file:///d", ""), "--etcd-endpoints"),
+    (("", "", "", "redis://r:6379", ""), "--etcd-endpoints"),
+    (("etcd", "", "", "file:///d", ""), "--etcd-endpoints"),
     (("", "", "", "", "embedded://"), "--nats-server")])
 def test_bad_choices_are_config_errors_naming_the_flag(args, flag):
     with pytest.raises(ConfigError) as raised:
