@@ -53,16 +53,16 @@ async def start_kv_routing(config: FrontendConfig, watcher: InstanceWatcher, sta
                            registry: CollectorRegistry | None = None) -> KvRoutingService:
     metrics = KvRouterMetrics(registry) if registry is not None else None
     service = KvRoutingService(watcher, kv_settings(config), metrics)
-    plane = _EventPlane(service, config.nats_server)
+    plane = _EventPlane(service, config.event_plane_url)
     stack.push_async_callback(plane.close)
     if not config.kv_events:
         logger.info("kv router in approximate mode (--no-kv-events): routed prefixes count as cached for %gs",
                     config.router_ttl)
         return service
     if not await plane.try_connect(first=True):
-        logger.warning("NATS at %s is unreachable (--nats-server / NATS_SERVER): the kv router routes on load "
-                       "alone until it connects; retrying every %gs in the background", config.nats_server,
-                       NATS_RETRY_INTERVAL)
+        logger.warning("event plane %s is unreachable (--event-plane, --nats-server / NATS_SERVER): the kv "
+                       "router routes on load alone until it connects; retrying every %gs in the background",
+                       config.event_plane_url, NATS_RETRY_INTERVAL)
         plane.retry_in_background()
     return service
 

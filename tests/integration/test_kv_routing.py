@@ -354,7 +354,9 @@ async def test_kv_mode_starts_without_nats_and_follows_events_once_it_is_up(mode
         await c.close()
 
 
-def test_kv_mode_without_nats_server_needs_no_kv_events():
-    with pytest.raises(ConfigError, match="--no-kv-events"):
-        FrontendConfig(router_mode="kv", nats_server="")
-    assert FrontendConfig(router_mode="kv", nats_server="", kv_events=False).kv_events is False
+def test_kv_mode_without_nats_server_takes_its_events_from_the_embedded_event_plane():
+    config = FrontendConfig(router_mode="kv", nats_server="")
+    assert config.kv_events and config.event_plane_url == "embedded://"
+    assert FrontendConfig(router_mode="kv", nats_server="nats://h:4222").event_plane_url == "nats://h:4222"
+    with pytest.raises(ConfigError, match="--event-plane 'kafka'"):
+        FrontendConfig(router_mode="kv", event_plane="kafka")
