@@ -6,8 +6,10 @@ The scheme of the URL picks the implementation:
     discovery   etcd://host:port[,host:port]   etcd (aetcd); http://… and a bare host:port mean etcd too,
                                                so existing ETCD_ENDPOINTS values keep working
     event bus   nats://host:port[,…]           NATS core (nats-py); tls://… and a bare host:port mean NATS
+                embedded://                    no broker: buses find each other through the component's
+                                               Discovery and connect directly (events/embedded.py)
 
-A new implementation (an embedded one, say) plugs in by adding its scheme to `_DISCOVERY` or
+A new implementation plugs in by adding its scheme to `_DISCOVERY` or
 `_EVENT_BUSES` below; callers (the worker shell's `serve_workers`, the frontend) only ever see the
 `Discovery` and `EventBus` interfaces. The implementations are imported when their scheme is used, so
 a process loads only the client library it needs.
@@ -17,7 +19,9 @@ This module sits above discovery/ and events/ (it imports them) and below engine
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from dynamo_lite.discovery.base import Discovery
 from dynamo_lite.events.base import EventBus
@@ -36,17 +40,40 @@ async def _etcd(url: str, connect_wait: float | None) -> Discovery:
     return await EtcdDiscovery.connect(url, wait=connect_wait)
 
 
-async def _nats(url: str, name: str | None, connect_timeout: float) -> EventBus:
+@dataclass(frozen=True)
+class EventBusOptions:
+    """What connect_event_bus passes to an implementation; each takes what it needs."""
+
+    name: str | None
+    connect_timeout: float
+    flag: str
+    discovery: Discovery | None  # the component's own (embedded://); NATS ignores it
+    namespace: str  # embedded://: buses of one namespace find each other
+    advertise_host: str  # embedded://: the address this bus listens on and others dial
+
+
+async def _nats(url: str, options: EventBusOptions) -> EventBus:
     from dynamo_lite.events.nats import NatsEventBus
 
-    return await NatsEventBus.connect(url, connect_timeout=connect_timeout, name=name)
+    return await NatsEventBus.connect(url, connect_timeout=options.connect_timeout, name=options.name)
+
+
+async def _embedded(url: str, options: EventBusOptions) -> EventBus:
+    from dynamo_lite.events.embedded import EmbeddedEventBus
+
+    if options.discovery is None:
+        raise ConfigError(f"{options.flag} {url}: the embedded event plane needs the component's discovery "
+                          "(connect_event_bus(..., discovery=...))", param=options.flag)
+    return await asyncio.wait_for(
+        EmbeddedEventBus.connect(options.discovery, namespace=options.namespace, host=options.advertise_host,
+                                 name=options.name), options.connect_timeout)
 
 
 # scheme -> connect function; "" is a bare host:port.
 _DISCOVERY: dict[str, Callable[[str, float | None], Awaitable[Discovery]]] = {
     "etcd": _etcd, "http": _etcd, "": _etcd}
-_EVENT_BUSES: dict[str, Callable[[str, str | None, float], Awaitable[EventBus]]] = {
-    "nats": _nats, "tls": _nats, "": _nats}
+_EVENT_BUSES: dict[str, Callable[[str, EventBusOptions], Awaitable[EventBus]]] = {
+    "nats": _nats, "tls": _nats, "": _nats, "embedded": _embedded}
 
 
 def url_scheme(url: str, known: dict[str, object], flag: str) -> str:
@@ -92,9 +119,13 @@ async def connect_discovery(url: str, *, flag: str = DISCOVERY_FLAG,
 
 async def connect_event_bus(url: str, *, name: str | None = None,
                             connect_timeout: float = DEFAULT_EVENT_BUS_CONNECT_TIMEOUT,
-                            flag: str = EVENT_BUS_FLAG) -> EventBus:
+                            flag: str = EVENT_BUS_FLAG, discovery: Discovery | None = None,
+                            namespace: str = "dynamo", advertise_host: str = "127.0.0.1") -> EventBus:
     """The EventBus `url` names, connected within `connect_timeout` seconds. `name` identifies this
-    client to the server (monitoring). ConfigError naming `flag` for an unknown scheme; the
-    implementation's TransportError when it cannot connect."""
+    client (monitoring, logs). `discovery`, `namespace` and `advertise_host` are the component's: the
+    embedded bus registers and finds its peers there (NATS ignores them). ConfigError naming `flag` for
+    an unknown scheme; the implementation's TransportError when it cannot connect."""
     connect = _EVENT_BUSES[url_scheme(url, _EVENT_BUSES, flag)]
-    return await connect(url, name, connect_timeout)
+    return await connect(url, EventBusOptions(name=name, connect_timeout=connect_timeout, flag=flag,
+                                              discovery=discovery, namespace=namespace,
+                                              advertise_host=advertise_host))

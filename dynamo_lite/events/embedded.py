@@ -164,9 +164,11 @@ class EmbeddedEventBus(EventBus):
         bus = cls(discovery, namespace, name=name or "", **options)
         try:
             await bus._start(host, settle_timeout)
-        except Exception as e:
+        except BaseException as e:  # cancelled (a caller's timeout) too: leave no server or record behind
             await bus.close()
-            raise TransportError(f"embedded event bus: cannot start on {host}: {e!r}") from e
+            if isinstance(e, Exception):
+                raise TransportError(f"embedded event bus: cannot start on {host}: {e!r}") from e
+            raise
         return bus
 
     async def _start(self, host: str, settle_timeout: float) -> None:
@@ -184,9 +186,9 @@ class EmbeddedEventBus(EventBus):
                     port, len(initial))
         # Peers that answer our dial see our endpoint too and dial back: wait for that, so they get what we
         # publish from now on. Peers that are gone (their lease not yet expired) do not hold us up.
-        if await self._wait(lambda: all(link.attempted.is_set() for link in initial), settle_timeout):
-            await self._wait(lambda: all(link.bus_id in self._linked_back()
-                                         for link in initial if link.welcomed), settle_timeout)
+        await self._wait(lambda: all(link.attempted.is_set() for link in initial)
+                         and all(link.bus_id in self._linked_back() for link in initial if link.welcomed),
+                         settle_timeout)
 
     async def _register(self) -> None:
         self._lease = await self._discovery.grant_lease(self._lease_ttl)

@@ -215,3 +215,17 @@ async def test_across_processes_over_etcd_a_killed_and_restarted_peer_is_followe
                 await proc.wait()
         await consumer.close()
         await discovery.close()
+
+
+async def test_planes_connect_embedded_by_url_scheme():
+    from dynamo_lite import planes
+
+    discovery = MemoryDiscovery()
+    bus = await planes.connect_event_bus("embedded://", discovery=discovery, namespace="p", name="planes-test")
+    try:
+        assert isinstance(bus, EmbeddedEventBus) and bus.namespace == "p"
+        items, _ = await discovery.get_prefix(keys.event_endpoints_prefix("p"))
+        assert endpoint_json_decoder.decode(items[0][1]).name == "planes-test"
+    finally:
+        await bus.close()
+        await discovery.close()
