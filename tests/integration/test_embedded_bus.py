@@ -221,7 +221,8 @@ async def test_planes_connect_embedded_by_url_scheme():
     from dynamo_lite import planes
 
     discovery = MemoryDiscovery()
-    bus = await planes.connect_event_bus("embedded://", discovery=discovery, namespace="p", name="planes-test")
+    bus = await planes.connect_event_bus("embedded://", discovery=discovery, namespace="p",
+                                         name="planes-test")
     try:
         assert isinstance(bus, EmbeddedEventBus) and bus.namespace == "p"
         items, _ = await discovery.get_prefix(keys.event_endpoints_prefix("p"))

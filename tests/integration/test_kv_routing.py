@@ -92,7 +92,8 @@ class Cluster:
         await self.watcher.start()
 
     async def connect_bus(self) -> EventBus:
-        return await planes.connect_event_bus(self.event_plane, discovery=self.discovery, namespace=self.namespace)
+        return await planes.connect_event_bus(self.event_plane, discovery=self.discovery,
+                                              namespace=self.namespace)
 
     async def start_service(self) -> KvRoutingService:
         self.service = KvRoutingService(self.watcher, KvRoutingSettings(namespace=self.namespace, resync_timeout=1.0,
@@ -244,7 +245,8 @@ async def test_a_router_that_starts_late_resyncs_every_worker(event_plane, model
         assert router.indexer.blocks_of(shell.instance_id) == engine_blocks(engine) != set()
 
 
-async def test_a_frontend_router_that_connects_its_own_bus_after_the_worker_resyncs_it(event_plane, model_dir):
+async def test_a_frontend_router_that_connects_its_own_bus_after_the_worker_resyncs_it(event_plane,
+                                                                                      model_dir):
     """As a frontend process started after the workers: its own event-bus connection, made by build_router."""
     async with cluster(event_plane, model_dir) as c:
         shell, engine, _ = await c.add_worker()
