@@ -5,7 +5,7 @@ factory), its own logprob positions (token strings need the choice's preceding t
 completions API, its own text offsets. Completions' echo puts the prompt text, and with logprobs the
 prompt's positions (the first without a logprob), before each choice's first delta.
 
-The plain case (one choice, no logprobs, no shaper, no echo) never comes here per delta: app.py streams
+The plain case (one choice, no logprobs of any kind, no shaper, no echo) never comes here per delta: app.py streams
 it through ChunkEncoder's pre-encoded text chunk.
 """
 
@@ -20,8 +20,8 @@ from dynamo_lite.frontend.tool_calls import OutputDelta, finish_reason_with_tool
 
 def is_plain(generation: Generation) -> bool:
     plan = generation.plan
-    return (plan.sampling.n == 1 and plan.logprobs is None and plan.answer_shaper is None
-            and plan.echo_text is None)
+    return (plan.sampling.n == 1 and plan.logprobs is None and plan.sampling.prompt_logprobs is None
+            and plan.answer_shaper is None and plan.echo_text is None)
 
 
 class _Choice:
