@@ -164,14 +164,15 @@ class OpenAIService:
             self._count_tokens(generation)
         usage = responses.usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
         plan = generation.plan
+        name = plan.model.requested_name
         if answers is not None:
             body = answers.body(usage)
         elif chat:
-            body = responses.chat_completion(plan.request_id, plan.model.requested_name, [responses.chat_choice(
-                0, "".join(parts), generation.finish_reason)], usage)
+            choice = responses.chat_choice(0, "".join(parts), generation.finish_reason)
+            body = responses.chat_completion(plan.request_id, name, [choice], usage)
         else:
-            body = responses.text_completion(plan.request_id, plan.model.requested_name, [responses.text_choice(
-                0, "".join(parts), generation.finish_reason)], usage)
+            choice = responses.text_choice(0, "".join(parts), generation.finish_reason)
+            body = responses.text_completion(plan.request_id, name, [choice], usage)
         self._count(model, endpoint, 200, arrival)
         return Response(body, media_type="application/json")
 
@@ -214,8 +215,8 @@ class OpenAIService:
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, generation: Generation, deltas: AsyncIterator[ChoiceDelta], first: ChoiceDelta | None,
-                   encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
+    async def _sse(self, generation: Generation, deltas: AsyncIterator[ChoiceDelta],
+                   first: ChoiceDelta | None, encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
         status = CLIENT_CLOSED_REQUEST  # unless the stream completes
         try:
             if encoder.chat:

@@ -5,8 +5,8 @@ factory), its own logprob positions (token strings need the choice's preceding t
 completions API, its own text offsets. Completions' echo puts the prompt text, and with logprobs the
 prompt's positions (the first without a logprob), before each choice's first delta.
 
-The plain case (one choice, no logprobs of any kind, no shaper, no echo) never comes here per delta: app.py streams
-it through ChunkEncoder's pre-encoded text chunk.
+The plain case (one choice, no logprobs of any kind, no shaper, no echo) never comes here per delta:
+app.py streams it through ChunkEncoder's pre-encoded text chunk.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def is_plain(generation: Generation) -> bool:
 
 
 class _Choice:
-    __slots__ = ("index", "shaper", "sequence", "offsets", "parts", "positions", "echoed")
+    __slots__ = ("echoed", "index", "offsets", "parts", "positions", "sequence", "shaper")
 
     def __init__(self, index: int, answers: ChoiceAnswers):
         plan = answers.generation.plan
@@ -105,8 +105,8 @@ class ChoiceAnswers:
             if choice.shaper is not None:
                 if piece := choice.shaper.finish():
                     out.append(encoder.delta(piece, choice.index))
-                reason = finish_reason_with_tools(self.generation.plan.tool_choice, choice.shaper.called_tools,
-                                                  reason)
+                tool_choice = self.generation.plan.tool_choice
+                reason = finish_reason_with_tools(tool_choice, choice.shaper.called_tools, reason)
             out.append(encoder.finish(reason, choice.index))
         return out
 
@@ -117,8 +117,8 @@ class ChoiceAnswers:
         plan = generation.plan
         prompt_logprobs = None
         if generation.prompt_logprobs is not None:
-            prompt_logprobs = vllm_prompt_logprobs(generation.prompt_logprobs, plan.sampling.prompt_logprobs or 0,
-                                                   self.strings)
+            requested = plan.sampling.prompt_logprobs or 0
+            prompt_logprobs = vllm_prompt_logprobs(generation.prompt_logprobs, requested, self.strings)
         choices = []
         for choice, state in zip(self._choices, generation.choices):
             if not choice.echoed:  # a choice that ended before any delta still echoes the prompt

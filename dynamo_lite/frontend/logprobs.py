@@ -102,7 +102,7 @@ def position_entries(lp: TokenLogprob) -> list[tuple[int, float]]:
 class Position:
     """One resolved position: the chosen token's string and logprob, and the entries' strings."""
 
-    __slots__ = ("token", "logprob", "entries")
+    __slots__ = ("entries", "logprob", "token")
 
     def __init__(self, token: str, logprob: float | None, entries: list[tuple[str, float]] | None):
         self.token = token
@@ -140,7 +140,8 @@ def _utf8(text: str) -> list[int]:
 def chat_content(positions: Sequence[Position], top_logprobs: int) -> list[dict]:
     """choices[i].logprobs.content of the chat API."""
     return [{"token": p.token, "logprob": p.logprob, "bytes": _utf8(p.token),
-             "top_logprobs": [{"token": s, "logprob": v, "bytes": _utf8(s)} for s, v in p.entries[:top_logprobs]]}
+             "top_logprobs": [{"token": s, "logprob": v, "bytes": _utf8(s)}
+                              for s, v in p.entries[:top_logprobs]]}
             for p in positions]
 
 
@@ -162,7 +163,8 @@ def completion_logprobs(positions: Sequence[Position], offsets: CompletionOffset
         tops.append(None if p.entries is None else {s: v for s, v in p.entries})
         text_offset.append(offsets.offset)
         offsets.offset += len(p.token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": text_offset}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
+            "text_offset": text_offset}
 
 
 def vllm_prompt_logprobs(prompt: Sequence[TokenLogprob | None], requested: int,

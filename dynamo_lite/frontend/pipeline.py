@@ -65,7 +65,7 @@ class ChoiceDelta:
 
 
 class _Choice:
-    __slots__ = ("index", "detokenizer", "generated", "finish_reason")
+    __slots__ = ("detokenizer", "finish_reason", "generated", "index")
 
     def __init__(self, index: int, detokenizer: IncrementalDetokenizer):
         self.index = index
@@ -229,12 +229,13 @@ class Generation:
 
     def _end(self, choice: _Choice, reason: FinishReason, text: str = "",
              logprobs: list[TokenLogprob] | None = None) -> ChoiceDelta:
-        """The choice's last delta: `text` plus what its stop-string matcher held back (nothing after a stop)."""
+        """The choice's last delta: `text` and what its stop-string matcher held back (none after a stop)."""
         choice.finish_reason = reason
         self._open -= 1
         return ChoiceDelta(choice.index, text + choice.detokenizer.flush(), logprobs, reason)
 
-    def _accept_tokens(self, choice: _Choice, token_ids: list[int], hide_last: bool = False) -> tuple[str, int]:
+    def _accept_tokens(self, choice: _Choice, token_ids: list[int],
+                       hide_last: bool = False) -> tuple[str, int]:
         """-> (text to show now, how many of token_ids count: fewer after a stop string)."""
         now = time.monotonic()
         metrics = self._deps.metrics

@@ -33,7 +33,8 @@ def chat_completion(request_id: str, model: str, choices: list[dict], usage_: di
 def chat_choice(index: int, message: str | ParsedMessage, finish_reason: str | None,
                 logprobs: dict | None = None) -> dict:
     """message: the answer's text, or its parts when it may hold tool calls or reasoning."""
-    return {"index": index, "message": chat_message(message), "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": chat_message(message), "logprobs": logprobs,
+            "finish_reason": finish_reason}
 
 
 def chat_message(message: str | ParsedMessage) -> dict:
@@ -76,11 +77,10 @@ class ChunkEncoder:
         encoded = self._encode(self._choice({"content": marker} if chat else marker, None))
         self._text_prefix, self._text_suffix = encoded.split(json_encoder.encode(marker))
 
-    def _choice(self, delta_or_text, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
-        if self.chat:
-            choice = {"index": index, "delta": delta_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
-        else:
-            choice = {"index": index, "text": delta_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
+    def _choice(self, delta_or_text, finish_reason: str | None, index: int = 0,
+                logprobs: dict | None = None) -> dict:
+        choice = {"index": index, "delta" if self.chat else "text": delta_or_text, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         body = dict(self._head, choices=[choice])
         if self.include_usage:
             body["usage"] = None

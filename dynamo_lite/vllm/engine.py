@@ -168,7 +168,8 @@ def token_logprob(token_id: int, position: dict) -> TokenLogprob:
     chosen = position.get(token_id)
     logprob = chosen.logprob if chosen is not None else float("-inf")
     rank = chosen.rank if chosen is not None else None
-    alternatives = sorted(((tid, max(lp.logprob, -9999.0)) for tid, lp in position.items()), key=lambda e: -e[1])
+    alternatives = sorted(((tid, max(lp.logprob, -9999.0)) for tid, lp in position.items()),
+                          key=lambda e: -e[1])
     return TokenLogprob(token_id=token_id, logprob=max(logprob, -9999.0), rank=rank, top=alternatives)
 
 

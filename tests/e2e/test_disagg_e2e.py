@@ -251,7 +251,8 @@ def test_first_token_logprobs_through_disagg_equal_a_single_engines(stack, token
     prompt_ids = chat_ids(tokenizer, long_text("the logprobs of a first token"))
     request = GenerateRequest(request_id=f"ref-{uuid.uuid4().hex[:8]}", token_ids=prompt_ids,
                               sampling=SamplingOptions(max_tokens=4, temperature=0.0, logprobs=3))
-    reference = [lp for frame in generate_frames(stack.prefill_address, request) for lp in frame.logprobs or ()]
+    frames = generate_frames(stack.prefill_address, request)
+    reference = [lp for frame in frames for lp in frame.logprobs or ()]
     served = stack.served("disaggregated")
     r = httpx.post(f"{stack.base_url}/v1/completions", timeout=300, json={
         "model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 4, "temperature": 0, "logprobs": 3})
@@ -259,7 +260,8 @@ def test_first_token_logprobs_through_disagg_equal_a_single_engines(stack, token
     assert stack.served("disaggregated") == served + 1
     logprobs = r.json()["choices"][0]["logprobs"]
     assert logprobs["tokens"] == [tokenizer.decode([lp.token_id]) for lp in reference]
-    for mine, theirs, top in zip(logprobs["token_logprobs"], reference, logprobs["top_logprobs"], strict=True):
+    rows = zip(logprobs["token_logprobs"], reference, logprobs["top_logprobs"], strict=True)
+    for mine, theirs, top in rows:
         assert abs(mine - theirs.logprob) <= DISAGG_LOGPROB_TOLERANCE, (logprobs, reference)
         expected = {tokenizer.decode([t]): v for t, v in theirs.top}
         assert top.keys() == expected.keys()

@@ -4,13 +4,23 @@ known logprobs (test_frontend_app's byte tokenizer: one token per character), wh
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, TokenLogprob
-from tests.integration.test_frontend_app import (EOS, MODEL, REPLY, REPLY_IDS, TOKENIZER,  # noqa: F401
-                                              PreferRouter, ScriptedEngine, chat_body, dying_worker_server,
-                                              model_dir, reply_offset, running_stack, sse_events)
+from tests.integration.test_frontend_app import (EOS, MODEL, REPLY, REPLY_IDS, TOKENIZER, PreferRouter,
+                                              ScriptedEngine, chat_body, dying_worker_server, reply_offset,
+                                              running_stack, sse_events, tokenizer_files)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    for name, data in tokenizer_files().items():
+        (folder / name).write_bytes(data)
+    return folder
+
 
 # Choice i answers ANSWERS[i] (then EOS); n > 3 reuses them. Different lengths: the choices end apart.
 ANSWERS = ["Hello world! STOP here.", "Hi.", "Good day to you."]
@@ -20,7 +30,8 @@ def answer_ids(index: int) -> list[int]:
     return TOKENIZER.encode(ANSWERS[index % len(ANSWERS)]).ids + [EOS]
 
 
-LETTERS = TOKENIZER.encode("abcdefghijklmnopqrstuvwxyz").ids  # alternatives whose strings are whole characters
+# Alternatives whose strings are whole characters.
+LETTERS = TOKENIZER.encode("abcdefghijklmnopqrstuvwxyz").ids
 
 
 def logprob_of(token: int, position: int, index: int, k: int) -> TokenLogprob:
@@ -96,9 +107,11 @@ async def test_chat_logprobs_and_top_logprobs_in_openai_shape(model_dir):
     async with running_stack() as stack:
         engine = ChoicesEngine(model_dir)
         await stack.add_worker(engine)
-        response = await stack.http.post("/v1/chat/completions", json=chat_body(logprobs=True, top_logprobs=3))
+        body = chat_body(logprobs=True, top_logprobs=3)
+        response = await stack.http.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
-        assert engine.requests[-1].sampling.logprobs == 3 and engine.requests[-1].sampling.prompt_logprobs is None
+        sampling = engine.requests[-1].sampling
+        assert sampling.logprobs == 3 and sampling.prompt_logprobs is None
         choice = response.json()["choices"][0]
         assert choice["message"]["content"] == ANSWERS[0]
         # Every counted token has its entry, the hidden EOS included (as vLLM reports it); the top 3 in
@@ -110,13 +123,15 @@ async def test_chat_logprobs_and_top_logprobs_in_openai_shape(model_dir):
         assert engine.requests[-1].sampling.logprobs == 0
         assert [c["top_logprobs"] for c in content] == [[]] * len(answer_ids(0))
         response = await stack.http.post("/v1/chat/completions", json=chat_body())
-        assert response.json()["choices"][0]["logprobs"] is None and engine.requests[-1].sampling.logprobs is None
+        assert response.json()["choices"][0]["logprobs"] is None
+        assert engine.requests[-1].sampling.logprobs is None
 
 
 async def test_completion_logprobs_report_k_plus_one_with_offsets(model_dir):
     async with running_stack() as stack:
         await stack.add_worker(ChoicesEngine(model_dir))
-        response = await stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "logprobs": 2})
+        body = {"model": MODEL, "prompt": "a", "logprobs": 2}
+        response = await stack.http.post("/v1/completions", json=body)
         assert response.status_code == 200, response.text
         logprobs = response.json()["choices"][0]["logprobs"]
         ids = answer_ids(0)
@@ -148,8 +163,8 @@ async def test_echo_puts_the_prompt_and_its_logprobs_first(model_dir):
         generated = answer_ids(0)[:3]
         assert logprobs["tokens"] == [text_of(t) for t in prompt_ids + generated]
         prompt_lps = [prompt_logprob(t, p, 1) for p, t in enumerate(prompt_ids[1:], 1)]
-        assert logprobs["token_logprobs"] == [None, *(lp.logprob for lp in prompt_lps),
-                                              *(logprob_of(t, p, 0, 1).logprob for p, t in enumerate(generated))]
+        generated_lps = [logprob_of(t, p, 0, 1).logprob for p, t in enumerate(generated)]
+        assert logprobs["token_logprobs"] == [None, *(lp.logprob for lp in prompt_lps), *generated_lps]
         assert logprobs["top_logprobs"][0] is None
         assert logprobs["top_logprobs"][1] == completion_top(prompt_lps[0])
         assert logprobs["text_offset"][:3] == [0, 1, 2]
@@ -174,7 +189,8 @@ async def test_n_choices_whole_each_with_its_own_finish_and_stop_strings(model_d
         body = response.json()
         assert engine.requests[-1].sampling.n == 3 and len(engine.requests) == 1  # one request, n choices
         assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-        assert [c["message"]["content"] for c in body["choices"]] == ["Hello world! ", "Hi.", "Good day to you."]
+        texts = [c["message"]["content"] for c in body["choices"]]
+        assert texts == ["Hello world! ", "Hi.", "Good day to you."]
         assert [c["finish_reason"] for c in body["choices"]] == ["stop"] * 3
         stopped_at = len(TOKENIZER.encode("Hello world! STOP").ids)  # counted up to the stop string's end
         assert body["usage"]["completion_tokens"] == stopped_at + len(answer_ids(1)) + len(answer_ids(2))
@@ -233,7 +249,8 @@ async def test_n_choices_are_not_migrated_and_fail_clearly(model_dir):
         assert engine.requests == []  # not sent again
         # The same with n = 1 migrates (the choices' bookkeeping keeps one choice's migration working).
         router.preferred = await stack.register(address, str(model_dir), migration_limit=3)
-        response = await stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "logprobs": 0})
+        body = {"model": MODEL, "prompt": "a", "logprobs": 0}
+        response = await stack.http.post("/v1/completions", json=body)
         choice = response.json()["choices"][0]
         assert choice["text"] == REPLY
         # The dying worker sent no logprobs with its 3 tokens; the rest come from the second worker.

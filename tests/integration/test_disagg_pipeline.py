@@ -393,7 +393,7 @@ async def test_n_choices_and_prompt_logprobs_prefill_on_the_decode_worker(model_
 
 async def test_logprobs_of_a_disaggregated_request_come_from_the_decode_worker(model_dir):
     async with disagg_stack(model_dir) as s:
-        _, prefill = await s.add("prefill")
+        await s.add("prefill")
         _, decode = await s.add("decode")
         response = await s.chat(LONG, logprobs=True)
         assert response.status_code == 200, response.text

@@ -24,12 +24,13 @@ def vllm_strings(tokenizer_dir: str, token_ids: list[int]) -> list[str]:
     from vllm.v1.engine.logprobs import LogprobsProcessor
 
     tokenizer = get_tokenizer(tokenizer_dir)
-    processor = LogprobsProcessor(tokenizer=tokenizer, logprobs=[], prompt_logprobs=None, cumulative_logprob=0.0,
-                                  num_logprobs=0, num_prompt_logprobs=None)
+    processor = LogprobsProcessor(tokenizer=tokenizer, logprobs=[], prompt_logprobs=None,
+                                  cumulative_logprob=0.0, num_logprobs=0, num_prompt_logprobs=None)
     out = []
     for token_id in token_ids:
         context = processor._get_sampled_context_ids(processor.logprobs)
-        [text] = processor._verify_tokens(convert_ids_list_to_tokens(tokenizer, [token_id]), [token_id], context)
+        decoded = convert_ids_list_to_tokens(tokenizer, [token_id])
+        [text] = processor._verify_tokens(decoded, [token_id], context)
         out.append(text)
         processor.logprobs.append({token_id: None})
     return out
@@ -60,16 +61,17 @@ def metaspace_dir(tmp_path_factory) -> str:
 
     tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     bytes_ = [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
                                   initial_alphabet=[c for c in "abcdefghijklmnopqrstuvwxyz▁"])
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20, *TEXTS], trainer)
     folder = tmp_path_factory.mktemp("metaspace")
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", '
-                                                  '"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}')
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", '
+        '"eos_token": "</s>"}')
     return str(folder)
 
 

@@ -50,7 +50,8 @@ def _assert_chat_entries_equal(ours: list[dict], vllm: list[dict]) -> None:
         assert _close(mine["logprob"], theirs["logprob"]), (mine, theirs)
         assert [t["token"] for t in mine["top_logprobs"]] == [t["token"] for t in theirs["top_logprobs"]]
         assert [t["bytes"] for t in mine["top_logprobs"]] == [t["bytes"] for t in theirs["top_logprobs"]]
-        assert all(_close(a["logprob"], b["logprob"]) for a, b in zip(mine["top_logprobs"], theirs["top_logprobs"]))
+        pairs = zip(mine["top_logprobs"], theirs["top_logprobs"])
+        assert all(_close(a["logprob"], b["logprob"]) for a, b in pairs)
 
 
 def _assert_completion_logprobs_equal(ours: dict, vllm: dict) -> None:
@@ -104,7 +105,8 @@ def test_echo_with_logprobs_equal(api_pair):
 
 
 def test_echo_without_logprobs_equal(api_pair):
-    answers = _both(api_pair, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "echo": True})
+    answers = _both(api_pair, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0,
+                                                  "echo": True})
     assert answers["ours"]["choices"][0]["text"] == answers["vllm"]["choices"][0]["text"]
     assert answers["ours"]["choices"][0]["logprobs"] is None
 
@@ -120,8 +122,8 @@ def test_chat_prompt_logprobs_equal(api_pair):
 
 
 def test_streamed_chat_logprobs_equal_the_whole_answer(api_pair):
-    body = {"model": api_pair.model, "messages": QUESTION, "max_tokens": 16, "temperature": 0, "logprobs": True,
-            "top_logprobs": 2}
+    body = {"model": api_pair.model, "messages": QUESTION, "max_tokens": 16, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
     whole = _post(api_pair.ours.base_url, "/v1/chat/completions", body).json()["choices"][0]
     streams = {side: _stream(url, "/v1/chat/completions", body) for side, url in api_pair.urls().items()}
     entries = {side: [e for c in chunks for choice in c["choices"] if choice.get("logprobs")
@@ -217,7 +219,8 @@ def test_openai_client_reads_completion_logprobs_and_echo(api_pair):
         for side, url in api_pair.urls().items()}
     ours, vllm = answers["ours"].choices[0], answers["vllm"].choices[0]
     assert ours.text == vllm.text
-    assert ours.logprobs.tokens == vllm.logprobs.tokens and ours.logprobs.text_offset == vllm.logprobs.text_offset
+    assert ours.logprobs.tokens == vllm.logprobs.tokens
+    assert ours.logprobs.text_offset == vllm.logprobs.text_offset
     assert [list(t) if t else None for t in ours.logprobs.top_logprobs] == [
         list(t) if t else None for t in vllm.logprobs.top_logprobs]
     stream = _client(api_pair.ours.base_url).completions.create(
@@ -238,6 +241,7 @@ def test_bad_logprobs_and_n_are_400_on_both(api_pair, path, fields, param):
     for side, url in api_pair.urls().items():
         r = _post(url, path, {"model": api_pair.model, "max_tokens": 4, **fields})
         assert r.status_code == 400, f"{side}: {r.status_code} {r.text}"
-    error = _post(api_pair.ours.base_url, path, {"model": api_pair.model, "max_tokens": 4, **fields}).json()["error"]
+    body = {"model": api_pair.model, "max_tokens": 4, **fields}
+    error = _post(api_pair.ours.base_url, path, body).json()["error"]
     if param is not None:
         assert error["param"] == param, error
