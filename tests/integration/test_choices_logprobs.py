@@ -26,8 +26,8 @@ def model_dir(tmp_path_factory) -> Path:
 ANSWERS = ["Hello world! STOP here.", "Hi.", "Good day to you."]
 
 
-def answer_ids(index: int) -> list[int]:
-    return TOKENIZER.encode(ANSWERS[index % len(ANSWERS)]).ids + [EOS]
+def answer_ids(index: int, answers: list[str] = ANSWERS) -> list[int]:
+    return TOKENIZER.encode(answers[index % len(answers)]).ids + [EOS]
 
 
 # Alternatives whose strings are whole characters.
@@ -52,12 +52,14 @@ def prompt_logprob(token: int, position: int, k: int) -> TokenLogprob:
 class ChoicesEngine(ScriptedEngine):
     """Interleaves the frames of n choices, each token a frame, with logprobs when asked."""
 
+    answers = ANSWERS
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]:
         self.requests.append(request)
         sampling = request.sampling
         # A migrated request (n = 1) carries the start of its answer: go on from there.
         start = reply_offset(request.token_ids) if sampling.n == 1 else 0
-        streams = [answer_ids(i)[start:start + sampling.max_tokens] for i in range(sampling.n)]
+        streams = [answer_ids(i, self.answers)[start:start + sampling.max_tokens] for i in range(sampling.n)]
         step, sent_first = 0, False
         frames = []
         while any(step < len(s) for s in streams):
@@ -258,3 +260,27 @@ async def test_n_choices_are_not_migrated_and_fail_clearly(model_dir):
         assert choice["logprobs"]["token_logprobs"] == [logprob_of(t, p, 0, 0).logprob
                                                         for p, t in enumerate(REPLY_IDS) if p >= 3]
         assert len(engine.requests) == 1 and engine.requests[0].sampling.logprobs == 0
+
+
+class ThinkingEngine(ChoicesEngine):
+    answers = ["<think>Paris is in France.</think>Paris.", "<think>Hmm.</think>It is Paris, I think."]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_each_choice_has_its_own_reasoning_parser(model_dir, stream):
+    async with running_stack(reasoning_parser="deepseek_r1") as stack:
+        await stack.add_worker(ThinkingEngine(model_dir))
+        response = await stack.http.post("/v1/chat/completions", json=chat_body(n=2, stream=stream))
+        assert response.status_code == 200, response.text
+        expected = [("Paris is in France.", "Paris."), ("Hmm.", "It is Paris, I think.")]
+        if not stream:
+            messages = [c["message"] for c in response.json()["choices"]]
+            assert [(m["reasoning"], m["content"]) for m in messages] == expected
+            return
+        parts: dict[int, dict[str, str]] = {0: {}, 1: {}}
+        for chunk in sse_events(response.text)[:-1]:
+            for choice in chunk["choices"]:
+                for key in ("reasoning", "content"):
+                    parts[choice["index"]][key] = parts[choice["index"]].get(key, "") + (
+                        choice["delta"].get(key) or "")
+        assert [(parts[i]["reasoning"], parts[i]["content"]) for i in (0, 1)] == expected
