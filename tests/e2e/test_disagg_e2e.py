@@ -211,6 +211,65 @@ def test_shared_prefix_goes_to_the_prefill_worker_holding_it(stack, tokenizer):
         w: int(w == holder) for w in after_second}
 
 
+def test_n_choices_are_served_on_the_decode_worker_alone(stack, tokenizer):
+    """n > 1 is prefilled once, on the decode worker (vLLM's n children cannot share one remote pull): the
+    same seeded choices as the aggregated frontend gets from that worker."""
+    prompt_ids = chat_ids(tokenizer, long_text("the n choices of a long prompt"))
+    body = {"model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 8, "n": 3, "seed": 5,
+            "temperature": 1.0}
+    before, parallel = completed_per_prefill_worker(stack), stack.served("parallel_sampling")
+    r = httpx.post(f"{stack.base_url}/v1/completions", timeout=300, json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and len({c["text"] for c in choices}) > 1
+    assert stack.served("parallel_sampling") == parallel + 1
+    assert completed_per_prefill_worker(stack) == before  # no prefill worker took part
+    aggregated = httpx.post(f"{stack.reference_url}/v1/completions", timeout=300, json=body).json()["choices"]
+    assert [c["text"] for c in choices] == [c["text"] for c in aggregated]
+
+
+def generate_frames(address: str, request: GenerateRequest, timeout: float = 300) -> list:
+    async def run():
+        client = RequestClient()
+        try:
+            async with asyncio.timeout(timeout):
+                return [frame async for frame in client.stream(address, request)]
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+# bf16 engine numerics: the decode worker computes the prompt's last token alone (one row) on the pulled KV,
+# where a single engine computes it within the prompt's pass; that moves logprobs by ~1e-2 here (measured
+# 0.009 on the first token, ~1e-3 after), inherent to vLLM's P/D, not to what the frontend carries.
+DISAGG_LOGPROB_TOLERANCE = 0.05
+
+
+def test_first_token_logprobs_through_disagg_equal_a_single_engines(stack, tokenizer):
+    """The decode worker computes the first token after the KV pull: its logprobs (and the next ones) are
+    the single-engine reference's, computed first on prefill worker A alone (see the module doc): the same
+    tokens and alternatives, the values within bf16 noise."""
+    prompt_ids = chat_ids(tokenizer, long_text("the logprobs of a first token"))
+    request = GenerateRequest(request_id=f"ref-{uuid.uuid4().hex[:8]}", token_ids=prompt_ids,
+                              sampling=SamplingOptions(max_tokens=4, temperature=0.0, logprobs=3))
+    frames = generate_frames(stack.prefill_address, request)
+    reference = [lp for frame in frames for lp in frame.logprobs or ()]
+    served = stack.served("disaggregated")
+    r = httpx.post(f"{stack.base_url}/v1/completions", timeout=300, json={
+        "model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 4, "temperature": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    assert stack.served("disaggregated") == served + 1
+    logprobs = r.json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [tokenizer.decode([lp.token_id]) for lp in reference]
+    rows = zip(logprobs["token_logprobs"], reference, logprobs["top_logprobs"], strict=True)
+    for mine, theirs, top in rows:
+        assert abs(mine - theirs.logprob) <= DISAGG_LOGPROB_TOLERANCE, (logprobs, reference)
+        expected = {tokenizer.decode([t]): v for t, v in theirs.top}
+        assert top.keys() == expected.keys()
+        assert all(abs(top[k] - v) <= DISAGG_LOGPROB_TOLERANCE for k, v in expected.items())
+
+
 def test_short_prompt_stays_on_the_decode_worker(stack, tokenizer):
     done = worker_stats(stack).completed_requests
     short = stack.served("short_prompt")
