@@ -93,6 +93,10 @@ class Journal:
     def init(self) -> None:
         """Create the directory and an empty journal (revision 1) if they are missing."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = self.directory.stat().st_uid
+        if owner != os.getuid():  # whoever owns it can read and rewrite what we register
+            logger.warning("embedded discovery directory %s belongs to uid %s, not to this user (%s)",
+                           self.directory, owner, os.getuid())
         self._leases_dir.mkdir(mode=0o700, exist_ok=True)
         with self._file_lock():
             if not self._journal_path.exists():
