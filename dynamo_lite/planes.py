@@ -7,14 +7,15 @@ The scheme of the URL picks the implementation:
                                                so existing ETCD_ENDPOINTS values keep working
                 file://DIR                     embedded: a journal in a directory on this host, no server
     event bus   nats://host:port[,…]           NATS core (nats-py); tls://… and a bare host:port mean NATS
-                embedded://                    embedded: no broker (the embbus branch provides it)
+                embedded://                    no broker: buses find each other through the component's
+                                               Discovery and connect directly (events/embedded.py)
 
 `resolve_planes` turns a component's options (--discovery, --discovery-dir, --event-plane,
 --etcd-endpoints, --nats-server and their environment twins) into these two URLs; the three components'
 configs call it, so they all choose the same way: etcd / NATS when their endpoints are given, the
 embedded planes otherwise.
 
-A new implementation (an embedded one, say) plugs in by adding its scheme to `_DISCOVERY` or
+A new implementation plugs in by adding its scheme to `_DISCOVERY` or
 `_EVENT_BUSES` below; callers (the worker shell's `serve_workers`, the frontend) only ever see the
 `Discovery` and `EventBus` interfaces. The implementations are imported when their scheme is used, so
 a process loads only the client library it needs.
@@ -24,6 +25,7 @@ This module sits above discovery/ and events/ (it imports them) and below engine
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,23 +59,40 @@ async def _file(url: str, connect_wait: float | None) -> Discovery:
     return await EmbeddedDiscovery.open(url.split("://", 1)[1])
 
 
-async def _nats(url: str, name: str | None, connect_timeout: float) -> EventBus:
+@dataclass(frozen=True)
+class EventBusOptions:
+    """What connect_event_bus passes to an implementation; each takes what it needs."""
+
+    name: str | None
+    connect_timeout: float
+    flag: str
+    discovery: Discovery | None  # the component's own (embedded://); NATS ignores it
+    namespace: str  # embedded://: buses of one namespace find each other
+    advertise_host: str  # embedded://: the address this bus listens on and others dial
+
+
+async def _nats(url: str, options: EventBusOptions) -> EventBus:
     from dynamo_lite.events.nats import NatsEventBus
 
-    return await NatsEventBus.connect(url, connect_timeout=connect_timeout, name=name)
+    return await NatsEventBus.connect(url, connect_timeout=options.connect_timeout, name=options.name)
 
 
-async def _embedded_bus_placeholder(url: str, name: str | None, connect_timeout: float) -> EventBus:
-    # Replaced by the embedded event bus (branch embbus); until then the name is known but not served.
-    raise ConfigError("embedded event plane not available: pass --event-plane nats (and --nats-server)",
-                      param="--event-plane")
+async def _embedded(url: str, options: EventBusOptions) -> EventBus:
+    from dynamo_lite.events.embedded import EmbeddedEventBus
+
+    if options.discovery is None:
+        raise ConfigError(f"{options.flag} {url}: the embedded event plane needs the component's discovery "
+                          "(connect_event_bus(..., discovery=...))", param=options.flag)
+    return await asyncio.wait_for(
+        EmbeddedEventBus.connect(options.discovery, namespace=options.namespace, host=options.advertise_host,
+                                 name=options.name), options.connect_timeout)
 
 
 # scheme -> connect function; "" is a bare host:port.
 _DISCOVERY: dict[str, Callable[[str, float | None], Awaitable[Discovery]]] = {
     "etcd": _etcd, "http": _etcd, "": _etcd, "file": _file}
-_EVENT_BUSES: dict[str, Callable[[str, str | None, float], Awaitable[EventBus]]] = {
-    "nats": _nats, "tls": _nats, "": _nats, "embedded": _embedded_bus_placeholder}
+_EVENT_BUSES: dict[str, Callable[[str, EventBusOptions], Awaitable[EventBus]]] = {
+    "nats": _nats, "tls": _nats, "": _nats, "embedded": _embedded}
 
 
 def default_discovery_dir(env: Mapping[str, str] = os.environ) -> str:
@@ -216,9 +235,13 @@ async def connect_discovery(url: str, *, flag: str = DISCOVERY_FLAG,
 
 async def connect_event_bus(url: str, *, name: str | None = None,
                             connect_timeout: float = DEFAULT_EVENT_BUS_CONNECT_TIMEOUT,
-                            flag: str = EVENT_BUS_FLAG) -> EventBus:
+                            flag: str = EVENT_BUS_FLAG, discovery: Discovery | None = None,
+                            namespace: str = "dynamo", advertise_host: str = "127.0.0.1") -> EventBus:
     """The EventBus `url` names, connected within `connect_timeout` seconds. `name` identifies this
-    client to the server (monitoring). ConfigError naming `flag` for an unknown scheme; the
-    implementation's TransportError when it cannot connect."""
+    client (monitoring, logs). `discovery`, `namespace` and `advertise_host` are the component's: the
+    embedded bus registers and finds its peers there (NATS ignores them). ConfigError naming `flag` for
+    an unknown scheme; the implementation's TransportError when it cannot connect."""
     connect = _EVENT_BUSES[url_scheme(url, _EVENT_BUSES, flag)]
-    return await connect(url, name, connect_timeout)
+    return await connect(url, EventBusOptions(name=name, connect_timeout=connect_timeout, flag=flag,
+                                              discovery=discovery, namespace=namespace,
+                                              advertise_host=advertise_host))

@@ -72,6 +72,11 @@ class InstanceWatcher:
 
     # ------------------------------------------------------------------ queries
 
+    @property
+    def discovery(self) -> Discovery:
+        """The store it reads (the component's; the embedded event bus registers there too)."""
+        return self._discovery
+
     def instances(self, model: str | None = None, component: str | None = None) -> list[InstanceRecord]:
         """Live instances (present and not marked failed), sorted by id."""
         found = [r for r in self._instances.values()

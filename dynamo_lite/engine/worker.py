@@ -301,7 +301,9 @@ async def _serve_on_planes(engines: list[Engine], configs: list[WorkerShellConfi
             try:
                 events = await asyncio.wait_for(
                     planes.connect_event_bus(event_bus_url, name=client_name,
-                                             connect_timeout=event_bus_connect_timeout),
+                                             connect_timeout=event_bus_connect_timeout, discovery=discovery,
+                                             namespace=configs[0].namespace,
+                                             advertise_host=configs[0].advertise_host),
                     event_bus_connect_timeout)
             except ConfigError:
                 raise

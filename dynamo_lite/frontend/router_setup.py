@@ -14,6 +14,7 @@ import logging
 
 from prometheus_client import CollectorRegistry
 
+from dynamo_lite.discovery.base import Discovery
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.frontend.config import FrontendConfig
@@ -23,6 +24,7 @@ from dynamo_lite.router.base import Router
 from dynamo_lite.router.metrics import KvRouterMetrics
 from dynamo_lite.router.policies import RandomRouter, RoundRobinRouter
 from dynamo_lite.router.kv_routing import KvRoutingService, KvRoutingSettings
+from dynamo_lite.runtime.net import default_advertise_host
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ async def start_kv_routing(config: FrontendConfig, watcher: InstanceWatcher, sta
                            registry: CollectorRegistry | None = None) -> KvRoutingService:
     metrics = KvRouterMetrics(registry) if registry is not None else None
     service = KvRoutingService(watcher, kv_settings(config), metrics)
-    plane = _EventPlane(service, config.event_plane_url)
+    plane = _EventPlane(service, config, watcher.discovery)
     stack.push_async_callback(plane.close)
     if not config.kv_events:
         logger.info("kv router in approximate mode (--no-kv-events): routed prefixes count as cached for %gs",
@@ -70,16 +72,21 @@ async def start_kv_routing(config: FrontendConfig, watcher: InstanceWatcher, sta
 class _EventPlane:
     """The kv router's NATS connection: connected at start or later in the background, closed last."""
 
-    def __init__(self, service: KvRoutingService, servers: str):
+    def __init__(self, service: KvRoutingService, config: FrontendConfig, discovery: Discovery):
         self.service = service
-        self.servers = servers
+        self.servers = config.event_plane_url
+        self._namespace = config.namespace
+        self._discovery = discovery
+        # Workers dial the embedded bus back: listen where the discovery store sees us (loopback on one host).
+        self._advertise_host = default_advertise_host(config.discovery_url)
         self.bus: EventBus | None = None
         self._task: asyncio.Task | None = None
 
     async def try_connect(self, first: bool = False) -> bool:
         try:
             self.bus = await connect_event_bus(self.servers, connect_timeout=NATS_CONNECT_TIMEOUT,
-                                               name="dynamo_lite-frontend")
+                                               name="dynamo_lite-frontend", discovery=self._discovery,
+                                               namespace=self._namespace, advertise_host=self._advertise_host)
         except Exception as e:  # whatever the client raises, the answer is to retry later
             (logger.info if first else logger.debug)("NATS connect to %s failed: %s", self.servers, e)
             return False

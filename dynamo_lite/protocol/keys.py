@@ -3,6 +3,8 @@
 etcd (all attached to the worker's lease):
     /{ns}/instances/{component}/{id:x}   -> InstanceRecord (msgspec JSON)
     /{ns}/models/{model}/{id:x}          -> ModelCard (msgspec JSON)
+    /{ns}/event_endpoints/{bus id:x}     -> EventEndpoint (msgspec JSON; the embedded event bus's address,
+                                            attached to that bus's own lease)
 NATS:
     {ns}.kv_events.{model}               -> KvEventBatch
     {ns}.load.{model}                    -> LoadReport
@@ -39,8 +41,16 @@ def model_card_key(namespace: str, model: str, instance_id: int) -> str:
     return f"/{namespace}/models/{model}/{instance_id:x}"
 
 
+def event_endpoints_prefix(namespace: str) -> str:
+    return f"/{namespace}/event_endpoints/"
+
+
+def event_endpoint_key(namespace: str, bus_id: int) -> str:
+    return f"/{namespace}/event_endpoints/{bus_id:x}"
+
+
 def parse_instance_id(key: str) -> int:
-    """The instance id is the last path segment, in hex."""
+    """The instance id (or event bus id) is the last path segment, in hex."""
     return int(key.rsplit("/", 1)[1], 16)
 
 

@@ -1,6 +1,7 @@
-"""KV-aware routing wired end to end over a real nats-server: WorkerShell + MockerEngine workers
-(in-process, MemoryDiscovery) relay KV events; the KvRoutingService follows them, resyncs on gaps,
-and forgets removed workers. The last tests drive the frontend app in kv mode over the same parts.
+"""KV-aware routing wired end to end over each event plane (a real nats-server, and the embedded bus):
+WorkerShell + MockerEngine workers (in-process, MemoryDiscovery) relay KV events; the KvRoutingService
+follows them, resyncs on gaps, and forgets removed workers. The last tests drive the frontend app in kv
+mode over the same parts.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from dynamo_lite import planes
 from dynamo_lite.discovery.memory import MemoryDiscovery
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.engine.worker import WorkerShell, WorkerShellConfig
 from dynamo_lite.events.base import EventBus
-from dynamo_lite.events.nats import NatsEventBus
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.router_setup import build_router
@@ -71,8 +72,8 @@ def prompt(seed: int, blocks: int = 6) -> list[int]:
 
 
 class Cluster:
-    def __init__(self, nats_url: str, model_dir):
-        self.nats_url = nats_url
+    def __init__(self, event_plane: str, model_dir):
+        self.event_plane = event_plane  # the event bus URL: nats://… or embedded://
         self.model_dir = model_dir
         self.namespace = f"kv-{uuid.uuid4().hex[:8]}"
         self.discovery = MemoryDiscovery()
@@ -86,9 +87,13 @@ class Cluster:
         self._closed = False
 
     async def start(self) -> None:
-        self.worker_bus = await NatsEventBus.connect(self.nats_url)
-        self.router_bus = await NatsEventBus.connect(self.nats_url)
+        self.worker_bus = await self.connect_bus()
+        self.router_bus = await self.connect_bus()
         await self.watcher.start()
+
+    async def connect_bus(self) -> EventBus:
+        return await planes.connect_event_bus(self.event_plane, discovery=self.discovery,
+                                              namespace=self.namespace)
 
     async def start_service(self) -> KvRoutingService:
         self.service = KvRoutingService(self.watcher, KvRoutingSettings(namespace=self.namespace, resync_timeout=1.0,
@@ -148,9 +153,15 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(params=["nats", "embedded"])
+def event_plane(request) -> str:
+    """The event bus URL a test runs on: the session's nats-server, or the embedded bus."""
+    return request.getfixturevalue("nats_url") if request.param == "nats" else "embedded://"
+
+
 @contextlib.asynccontextmanager
-async def cluster(nats_url, model_dir):
-    c = Cluster(nats_url, model_dir)
+async def cluster(event_plane, model_dir):
+    c = Cluster(event_plane, model_dir)
     try:
         await c.start()
         yield c
@@ -174,8 +185,8 @@ def metric(registry: CollectorRegistry, name: str, **labels) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_events_reach_the_router_and_it_routes_the_prefix_back(nats_url, model_dir):
-    async with cluster(nats_url, model_dir) as c:
+async def test_events_reach_the_router_and_it_routes_the_prefix_back(event_plane, model_dir):
+    async with cluster(event_plane, model_dir) as c:
         (a, engine_a, _), (b, engine_b, _) = await c.add_worker(), await c.add_worker()
         service = await c.start_service()
         router = service.router_for(MODEL)
@@ -201,8 +212,8 @@ async def test_events_reach_the_router_and_it_routes_the_prefix_back(nats_url, m
         assert service.load_reports[b.instance_id].total_blocks == 4096
 
 
-async def test_a_lost_batch_triggers_a_resync_and_the_view_matches_the_worker(nats_url, model_dir):
-    async with cluster(nats_url, model_dir) as c:
+async def test_a_lost_batch_triggers_a_resync_and_the_view_matches_the_worker(event_plane, model_dir):
+    async with cluster(event_plane, model_dir) as c:
         shell, engine, bus = await c.add_worker()
         service = await c.start_service()
         router = service.router_for(MODEL)
@@ -219,8 +230,8 @@ async def test_a_lost_batch_triggers_a_resync_and_the_view_matches_the_worker(na
         assert metric(c.registry, "dynamo_lite_router_kv_resyncs_total", model=MODEL, result="ok") >= 1
 
 
-async def test_a_router_that_starts_late_resyncs_every_worker(nats_url, model_dir):
-    async with cluster(nats_url, model_dir) as c:
+async def test_a_router_that_starts_late_resyncs_every_worker(event_plane, model_dir):
+    async with cluster(event_plane, model_dir) as c:
         shell, engine, _ = await c.add_worker()
         await c.generate(shell, prompt(6))
         await c.generate(shell, prompt(7))
@@ -234,8 +245,30 @@ async def test_a_router_that_starts_late_resyncs_every_worker(nats_url, model_di
         assert router.indexer.blocks_of(shell.instance_id) == engine_blocks(engine) != set()
 
 
-async def test_a_worker_removed_from_discovery_loses_its_blocks_at_once(nats_url, model_dir):
-    async with cluster(nats_url, model_dir) as c:
+async def test_a_frontend_router_that_connects_its_own_bus_after_the_worker_resyncs_it(event_plane,
+                                                                                      model_dir):
+    """As a frontend process started after the workers: its own event-bus connection, made by build_router."""
+    async with cluster(event_plane, model_dir) as c:
+        shell, engine, _ = await c.add_worker()
+        await c.generate(shell, prompt(10))
+        await wait_for(lambda: engine_blocks(engine) and shell.relayed_blocks() >= engine_blocks(engine),
+                       "the worker to relay its batches")
+        planes = ({"event_plane": "embedded"} if c.event_plane == "embedded://"
+                  else {"event_plane": "nats", "nats_server": c.event_plane})
+        config = FrontendConfig(namespace=c.namespace, router_mode="kv", **planes)
+        async with contextlib.AsyncExitStack() as stack:
+            service = await asyncio.wait_for(build_router(config, c.watcher, stack, c.registry), WAIT)
+            assert service.events_attached
+            router = service.router_for(MODEL)
+            await wait_for(lambda: router.is_synced(shell.instance_id), "the new router to sync")
+            assert router.indexer.blocks_of(shell.instance_id) == engine_blocks(engine)
+            await c.generate(shell, prompt(11))  # and it follows the events from there on
+            await wait_for(lambda: router.indexer.blocks_of(shell.instance_id) == engine_blocks(engine),
+                           "events after the resync")
+
+
+async def test_a_worker_removed_from_discovery_loses_its_blocks_at_once(event_plane, model_dir):
+    async with cluster(event_plane, model_dir) as c:
         (a, engine_a, _), (b, _, _) = await c.add_worker(), await c.add_worker()
         service = await c.start_service()
         router = service.router_for(MODEL)
@@ -268,8 +301,8 @@ async def kv_frontend(c: Cluster, router):
 
 
 async def test_frontend_routes_a_shared_prefix_to_the_same_worker_and_reports_engine_cached_tokens(
-        nats_url, model_dir):
-    async with cluster(nats_url, model_dir) as c:
+        event_plane, model_dir):
+    async with cluster(event_plane, model_dir) as c:
         shells = [(await c.add_worker())[0] for _ in range(3)]
         service = await c.start_service()
         async with kv_frontend(c, service) as http:
@@ -301,8 +334,8 @@ async def test_frontend_routes_a_shared_prefix_to_the_same_worker_and_reports_en
             assert "dynamo_lite_router_engine_cache_hit_rate" in prometheus
 
 
-async def test_debug_route_is_a_400_outside_kv_mode(nats_url, model_dir):
-    async with cluster(nats_url, model_dir) as c:
+async def test_debug_route_is_a_400_outside_kv_mode(event_plane, model_dir):
+    async with cluster(event_plane, model_dir) as c:
         await c.add_worker()
         async with kv_frontend(c, RoundRobinRouter()) as http:
             r = await http.post("/debug/route", json={"model": MODEL, "prompt": "hello"})
@@ -310,8 +343,8 @@ async def test_debug_route_is_a_400_outside_kv_mode(nats_url, model_dir):
             assert "--router-mode kv" in r.json()["error"]["message"]
 
 
-async def test_debug_route_rejects_a_body_without_a_prompt(nats_url, model_dir):
-    async with cluster(nats_url, model_dir) as c:
+async def test_debug_route_rejects_a_body_without_a_prompt(event_plane, model_dir):
+    async with cluster(event_plane, model_dir) as c:
         await c.add_worker()
         service = await c.start_service()
         async with kv_frontend(c, service) as http:
@@ -335,7 +368,7 @@ async def test_kv_mode_starts_without_nats_and_follows_events_once_it_is_up(mode
         service = await asyncio.wait_for(build_router(config, c.watcher, stack, c.registry), WAIT)
         assert isinstance(service, KvRoutingService) and not service.events_attached
         with start_nats(port) as nats:
-            c.nats_url = nats.url
+            c.event_plane = nats.url
             await c.start()
             shell, engine, _ = await c.add_worker()
             assert service.route(MODEL, "r0", prompt(9), [shell.instance_id]).worker_id == shell.instance_id

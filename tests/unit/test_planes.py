@@ -34,6 +34,13 @@ async def test_connecting_an_unknown_scheme_fails_before_any_io():
         await planes.connect_discovery("redis://127.0.0.1:6379", flag="--discovery-url")
 
 
+def test_embedded_is_an_event_bus_url():
+    planes.check_event_bus_url("embedded://")
+
+
+async def test_the_embedded_event_bus_without_discovery_is_a_config_error():
+    with pytest.raises(ConfigError, match="--nats-server embedded://: the embedded event plane needs"):
+        await planes.connect_event_bus("embedded://")
 # ---------------------------------------------------------------- choosing the planes (PLANES.md)
 
 ENV = {"XDG_RUNTIME_DIR": "/run/user/1000"}
