@@ -121,7 +121,7 @@ async def test_a_file_url_connects_embedded_discovery(tmp_path):
         await discovery.close()
 
 
-async def test_the_embedded_event_plane_is_known_but_not_served_until_embbus_lands():
+async def test_the_embedded_event_plane_needs_the_components_discovery():
     planes.check_event_bus_url("embedded://")
-    with pytest.raises(ConfigError, match="embedded event plane not available"):
+    with pytest.raises(ConfigError, match="needs the component's discovery"):
         await planes.connect_event_bus("embedded://")
