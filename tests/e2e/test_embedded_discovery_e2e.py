@@ -1,6 +1,6 @@
-"""The frontend and the mocker found each other through embedded discovery (no etcd): served requests,
-a worker killed with SIGKILL drops out within its lease TTL, and a frontend started later still sees the
-workers that are up. The event plane is NATS here (the embedded event plane is the embbus branch's)."""
+"""The frontend and the mocker on the embedded planes (no etcd, no NATS: the default with neither
+ETCD_ENDPOINTS nor NATS_SERVER): a kv-routed request is served, a frontend started later still sees the
+workers that are up, and a worker killed with SIGKILL drops out of both within its lease TTL."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import uuid
 import httpx
 import pytest
 
-from tests.e2e.harness import DEFAULT_MODEL_PATH, ProcGroup, healthy_instances, wait_until
+from tests.e2e.harness import DEFAULT_MODEL_PATH, ProcGroup, healthy_instances, metric_sum, wait_until
 from tests.services import free_tcp_port
 
 LEASE_TTL = 2.0
 
 
 @pytest.fixture
-def group(tmp_path, nats_url):
+def group(tmp_path):
     if not (DEFAULT_MODEL_PATH / "config.json").exists():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    # No ETCD_ENDPOINTS: discovery is embedded, in a directory of this test's own.
-    g = ProcGroup(tmp_path, {"ETCD_ENDPOINTS": "", "NATS_SERVER": nats_url, "PYTHONUNBUFFERED": "1",
+    # No ETCD_ENDPOINTS, no NATS_SERVER: the embedded planes, in a directory of this test's own.
+    g = ProcGroup(tmp_path, {"ETCD_ENDPOINTS": "", "NATS_SERVER": "", "PYTHONUNBUFFERED": "1",
                              "DYN_DISCOVERY_DIR": str(tmp_path / "discovery"),
                              "XDG_RUNTIME_DIR": str(tmp_path / "run")})
     try:
@@ -33,7 +33,7 @@ def group(tmp_path, nats_url):
 def start_frontend(group: ProcGroup, name: str, namespace: str):
     port = free_tcp_port()
     proc = group.start(name, "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
-                       "--namespace", namespace)
+                       "--namespace", namespace, "--router-mode", "kv")
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -46,9 +46,14 @@ def test_serving_worker_death_and_a_late_frontend_over_embedded_discovery(group)
     wait_until(lambda: len(healthy_instances(url, "mock-model")) == 2, 60, "2 mocker instances",
                [frontend, worker])
     reply = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
-        "model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+        "model": "mock-model", "messages": [{"role": "user", "content": "tell me a story " * 20}],
+        "max_tokens": 5})
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 5
+    # The prompt's blocks reached the kv router over the embedded event plane.
+    wait_until(lambda: metric_sum(httpx.get(f"{url}/metrics", timeout=5).text,
+                                  "dynamo_lite_router_kv_events_total", model="mock-model",
+                                  outcome="applied") > 0, 10, "KV events applied by the router", [frontend])
 
     late, late_url = start_frontend(group, "late-frontend", namespace)  # after the workers registered
     wait_until(lambda: len(healthy_instances(late_url, "mock-model")) == 2, 30, "the late frontend's view",

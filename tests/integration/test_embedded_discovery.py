@@ -1,4 +1,5 @@
-"""EmbeddedDiscovery across processes, and its journal: compaction, torn lines, expiry of stalled leases.
+"""EmbeddedDiscovery across processes, and its journal (discovery/journal.py): compaction, torn lines,
+expiry of stalled leases.
 
 The invariants it shares with memory and etcd are in test_discovery_conformance.py. Here other processes
 (tests/integration/discovery_child.py) hold leases and watch, as workers and frontends do.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_lite.discovery import embedded
+from dynamo_lite.discovery import embedded, journal
 from dynamo_lite.discovery.embedded import EmbeddedDiscovery
 from dynamo_lite.protocol.errors import TransportError
 
@@ -118,8 +119,8 @@ async def test_the_directory_is_created_private(tmp_path):
 
 
 async def test_compaction_keeps_running_watches_whole_and_bounds_the_journal(tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded, "COMPACT_AFTER", 20)
-    monkeypatch.setattr(embedded, "MIN_COMPACT_INTERVAL", 0.0)
+    monkeypatch.setattr(journal, "COMPACT_AFTER", 20)
+    monkeypatch.setattr(journal, "MIN_COMPACT_INTERVAL", 0.0)
     async with opened(tmp_path) as writer, opened(tmp_path) as reader:
         _, revision = await reader.get_prefix("/ns/")
         events = []

@@ -107,3 +107,21 @@ def test_every_component_resolves_its_planes_from_flags_and_env_twins(module, mo
     monkeypatch.setenv("DYN_EVENT_PLANE", "embedded")
     config = parse_config(["--discovery", "embedded"])
     assert (config.discovery_url, config.event_plane_url) == (f"file://{tmp_path}/d", "embedded://")
+
+
+async def test_a_file_url_connects_embedded_discovery(tmp_path):
+    from dynamo_lite.discovery.embedded import EmbeddedDiscovery
+
+    discovery = await planes.connect_discovery(f"file://{tmp_path}/d")
+    try:
+        assert isinstance(discovery, EmbeddedDiscovery) and discovery.directory == tmp_path / "d"
+        await discovery.put("/k", b"v")
+        assert (await discovery.get_prefix("/"))[0] == [("/k", b"v")]
+    finally:
+        await discovery.close()
+
+
+async def test_the_embedded_event_plane_needs_the_components_discovery():
+    planes.check_event_bus_url("embedded://")
+    with pytest.raises(ConfigError, match="needs the component's discovery"):
+        await planes.connect_event_bus("embedded://")
