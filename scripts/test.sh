@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then run the test suite. Arguments go to pytest.
+# Set up (scripts/setup.sh --full), then run the test suite. Arguments go to pytest.
 #
 #   bash scripts/test.sh                      # everything under tests/
 #   bash scripts/test.sh tests/unit -x        # a part of it
@@ -11,7 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${ROOT}"
 
-bash scripts/setup.sh
+bash scripts/setup.sh --full  # the tests start real etcd and NATS
 
 args=(-q -ra "$@")
 # Without arguments, name tests/ explicitly; with them, pytest's testpaths (tests) still applies when

@@ -19,25 +19,23 @@ from dynamo_lite.runtime.config import check_ranges, option
 
 
 @dataclass(frozen=True)
-class WorkerShellConfig:
-    namespace: str = option("dynamo", "Namespace of every etcd key and NATS subject.")
+class WorkerShellConfig(planes.PlaneOptions):
+    """The worker shell's options; the planes' options (--discovery, --event-plane, ...) come from
+    planes.PlaneOptions."""
+
+    namespace: str = option("dynamo", "Namespace of every discovery key and event subject.")
     is_prefill_worker: bool = option(False, "Serve as a prefill worker of disaggregated serving (registers "
                                      "under the prefill component).")
     advertise_host: str = option("127.0.0.1", "Address other hosts reach this worker's request plane at "
                                  "(never localhost across hosts).")
     request_plane_port: int = option(0, "TCP port of the request plane (0 = any free port).",
                                      minimum=0, maximum=65535)
-    lease_ttl: float = option(10.0, "etcd lease TTL in seconds: how long a dead worker stays listed.",
+    lease_ttl: float = option(10.0, "Discovery lease TTL in seconds: how long a dead worker stays listed.",
                               exclusive_minimum=0)
     drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown.",
                                   minimum=0)
     migration_limit: int = option(0, "How many times the frontend may migrate a request of this model to "
                                   "another worker when this one dies mid-stream (0 = never).", minimum=0)
-    etcd_endpoints: str = option("http://127.0.0.1:2379", "Discovery: etcd endpoints, comma-separated "
-                                 "(etcd://host:port, http://host:port or host:port).", env="ETCD_ENDPOINTS")
-    nats_server: str = option("nats://127.0.0.1:4222", "Event plane: NATS server URL for KV events and load "
-                              "reports (nats://host:port or host:port; empty = serve without them).",
-                              env="NATS_SERVER")
     # Set by code, not flags.
     component: str = keys.COMPONENT_BACKEND  # where the instance registers (protocol.keys)
     role: WorkerRole = WorkerRole.AGGREGATED
@@ -50,11 +48,7 @@ class WorkerShellConfig:
         if self.advertise_host in ("0.0.0.0", "::") or self.advertise_host.startswith("localhost"):
             raise ConfigError("--advertise-host must be an address other processes can connect to, "
                               f"not {self.advertise_host!r}", param="--advertise-host")
-        if not self.etcd_endpoints.strip():
-            raise ConfigError("--etcd-endpoints (ETCD_ENDPOINTS) must not be empty", param="--etcd-endpoints")
-        planes.check_discovery_url(self.etcd_endpoints)
-        if self.nats_server.strip():
-            planes.check_event_bus_url(self.nats_server)
+        self._resolve_planes()
 
     def derive(self, **values: Any) -> None:
         """Set fields that follow from flags (from a subclass's __post_init__: the config is frozen)."""

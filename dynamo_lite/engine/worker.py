@@ -285,6 +285,15 @@ async def serve_workers(engines: list[Engine], configs: list[WorkerShellConfig],
     """
     shutdown = asyncio.Event()
     install_shutdown_signals(shutdown)  # before connecting: a signal while waiting for etcd still counts
+    first = configs[0]
+    async with planes.announce_planes(first.role, first.namespace, discovery_url, event_bus_url):
+        await _serve_on_planes(engines, configs, discovery_url, event_bus_url, event_bus_connect_timeout,
+                               client_name, shutdown)
+
+
+async def _serve_on_planes(engines: list[Engine], configs: list[WorkerShellConfig], discovery_url: str,
+                           event_bus_url: str | None, event_bus_connect_timeout: float,
+                           client_name: str | None, shutdown: asyncio.Event) -> None:
     discovery = await planes.connect_discovery(discovery_url)
     events: EventBus | None = None
     try:

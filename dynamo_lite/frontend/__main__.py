@@ -25,7 +25,8 @@ from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.router_setup import build_router
-from dynamo_lite.planes import check_discovery_url, check_event_bus_url, connect_discovery
+from dynamo_lite.planes import announce_planes, connect_discovery, discovery_kind
+from dynamo_lite.runtime.presence import FRONTEND
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
 from dynamo_lite.runtime.lifecycle import install_shutdown_signals
@@ -54,15 +55,18 @@ class EtcdUnreachable(Exception):
 async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExitStack) -> InstanceWatcher:
     try:
         async with asyncio.timeout(ETCD_CONNECT_TIMEOUT):
-            discovery = await connect_discovery(config.etcd_endpoints)
+            discovery = await connect_discovery(config.discovery_url)
             stack.push_async_callback(discovery.close)
             watcher = InstanceWatcher(discovery, config.namespace, failed_cooldown=config.failed_cooldown)
             await watcher.start()
             stack.push_async_callback(watcher.close)
             return watcher
     except Exception as e:  # whatever the client raises, the operator needs the same hint
-        raise EtcdUnreachable(f"cannot reach etcd at {config.etcd_endpoints} (--etcd-endpoints / "
-                              f"ETCD_ENDPOINTS): {type(e).__name__}: {e}") from e
+        if discovery_kind(config.discovery_url) == "etcd":
+            where = f"reach etcd at {config.discovery_url} (--etcd-endpoints / ETCD_ENDPOINTS)"
+        else:
+            where = f"open embedded discovery at {config.discovery_url} (--discovery-dir / DYN_DISCOVERY_DIR)"
+        raise EtcdUnreachable(f"cannot {where}: {type(e).__name__}: {e}") from e
 
 
 def _names(field_name: str) -> str:
@@ -111,6 +115,9 @@ async def serve(config: FrontendConfig) -> None:
         sockets = bind_http_sockets(config.http_host, config.http_port)
         for sock in sockets:
             stack.callback(sock.close)
+        # Before connecting: a worker on other planes is reported even while etcd is awaited.
+        await stack.enter_async_context(announce_planes(FRONTEND, config.namespace, config.discovery_url,
+                                                        config.event_plane_url))
         watcher = await _connect_discovery(config, stack)
         client = RequestClient(connect_timeout=config.connect_timeout)
         stack.push_async_callback(client.close)
@@ -142,9 +149,8 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:
                                      description="dynamo_lite OpenAI-compatible frontend")
     add_config_arguments(parser, FrontendConfig)
     config = config_from_args(FrontendConfig, parser.parse_args(argv))
-    # An unknown plane URL scheme is a usage error, not an unreachable server.
-    check_discovery_url(config.etcd_endpoints)
-    check_event_bus_url(config.nats_server)
+    # The planes' URLs were checked when the config was built (planes.resolve_planes): an unknown scheme
+    # is a usage error, not an unreachable server.
     return config
 
 

@@ -31,14 +31,14 @@ from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnec
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
-from dynamo_lite.frontend.pipeline import Generation, PipelineDeps
+from dynamo_lite.frontend.choice_answers import ChoiceAnswers, is_plain
+from dynamo_lite.frontend.pipeline import ChoiceDelta, Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
 from dynamo_lite.frontend.preprocess import ChatParsers, plan_chat, plan_completion
 from dynamo_lite.frontend.responses_api import ResponsesService
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from dynamo_lite.frontend.embeddings_api import EmbeddingsService
 from dynamo_lite.frontend.tokenize_api import TokenizeService
-from dynamo_lite.frontend.tool_calls import finish_reason_with_tools
 from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
 from dynamo_lite.protocol.messages import json_encoder
 from dynamo_lite.router.base import Router
@@ -146,10 +146,16 @@ class OpenAIService:
         model = generation.plan.model.name
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
+        plain = is_plain(generation)
+        answers = None if plain else ChoiceAnswers(generation, chat)
 
         async def collect() -> list[str]:
-            async with contextlib.aclosing(generation.text()) as deltas:
-                return [delta async for delta in deltas]
+            async with contextlib.aclosing(generation.deltas()) as deltas:
+                if answers is None:
+                    return [delta.text async for delta in deltas]
+                async for delta in deltas:
+                    answers.collect(delta)
+                return []
 
         try:
             parts = await unless_disconnected(http_request, collect())
@@ -158,29 +164,28 @@ class OpenAIService:
             self._count_tokens(generation)
         usage = responses.usage(generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens)
         plan = generation.plan
-        text, finish_reason = "".join(parts), generation.finish_reason
-        if plan.answer_shaper is None:
-            encode = responses.chat_completion if chat else responses.text_completion
-            body = encode(plan.request_id, plan.model.requested_name, text, finish_reason, usage)
+        name = plan.model.requested_name
+        if answers is not None:
+            body = answers.body(usage)
+        elif chat:
+            choice = responses.chat_choice(0, "".join(parts), generation.finish_reason)
+            body = responses.chat_completion(plan.request_id, name, [choice], usage)
         else:
-            shaper = plan.answer_shaper()
-            message = shaper.parse_whole(text)
-            finish_reason = finish_reason_with_tools(plan.tool_choice, bool(message.tool_calls), finish_reason)
-            body = responses.chat_completion(plan.request_id, plan.model.requested_name, message, finish_reason,
-                                             usage)
+            choice = responses.text_choice(0, "".join(parts), generation.finish_reason)
+            body = responses.text_completion(plan.request_id, name, [choice], usage)
         self._count(model, endpoint, 200, arrival)
         return Response(body, media_type="application/json")
 
     async def _stream(self, http_request: Request, generation: Generation, endpoint: str, chat: bool,
                       include_usage: bool, arrival: float) -> Response:
-        """SSE. The first text is awaited before answering, so a request that cannot start (no
+        """SSE. The first delta is awaited before answering, so a request that cannot start (no
         worker, every worker failing) still gets a proper status code instead of a broken stream."""
         model = generation.plan.model.name
-        deltas = generation.text()
+        deltas = generation.deltas()
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
         try:
-            first: str | None = await unless_disconnected(http_request, anext(deltas))
+            first: ChoiceDelta | None = await unless_disconnected(http_request, anext(deltas))
         except StopAsyncIteration:
             first = None
         except BaseException:
@@ -210,32 +215,31 @@ class OpenAIService:
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, generation: Generation, deltas: AsyncIterator[str], first: str | None,
-                   encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
+    async def _sse(self, generation: Generation, deltas: AsyncIterator[ChoiceDelta],
+                   first: ChoiceDelta | None, encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
         status = CLIENT_CLOSED_REQUEST  # unless the stream completes
-        plan = generation.plan
-        shaper = plan.answer_shaper() if plan.answer_shaper is not None else None
         try:
             if encoder.chat:
-                yield encoder.role()
-            if shaper is None:
-                if first is not None:
-                    yield encoder.text(first)
+                for index in range(generation.plan.sampling.n):
+                    yield encoder.role(index)
+            if first is not None:
+                if is_plain(generation):
+                    # The common case: one choice of plain text, each chunk spliced into pre-encoded bytes.
+                    finish_reason = first.finish_reason
+                    if first.text:
+                        yield encoder.text(first.text)
                     async for delta in deltas:
-                        yield encoder.text(delta)
-                finish_reason = generation.finish_reason
-            else:
-                if first is not None:
-                    if piece := shaper.feed(first):
-                        yield encoder.delta(piece)
+                        if delta.text:
+                            yield encoder.text(delta.text)
+                        finish_reason = delta.finish_reason
+                    yield encoder.finish(finish_reason)
+                else:
+                    answers = ChoiceAnswers(generation, encoder.chat)
+                    for chunk in answers.chunks(first, encoder):
+                        yield chunk
                     async for delta in deltas:
-                        if piece := shaper.feed(delta):
-                            yield encoder.delta(piece)
-                if piece := shaper.finish():
-                    yield encoder.delta(piece)
-                finish_reason = finish_reason_with_tools(plan.tool_choice, shaper.called_tools,
-                                                         generation.finish_reason)
-            yield encoder.finish(finish_reason)
+                        for chunk in answers.chunks(delta, encoder):
+                            yield chunk
             if encoder.include_usage:
                 yield encoder.usage(responses.usage(generation.prompt_tokens, generation.completion_tokens,
                                                     generation.cached_tokens))

@@ -92,6 +92,14 @@ class ThinkReasoning:
         return (reasoning or None) if self._tool_end else reasoning, content or None
 
 
+def prompt_ends_reasoning(prompt_text: str) -> bool:
+    """True when the rendered prompt already closed the thinking block (Qwen3's template with
+    enable_thinking false writes an empty ``<think>\n\n</think>``): the answer is content from its first
+    token. vLLM's streaming path decides the same from the prompt (``is_reasoning_end``); its whole path
+    does not and would call the answer reasoning."""
+    return prompt_text.rfind(ThinkReasoning.END) > prompt_text.rfind(ThinkReasoning.START) >= 0
+
+
 def make_reasoning(name: str) -> ThinkReasoning:
     if name == "deepseek_r1":
         return ThinkReasoning(ends_at_tool_call=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dynamo_lite.frontend.chat_output import REASONING_PARSERS, TOOL_PARSERS
+from dynamo_lite.planes import PlaneOptions
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import check_ranges, option
 
@@ -12,15 +13,13 @@ ROUTER_MODES = ["round-robin", "random", "kv"]
 
 
 @dataclass(frozen=True)
-class FrontendConfig:
+class FrontendConfig(PlaneOptions):
+    """The frontend's options; the planes' (--discovery, --event-plane, ...) come from PlaneOptions."""
+
     http_host: str = option("0.0.0.0", "Address the HTTP server binds to.")
     http_port: int = option(8000, "Port of the OpenAI-compatible HTTP server.")
     router_mode: str = option("round-robin", "How a worker is picked for each request.", choices=ROUTER_MODES)
     namespace: str = option("dynamo", "Discovery namespace the workers register under.")
-    etcd_endpoints: str = option("http://127.0.0.1:2379", "etcd endpoints (comma-separated).",
-                                 env="ETCD_ENDPOINTS")
-    nats_server: str = option("nats://127.0.0.1:4222", "NATS server URL (KV events for the kv router).",
-                              env="NATS_SERVER")
     request_timeout: float = option(0.0, "Seconds to wait for each frame from a worker before the worker "
                                          "counts as failed (0 = wait forever).")
     tokenizer_timeout: float = option(30.0, "Seconds to wait for a worker to send its tokenizer files.")
@@ -33,8 +32,9 @@ class FrontendConfig:
                                             "softmax over normalized costs.", minimum=0)
     kv_cache_block_size: int = option(0, "kv router: tokens per KV block (0 = from the model card).",
                                      minimum=0)
-    kv_events: bool = option(True, "kv router: follow the workers' KV events over NATS (--no-kv-events: "
-                                   "approximate mode, the router remembers the prefixes it routed).")
+    kv_events: bool = option(True, "kv router: follow the workers' KV events on the event plane "
+                                   "(--no-kv-events: approximate mode, the router remembers the prefixes it "
+                                   "routed).")
     router_ttl: float = option(120.0, "kv router, approximate mode: seconds a routed prefix counts as cached.",
                               exclusive_minimum=0)
     disaggregation: bool = option(True, "Disaggregated serving when prefill workers are registered: prefill on a "
@@ -71,6 +71,9 @@ class FrontendConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        # Picks etcd / NATS or the embedded planes; the kv router's events then always have a plane
+        # (the embedded one when no NATS server is given).
+        self._resolve_planes()
         if self.tool_call_parser and self.tool_call_parser not in TOOL_PARSERS:
             raise ConfigError(f"unknown --tool-call-parser '{self.tool_call_parser}': choose one of "
                               f"{', '.join(TOOL_PARSERS)}", param="--tool-call-parser")
@@ -79,6 +82,3 @@ class FrontendConfig:
                               f"{', '.join(REASONING_PARSERS)}", param="--reasoning-parser")
         if self.enforce_disagg and not self.disaggregation:
             raise ConfigError("--enforce-disagg contradicts --no-disaggregation", param="--enforce-disagg")
-        if self.router_mode == "kv" and self.kv_events and not self.nats_server.strip():
-            raise ConfigError("--router-mode kv needs --nats-server (NATS_SERVER) for KV events; "
-                              "pass --no-kv-events for approximate routing without NATS", param="--nats-server")

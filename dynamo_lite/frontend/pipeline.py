@@ -1,8 +1,11 @@
-"""A planned request's generation: its attempts on workers as one text stream, migrating on worker failure.
+"""A planned request's generation: its attempts on workers as one stream of choice deltas, migrating on
+worker failure.
 
-One `Generation` per request. Its `text()` async generator yields text deltas; when it ends,
-`finish_reason` and the token counts are set. Closing the generator early (client disconnect,
-stop string) closes the worker stream, which makes the worker abort the request.
+One `Generation` per request. Its `deltas()` async generator yields `ChoiceDelta`s: text and logprobs
+of choice `index` (0..n-1; with n > 1 the choices interleave), each choice's last one carrying its
+finish_reason. Each choice has its own detokenizer and stop strings; a choice that meets a stop
+string ends there while the others go on. Closing the generator early (client disconnect), or every
+choice having ended, closes the worker stream, which makes the worker abort the request.
 
 Each attempt is one request on one worker (frontend/attempt.py). Before the first, the prefill policy
 (frontend/prefill_policy.py) decides where the prompt is prefilled, may run it on a prefill worker,
@@ -13,7 +16,10 @@ Failures:
 - before the first token of an attempt (connect refused, worker died during prefill): nothing has
   reached the client, so the request is simply sent to another worker (the failed one is excluded);
 - after tokens were produced: the request migrates (prompt + tokens so far, fewer max_tokens) if
-  the model card's migration_limit allows, otherwise the error reaches the client.
+  the model card's migration_limit allows, otherwise the error reaches the client. Two kinds of request
+  never migrate, and their error reaches the client: n > 1 (its choices share one prompt on one worker;
+  continuing them would take n requests with n different prompts), and a structured output
+  (response_format, a forced tool call, a grammar: the new worker's grammar would restart mid-answer).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.prefill_policy import PrefillPolicy, record_handoff
 from dynamo_lite.frontend.preprocess import GenerationPlan
 from dynamo_lite.protocol.errors import NoWorkerAvailableError, WorkerFailedError
-from dynamo_lite.protocol.messages import FinishReason, GenerateRequest
+from dynamo_lite.protocol.messages import FinishReason, GenerateRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,27 @@ class PipelineDeps:
     metrics: FrontendMetrics
 
 
+@dataclasses.dataclass(slots=True)
+class ChoiceDelta:
+    """A piece of choice `index`: new text ("" when only logprobs or the end come with it), the logprobs of
+    the tokens it covers (when asked for), and on the choice's last delta its finish reason."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+class _Choice:
+    __slots__ = ("detokenizer", "finish_reason", "generated", "index")
+
+    def __init__(self, index: int, detokenizer: IncrementalDetokenizer):
+        self.index = index
+        self.detokenizer = detokenizer
+        self.generated: list[int] = []  # tokens counted (up to a stop string's last, the hidden stop token)
+        self.finish_reason: FinishReason | None = None
+
+
 class Generation:
     def __init__(self, deps: PipelineDeps, plan: GenerationPlan, arrival: float):
         self._deps = deps
@@ -58,19 +85,25 @@ class Generation:
         self.prompt_tokens = len(plan.prompt_ids)
         self.cached_tokens = 0
         self.engine_reported_usage = False  # a worker's first frame told us its cached prompt tokens
-        self.completion_tokens = 0
-        self.finish_reason: FinishReason | None = None
+        self.completion_tokens = 0  # of all choices
         self.migrations = 0
-        self._generated: list[int] = []
-        self._detokenizer = IncrementalDetokenizer(plan.model.tokenizer.tokenizer, plan.stop, plan.prompt_ids,
-                                                   skip_special_tokens=plan.skip_special_tokens,
-                                                   include_stop_str=plan.include_stop_str_in_output)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # when sampling.prompt_logprobs is set
+        tokenizer = plan.model.tokenizer.tokenizer
+        self.choices = [_Choice(index, IncrementalDetokenizer(
+            tokenizer, plan.stop, plan.prompt_ids, skip_special_tokens=plan.skip_special_tokens,
+            include_stop_str=plan.include_stop_str_in_output)) for index in range(plan.sampling.n)]
+        self._open = plan.sampling.n  # choices not yet ended
         self._first_token_at: float | None = None
         self._last_frame_at = 0.0
         self.serving_reason: str | None = None  # how the prompt was prefilled (frontend/prefill_policy.py reasons)
 
-    async def text(self) -> AsyncIterator[str]:
-        """Text deltas (never empty strings) of the whole generation, across migrations."""
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        """The first choice's (the only one unless n > 1)."""
+        return self.choices[0].finish_reason
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """The deltas of every choice, across migrations; each choice's last one has its finish_reason."""
         unstarted_retries = 0
         number = 0  # of the attempt
         last_failure: WorkerFailedError | None = None
@@ -83,7 +116,7 @@ class Generation:
                 self.serving_reason = serving.reason
             else:
                 attempt = self._route_again(last_failure)
-            produced_before = len(self._generated)
+            produced_before = self.completion_tokens
             try:
                 with attempt:
                     # aclosing: if our consumer stops, the attempt (and its worker stream) closes now.
@@ -95,22 +128,29 @@ class Generation:
             except WorkerFailedError as e:
                 last_failure = e
                 attempt.worker_failed(e)  # the watcher reports the removal to the router
-                if len(self._generated) == produced_before:
+                if self.completion_tokens == produced_before:
                     unstarted_retries += 1
                     if unstarted_retries > MAX_UNSTARTED_RETRIES:
                         raise
+                elif self.plan.sampling.n > 1:
+                    raise WorkerFailedError(f"{e.message}; requests with n > 1 are not migrated",
+                                            instance_id=e.instance_id) from e
                 elif self.migrations >= self.plan.model.card.migration_limit:
                     raise
+                elif self.plan.sampling.structured_output is not None:
+                    # The new worker's grammar would start again at the tokens already generated (they
+                    # are its prompt), so the answer would break the schema: fail rather than migrate.
+                    raise WorkerFailedError(f"{e.message}; a structured-output request cannot migrate "
+                                            "(its grammar would restart mid-answer)",
+                                            instance_id=e.instance_id) from e
                 else:
                     self.migrations += 1
                     self._deps.metrics.migrations.labels(self._model_label).inc()
                     logger.info("request %s: migrating after %d tokens (%s)", self.plan.request_id,
-                                len(self._generated), e.message)
-                if len(self._generated) >= self.plan.sampling.max_tokens:
-                    self.finish_reason = FinishReason.LENGTH
-                    tail = self._detokenizer.flush()
-                    if tail:
-                        yield tail
+                                self.completion_tokens, e.message)
+                choice = self.choices[0]
+                if len(choice.generated) >= self.plan.sampling.max_tokens:
+                    yield self._end(choice, FinishReason.LENGTH)
                     return
                 number += 1
 
@@ -125,55 +165,85 @@ class Generation:
         return dispatcher.route(POOL_DECODE, name, self.plan.request_id, self._tokens_so_far(), workers)
 
     def _tokens_so_far(self) -> list[int]:
-        return self.plan.prompt_ids + self._generated if self._generated else self.plan.prompt_ids
+        # Only one choice ever migrates (n > 1 is not migrated); with n > 1 a retry has no tokens yet.
+        generated = self.choices[0].generated
+        return self.plan.prompt_ids + generated if generated else self.plan.prompt_ids
 
     def _request_for(self, attempt: int, kv_transfer_params: dict | None = None) -> GenerateRequest:
         plan = self.plan
         if attempt == 0:
             return GenerateRequest(request_id=plan.request_id, token_ids=plan.prompt_ids, sampling=plan.sampling,
                                    kv_transfer_params=kv_transfer_params)
-        done = len(self._generated)
+        done = len(self.choices[0].generated)
         sampling = msgspec.structs.replace(plan.sampling, max_tokens=plan.sampling.max_tokens - done,
                                            min_tokens=max(0, plan.sampling.min_tokens - done))
+        if self.prompt_logprobs is not None:  # already received: a migrated prompt holds generated tokens too
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=None)
         return GenerateRequest(request_id=f"{plan.request_id}-{attempt}", token_ids=self._tokens_so_far(),
                                sampling=sampling)
 
     async def _deltas(self, attempt: Attempt, request: GenerateRequest,
-                      kv_transfer_params: dict | None) -> AsyncIterator[str]:
+                      kv_transfer_params: dict | None) -> AsyncIterator[ChoiceDelta]:
         handoff_pending = kv_transfer_params is not None
+        include_stop = self.plan.include_stop_str_in_output
         async with contextlib.aclosing(attempt.frames(request)) as frames:
             async for frame in frames:
                 if handoff_pending:
                     handoff_pending = False
                     record_handoff(self._deps.metrics, self._model_label, kv_transfer_params, frame, attempt.sent_at)
-                if not self._generated and frame.cached_tokens is not None:
+                if not self.completion_tokens and frame.cached_tokens is not None:
                     self.cached_tokens = frame.cached_tokens  # usage reports the engine's own count
                     self.engine_reported_usage = True
-                if frame.token_ids:
-                    # The token that stopped the engine (EOS, a stop_token_ids entry) counts but is not
-                    # shown, as in vLLM's detokenizer, unless include_stop_str_in_output.
-                    hide_last = (frame.last and frame.finish_reason == FinishReason.STOP
-                                 and not self.plan.include_stop_str_in_output)
-                    text = self._accept_tokens(frame.token_ids, hide_last)
-                    if text:
-                        yield text
-                    if self._detokenizer.stopped:
-                        # Leaving the async-with closes the stream: the worker aborts the request.
-                        self.finish_reason = FinishReason.STOP
-                        return
-                if frame.last:
-                    if frame.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
+                if frame.prompt_logprobs is not None and self.prompt_logprobs is None:
+                    self.prompt_logprobs = frame.prompt_logprobs
+                if not 0 <= frame.index < len(self.choices):
+                    raise WorkerFailedError(f"{attempt.name} sent choice {frame.index} of a request for "
+                                            f"{len(self.choices)}", instance_id=attempt.worker.instance_id)
+                choice = self.choices[frame.index]
+                if choice.finish_reason is None:
+                    text, logprobs = "", None
+                    if frame.token_ids:
+                        # The token that stopped the engine (EOS, a stop_token_ids entry) counts but is not
+                        # shown, as in vLLM's detokenizer, unless include_stop_str_in_output.
+                        hide_last = frame.finish_reason == FinishReason.STOP and not include_stop
+                        text, kept = self._accept_tokens(choice, frame.token_ids, hide_last)
+                        if frame.logprobs is not None:
+                            logprobs = frame.logprobs[:kept]
+                        if choice.detokenizer.stopped:
+                            yield self._end(choice, FinishReason.STOP, text, logprobs)
+                            if not self._open:
+                                return  # leaving the async-with closes the stream: the worker aborts
+                            continue
+                    reason = frame.finish_reason
+                    if reason in (FinishReason.ABORT, FinishReason.ERROR):
+                        if text or logprobs:
+                            yield ChoiceDelta(choice.index, text, logprobs)
                         # "error": e.g. vLLM could not load the request's KV. Another attempt can
                         # succeed, so it counts as a worker failure (retry or migrate).
-                        raise WorkerFailedError(f"{attempt.name} ended the request with {frame.finish_reason!r}",
+                        raise WorkerFailedError(f"{attempt.name} ended the request with {reason!r}",
                                                 instance_id=attempt.worker.instance_id)
-                    self.finish_reason = frame.finish_reason or FinishReason.STOP
-                    tail = self._detokenizer.flush()
-                    if tail:
-                        yield tail
+                    if reason is not None:
+                        yield self._end(choice, reason, text, logprobs)
+                    elif text or logprobs:
+                        yield ChoiceDelta(choice.index, text, logprobs)
+                if frame.last:
+                    for choice in self.choices:  # a stream that ended a choice without saying why
+                        if choice.finish_reason is None:
+                            yield self._end(choice, FinishReason.STOP)
+                    return
+                if not self._open:
                     return
 
-    def _accept_tokens(self, token_ids: list[int], hide_last: bool = False) -> str:
+    def _end(self, choice: _Choice, reason: FinishReason, text: str = "",
+             logprobs: list[TokenLogprob] | None = None) -> ChoiceDelta:
+        """The choice's last delta: `text` and what its stop-string matcher held back (none after a stop)."""
+        choice.finish_reason = reason
+        self._open -= 1
+        return ChoiceDelta(choice.index, text + choice.detokenizer.flush(), logprobs, reason)
+
+    def _accept_tokens(self, choice: _Choice, token_ids: list[int],
+                       hide_last: bool = False) -> tuple[str, int]:
+        """-> (text to show now, how many of token_ids count: fewer after a stop string)."""
         now = time.monotonic()
         metrics = self._deps.metrics
         if self._first_token_at is None:
@@ -182,10 +252,12 @@ class Generation:
         else:
             self._inter_token_latency.observe(now - self._last_frame_at)
         self._last_frame_at = now
+        detokenizer = choice.detokenizer
         shown = token_ids[:-1] if hide_last else token_ids
-        before = self._detokenizer.token_count
-        text, _ = self._detokenizer.push(shown)
-        accepted = self._detokenizer.token_count - before
-        self._generated.extend(token_ids if accepted == len(shown) else token_ids[:accepted])
-        self.completion_tokens = len(self._generated)
-        return text
+        before = detokenizer.token_count
+        text, _ = detokenizer.push(shown)
+        accepted = detokenizer.token_count - before
+        kept = len(token_ids) if accepted == len(shown) else accepted
+        choice.generated.extend(token_ids if kept == len(token_ids) else token_ids[:kept])
+        self.completion_tokens += kept
+        return text, kept

@@ -52,6 +52,9 @@ DISABLED = "disabled"  # --no-disaggregation while prefill workers are registere
 # n > 1: vLLM splits the request into n children that would each pull the same remote blocks through
 # the NixlConnector (one transfer id, freed after the first pull): the decode worker prefills once itself.
 PARALLEL_SAMPLING = "parallel_sampling"
+# Prompt logprobs (echo with logprobs, vLLM's prompt_logprobs) come from the engine that computes the prompt's
+# logits: a decode worker that pulled the prompt's KV computes only its last token, so it prefills itself.
+PROMPT_LOGPROBS = "prompt_logprobs"
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ class PrefillPolicy:
         decode, overlap_tokens = self._pick_decode(plan)
         if plan.sampling.n > 1:
             return self._count(ServingPlan(decode, None, PARALLEL_SAMPLING), model)
+        if plan.sampling.prompt_logprobs is not None:
+            return self._count(ServingPlan(decode, None, PROMPT_LOGPROBS), model)
         try:
             uncached = len(plan.prompt_ids) - overlap_tokens
             if uncached < self.settings.min_prefill_tokens:

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dynamo_lite.frontend.chat_output import ChatOutput
+from dynamo_lite.frontend.chat_output import ChatOutput, prompt_ends_reasoning
 from dynamo_lite.frontend.middleware import RequestId
 from dynamo_lite.frontend.models import ServedModel
 from dynamo_lite.frontend.schemas import (ChatCompletionRequest, CompletionRequest, NamedToolChoice, SamplingFields,
@@ -41,6 +41,10 @@ class GenerationPlan:
     # plain text (the fast path). It splits the choice's text into content, reasoning and tool calls.
     answer_shaper: Callable[[], AnswerShaper] | None = None
     tool_choice: str = "none"  # "none" | "auto" | "required" | "named", for the finish reason
+    # Logprobs the answer reports per token (None: not asked for): chat's top_logprobs alternatives, or
+    # completions' logprobs (reported as that many + 1 entries, the chosen token's among them).
+    logprobs: int | None = None
+    echo_text: str | None = None  # completions' echo: the prompt text put before each choice's text
 
 
 async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
@@ -66,8 +70,12 @@ async def plan_chat(model: ServedModel, request: ChatCompletionRequest, request_
     text = model.tokenizer.render_chat(request.template_messages(), request.add_generation_prompt,
                                        request.template_tools(), request.chat_template_kwargs)
     prompt_ids = await _encode(model, text, add_special_tokens=False)
-    plan = _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    plan = _plan(model, request, prompt_ids, _request_id("chatcmpl-", request_id), "messages", logprobs)
     choice = request.effective_tool_choice()
+    reasoning = parsers.reasoning or None
+    if reasoning not in (None, *HARMONY_PARSERS) and prompt_ends_reasoning(text):
+        reasoning = None  # no thinking to split off (e.g. Qwen3 with enable_thinking false)
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
         plan.answer_shaper, plan.tool_choice = (lambda: ForcedToolCalls(name)), "named"
@@ -79,13 +87,13 @@ async def plan_chat(model: ServedModel, request: ChatCompletionRequest, request_
             raise InvalidRequestError('"auto" tool choice needs a tool-call parser on this frontend '
                                       '(--tool-call-parser); "required", a named function and "none" work '
                                       "without", param="tool_choice")
-        plan.answer_shaper = functools.partial(ChatOutput, parsers.tool_call, parsers.reasoning or None, True)
+        plan.answer_shaper = functools.partial(ChatOutput, parsers.tool_call, reasoning, True)
         plan.tool_choice = "auto"
         # Tool-call markers are special tokens in some models' vocabularies (vLLM's hermes parser does the same).
         plan.skip_special_tokens = False
-    elif parsers.reasoning:
-        plan.answer_shaper = functools.partial(ChatOutput, None, parsers.reasoning, False)
-        if parsers.reasoning in HARMONY_PARSERS:
+    elif reasoning:
+        plan.answer_shaper = functools.partial(ChatOutput, None, reasoning, False)
+        if reasoning in HARMONY_PARSERS:
             plan.skip_special_tokens = False  # harmony's channels are marked by special tokens
     return plan
 
@@ -108,7 +116,12 @@ async def plan_completion(model: ServedModel, request: CompletionRequest,
             if token_id >= vocab_size:
                 raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (size {vocab_size})",
                                           param="prompt")
-    return _plan(model, request, prompt_ids, _request_id("cmpl-", request_id), "prompt")
+    plan = _plan(model, request, prompt_ids, _request_id("cmpl-", request_id), "prompt", request.logprobs,
+                 echo=request.echo)
+    if request.echo:
+        plan.echo_text = prompt if isinstance(prompt, str) else model.tokenizer.tokenizer.decode(
+            prompt_ids, skip_special_tokens=False)
+    return plan
 
 
 def _request_id(prefix: str, request_id: RequestId | None) -> str:
@@ -123,7 +136,7 @@ def _request_id(prefix: str, request_id: RequestId | None) -> str:
 
 
 def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], request_id: str,
-          prompt_param: str) -> GenerationPlan:
+          prompt_param: str, logprobs: int | None = None, echo: bool = False) -> GenerationPlan:
     if model.card.runner != "generate":  # a pooling worker has no sampler: vLLM's server answers 400 too
         raise InvalidRequestError(f"the model {model.requested_name} is an embedding model (runner "
                                   f"{model.card.runner}): it serves /v1/embeddings only", param="model")
@@ -158,8 +171,14 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
         if token_id >= vocab_size:
             raise InvalidRequestError(f"token id {token_id} is outside the vocabulary (size {vocab_size})",
                                       param="allowed_token_ids")
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is None and echo and logprobs is not None:
+        prompt_logprobs = logprobs  # echo shows the prompt's tokens with their logprobs (as vLLM does)
     sampling = SamplingOptions(
         max_tokens=max_tokens,
+        n=request.n,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         top_k=top_k,
@@ -179,7 +198,7 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
     return GenerationPlan(request_id=request_id, model=model, prompt_ids=prompt_ids,
                           sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param,
                           skip_special_tokens=request.skip_special_tokens,
-                          include_stop_str_in_output=request.include_stop_str_in_output)
+                          include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs)
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:

@@ -20,15 +20,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_completion(request_id: str, model: str, message: str | ParsedMessage, finish_reason: str | None,
-                    usage_: dict) -> bytes:
+def chat_completion(request_id: str, model: str, choices: list[dict], usage_: dict,
+                    prompt_logprobs: list | None = None) -> bytes:
+    """choices: chat_choice() of each choice, by index."""
+    body = {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_}
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs  # vLLM's extra field
+    return json_encoder.encode(body)
+
+
+def chat_choice(index: int, message: str | ParsedMessage, finish_reason: str | None,
+                logprobs: dict | None = None) -> dict:
     """message: the answer's text, or its parts when it may hold tool calls or reasoning."""
-    return json_encoder.encode({
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": chat_message(message), "logprobs": None,
-                     "finish_reason": finish_reason}],
-        "usage": usage_,
-    })
+    return {"index": index, "message": chat_message(message), "logprobs": logprobs,
+            "finish_reason": finish_reason}
 
 
 def chat_message(message: str | ParsedMessage) -> dict:
@@ -41,12 +47,20 @@ def chat_message(message: str | ParsedMessage) -> dict:
     return body
 
 
-def text_completion(request_id: str, model: str, text: str, finish_reason: str | None, usage_: dict) -> bytes:
+def text_completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> bytes:
+    """choices: text_choice() of each choice, by index."""
     return json_encoder.encode({
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage_,
+        "choices": choices, "usage": usage_,
     })
+
+
+def text_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
+                prompt_logprobs: list | None = None) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs  # vLLM's extra field
+    return choice
 
 
 class ChunkEncoder:
@@ -63,11 +77,10 @@ class ChunkEncoder:
         encoded = self._encode(self._choice({"content": marker} if chat else marker, None))
         self._text_prefix, self._text_suffix = encoded.split(json_encoder.encode(marker))
 
-    def _choice(self, delta_or_text, finish_reason: str | None, usage_: dict | None = None) -> dict:
-        if self.chat:
-            choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(self, delta_or_text, finish_reason: str | None, index: int = 0,
+                logprobs: dict | None = None) -> dict:
+        choice = {"index": index, "delta" if self.chat else "text": delta_or_text, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
         body = dict(self._head, choices=[choice])
         if self.include_usage:
             body["usage"] = None
@@ -77,14 +90,19 @@ class ChunkEncoder:
     def _encode(body: dict) -> bytes:
         return b"data: " + json_encoder.encode(body) + b"\n\n"
 
-    def role(self) -> bytes:
-        """The first chat chunk: the assistant role with empty content."""
-        return self._encode(self._choice({"role": "assistant", "content": ""}, None))
+    def role(self, index: int = 0) -> bytes:
+        """The first chat chunk of a choice: the assistant role with empty content."""
+        return self._encode(self._choice({"role": "assistant", "content": ""}, None, index))
 
     def text(self, text: str) -> bytes:
+        """The common chunk: text of choice 0, no logprobs (pre-encoded around the text)."""
         return self._text_prefix + json_encoder.encode(text) + self._text_suffix
 
-    def delta(self, delta: OutputDelta) -> bytes:
+    def choice_text(self, index: int, text: str, logprobs: dict | None) -> bytes:
+        """Text (maybe "") of any choice, with the logprobs of the tokens it covers."""
+        return self._encode(self._choice({"content": text} if self.chat else text, None, index, logprobs))
+
+    def delta(self, delta: OutputDelta, index: int = 0, logprobs: dict | None = None) -> bytes:
         """A chat chunk with reasoning and tool-call pieces besides (or instead of) content."""
         body: dict = {}
         if delta.reasoning:
@@ -93,10 +111,10 @@ class ChunkEncoder:
             body["content"] = delta.content
         if delta.tool_calls:
             body["tool_calls"] = [piece.to_openai() for piece in delta.tool_calls]
-        return self._encode(self._choice(body, None))
+        return self._encode(self._choice(body, None, index, logprobs))
 
-    def finish(self, finish_reason: str | None) -> bytes:
-        return self._encode(self._choice({} if self.chat else "", finish_reason))
+    def finish(self, finish_reason: str | None, index: int = 0) -> bytes:
+        return self._encode(self._choice({} if self.chat else "", finish_reason, index))
 
     def usage(self, usage_: dict) -> bytes:
         """The include_usage chunk: empty choices, the request's usage."""

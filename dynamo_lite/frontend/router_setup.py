@@ -62,9 +62,9 @@ async def start_kv_routing(config: FrontendConfig, watcher: InstanceWatcher, sta
                     config.router_ttl)
         return service
     if not await plane.try_connect(first=True):
-        logger.warning("NATS at %s is unreachable (--nats-server / NATS_SERVER): the kv router routes on load "
-                       "alone until it connects; retrying every %gs in the background", config.nats_server,
-                       NATS_RETRY_INTERVAL)
+        logger.warning("event plane %s is unreachable (--event-plane, --nats-server / NATS_SERVER): the kv "
+                       "router routes on load alone until it connects; retrying every %gs in the background",
+                       config.event_plane_url, NATS_RETRY_INTERVAL)
         plane.retry_in_background()
     return service
 
@@ -74,11 +74,11 @@ class _EventPlane:
 
     def __init__(self, service: KvRoutingService, config: FrontendConfig, discovery: Discovery):
         self.service = service
-        self.servers = config.nats_server
+        self.servers = config.event_plane_url
         self._namespace = config.namespace
         self._discovery = discovery
         # Workers dial the embedded bus back: listen where the discovery store sees us (loopback on one host).
-        self._advertise_host = default_advertise_host(config.etcd_endpoints)
+        self._advertise_host = default_advertise_host(config.discovery_url)
         self.bus: EventBus | None = None
         self._task: asyncio.Task | None = None
 

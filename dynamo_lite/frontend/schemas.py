@@ -16,6 +16,7 @@ from dynamo_lite.protocol.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # vLLM's server default max_logprobs (and OpenAI's top_logprobs limit)
+MAX_CHOICES = 128  # n: each choice is a sequence on the worker; a bound so one request cannot fill it
 # Integers travel to workers as msgpack int64: anything wider would fail there, not here.
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -84,7 +85,7 @@ class SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
-    n: Annotated[StrictInt, Field(ge=1)] = 1
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     best_of: Annotated[StrictInt, Field(ge=1)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -120,7 +121,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]]
-    logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
     suffix: str | None = None
 
@@ -169,7 +170,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(gt=0, le=INT32_MAX)] | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
@@ -235,16 +236,15 @@ def check_supported(request: SamplingFields) -> None:
         raise InvalidRequestError(f"'{name}' is not supported by this server (it would be ignored)", param=name)
     if getattr(request, "tool_choice", None) not in (None, "none") and not request.tools:
         raise InvalidRequestError("tool_choice needs 'tools'", param="tool_choice")
-    if request.n > 1:
-        raise InvalidRequestError("n > 1 is not supported", param="n")
     if request.best_of is not None and request.best_of > 1:
-        raise InvalidRequestError("best_of > 1 is not supported", param="best_of")
-    if getattr(request, "logprobs", None) or getattr(request, "top_logprobs", None):
-        raise InvalidRequestError("logprobs are not supported", param="logprobs")
-    if request.prompt_logprobs is not None:
-        raise InvalidRequestError("prompt_logprobs are not supported", param="prompt_logprobs")
-    if getattr(request, "echo", False):
-        raise InvalidRequestError("echo is not supported", param="echo")
+        raise InvalidRequestError("best_of > 1 is not supported (n > 1 is)", param="best_of")
+    if getattr(request, "top_logprobs", None) and not request.logprobs:
+        raise InvalidRequestError("when using `top_logprobs`, `logprobs` must be set to true",
+                                  param="top_logprobs")  # vLLM's server's answer
+    if request.stream and request.prompt_logprobs:
+        # The prompt's logprobs come once, with the whole prompt: vLLM's server refuses them streamed too.
+        raise InvalidRequestError("`prompt_logprobs` are not available when `stream=True`",
+                                  param="prompt_logprobs")
     if getattr(request, "suffix", None):
         raise InvalidRequestError("suffix is not supported", param="suffix")
     if not request.skip_special_tokens and not request.spaces_between_special_tokens:

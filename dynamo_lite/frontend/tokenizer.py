@@ -8,6 +8,7 @@ model folder when the frontend can read it, else from a worker (TokenizerFilesRe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from dynamo_lite.frontend.fast_bpe import FastByteLevelEncoder
+from dynamo_lite.frontend.logprobs import TokenStrings
 from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
 from dynamo_lite.protocol.messages import TOKENIZER_FILE_NAMES
 
@@ -109,6 +111,11 @@ class ModelTokenizer:
             if eos_id is not None and eos_id not in ids:
                 ids.append(eos_id)
         return ids
+
+    @functools.cached_property
+    def token_strings(self) -> TokenStrings:
+        """Token strings for logprobs (built on first use: most requests never ask for them)."""
+        return TokenStrings(self.tokenizer)
 
     @property
     def has_chat_template(self) -> bool:

@@ -11,18 +11,13 @@ process exits, 130 / 143 after Ctrl-C / SIGTERM. Settings come from the environm
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import time
 
+from dynamo_lite.launch.foreground import run_foreground, say
 from dynamo_lite.launch.settings import LaunchSettings
 from dynamo_lite.launch.stack import ENGINES, Stack
 from dynamo_lite.launch.supervisor import LaunchError, Supervisor
 from dynamo_lite.launch.topologies import PRECHECKS, TOPOLOGIES, Options
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class _Usage(Exception):
@@ -75,34 +70,12 @@ def main(argv: list[str]) -> int:
     sup.env.update(MODEL_PATH=settings.model_path, SERVED_MODEL_NAME=settings.served_model_name,
                    VLLM_CPU_KVCACHE_SPACE=settings.kv_cache_space, RUN_DIR=str(sup.run_dir))
 
-    def on_signal(signum, frame):
-        raise SystemExit(128 + signum)
-
-    def on_signal_while_stopping(signum, frame):
-        say("second signal: killing what is left now")
-        sup.hurry()
-
-    # SIGINT too: its default (KeyboardInterrupt) could land inside a wait and print a traceback.
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    status = 1
-    try:
+    def start() -> bool:
         say(f"run dir: {sup.run_dir}")
         TOPOLOGIES[name](Stack(settings, sup, ENGINES[engine]), opts)
-        if opts.once:
-            return 0
-        say(f"press Ctrl-C to stop everything (or: kill {os.getpid()})")
-        dead = sup.wait_any()
-        say(dead.describe_exit())
-    except LaunchError as e:
-        say(f"error: {e}")
-    except SystemExit as e:
-        status = e.code
-    finally:
-        signal.signal(signal.SIGINT, on_signal_while_stopping)
-        signal.signal(signal.SIGTERM, on_signal_while_stopping)
-        sup.stop_all()
-    return status
+        return not opts.once
+
+    return run_foreground(sup, start)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +73,11 @@ class Stack:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        """Where this host reaches the frontend: HTTP_HOST when it names one address, else loopback."""
+        host = self.settings.http_host
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://[{host}]:{self.http_port}" if ":" in host else f"http://{host}:{self.http_port}"
 
     def _export(self, name: str, value: str) -> None:
         """What the scripts exported: every process started after this sees it."""
@@ -144,15 +148,16 @@ class Stack:
 
     # --- frontend ----------------------------------------------------------------------------------------
 
-    def pick_http_port(self) -> None:
-        """Keep HTTP_PORT if given (fail if busy); else 8000, or a free port if 8000 is busy."""
+    def pick_http_port(self, flag: str = "HTTP_PORT") -> None:
+        """Keep HTTP_PORT if given (fail if busy); else 8000, or a free port if 8000 is busy. `flag` is how
+        the caller's user sets the port (messages name it)."""
         port = self.settings.http_port
         if port is not None:
             if port_open("127.0.0.1", port):
-                raise LaunchError(f"HTTP_PORT={port} is already in use: choose another (HTTP_PORT={port + 1} ...)")
+                raise LaunchError(f"{flag}={port} is already in use: choose another ({flag}={port + 1} ...)")
         elif port_open("127.0.0.1", 8000):
             port = free_tcp_port()
-            self.say(f"port 8000 is in use: the frontend takes {port} instead (set HTTP_PORT to choose)")
+            self.say(f"port 8000 is in use: the frontend takes {port} instead (set {flag} to choose)")
         else:
             port = 8000
         self.http_port = port
@@ -173,25 +178,32 @@ class Stack:
 
     # --- workers -----------------------------------------------------------------------------------------
 
-    def start_worker(self, name: str, omp_bind: str, role: str, extra: Sequence[str] = ()) -> Process:
-        """One worker of `role` (agg, prefill, decode), its OpenMP threads pinned to `omp_bind`: two CPU
-        engines on one small box starve each other unpinned. Returns at once; wait with wait_health()."""
+    def start_worker(self, name: str, omp_bind: str | None, role: str, extra: Sequence[str] = (), *,
+                     env: Mapping[str, str] | None = None, cpus: Iterable[int] | None = None) -> Process:
+        """One worker of `role` (agg, prefill, decode), its OpenMP threads pinned to `omp_bind` (None: not
+        pinned, e.g. a GPU engine): two CPU engines on one small box starve each other unpinned. `env` is
+        added to its environment, `cpus` pins the whole process. An empty MAX_MODEL_LEN leaves the length
+        to the engine. Returns at once; wait with wait_health()."""
         s, e = self.settings, self.engine
         check_model(s)
-        argv = [s.python, "-m", e.module, e.model_flag, s.model_path, "--served-model-name", s.served_model_name,
-                e.length_flag, s.max_model_len]
+        argv = [s.python, "-m", e.module, e.model_flag, s.model_path,
+                "--served-model-name", s.served_model_name]
+        if s.max_model_len:
+            argv += [e.length_flag, s.max_model_len]
         if e.has_eager and s.enforce_eager == "1":
             argv.append("--enforce-eager")
         elif e.has_eager and s.enforce_eager == "0":
             argv.append("--no-enforce-eager")
-        env = {"VLLM_CPU_OMP_THREADS_BIND": omp_bind}
+        env = {**(env or {})}
+        if omp_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind
         # The worker registers ADVERTISE_HOST as its address (and vLLM's NIXL side-channel host), unless
         # it joins a remote etcd without one given: then it detects the address that reaches etcd.
         if s.worker_advertise_host:
             env["DYN_ADVERTISE_HOST"] = s.worker_advertise_host
         elif not s.worker_detects_address:
             env["DYN_ADVERTISE_HOST"] = s.advertise_host
-        return self.sup.start(name, [*argv, *s.worker_args, *e.role_flags[role], *extra], env=env)
+        return self.sup.start(name, [*argv, *s.worker_args, *e.role_flags[role], *extra], env=env, cpus=cpus)
 
     def health(self) -> dict:
         """The frontend's /health body ({} while it answers nothing or not 200: no model served yet)."""

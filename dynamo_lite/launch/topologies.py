@@ -139,12 +139,15 @@ Stop it: press Ctrl-C here (or run: kill {os.getpid()}). Everything started by t
           flush=True)
 
 
-def ask(url: str, model: str, question: str, reply_file: Path) -> str:
-    """One greedy chat completion; the reply is kept in `reply_file`. LaunchError unless it has text."""
+def ask(url: str, model: str, question: str, reply_file: Path, api_key: str | None = None) -> str:
+    """One greedy chat completion (sent with `api_key` as its bearer token when given); the reply is kept
+    in `reply_file`. LaunchError unless it has text."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
                        "max_tokens": 48, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as resp:
             code, reply = resp.status, resp.read()

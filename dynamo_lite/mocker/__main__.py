@@ -52,8 +52,8 @@ async def serve(config: MockerConfig) -> None:
     engines = [MockerEngine(config, facts=facts) for _ in range(config.num_workers)]
     logger.info("starting %d mocker worker(s) for %s (%s)", config.num_workers, facts.served_model_name,
                 config.role)
-    await serve_workers(engines, [config] * config.num_workers, discovery_url=config.etcd_endpoints,
-                        event_bus_url=config.nats_server, client_name="mocker")
+    await serve_workers(engines, [config] * config.num_workers, discovery_url=config.discovery_url,
+                        event_bus_url=config.event_plane_url, client_name="mocker")
 
 
 def run_event_loop(main_coroutine) -> None:

@@ -28,8 +28,8 @@ def simulated_logprob(token_id: int, position: int, salt: int, top: int, vocab_s
     others = iter([t for t in rng.sample(range(vocab_size), min(vocab_size, top + 1)) if t != token_id])
     alternatives = [(token_id if i == rank - 1 else next(others), value)
                     for i, value in enumerate(values[:top])]
-    if top and rank > top:  # like vLLM: the sampled token is always among the reported ones
-        alternatives[-1] = (token_id, logprob)
+    if rank > top:  # like vLLM: the sampled token is always among the entries (then k + 1 of them)
+        alternatives.append((token_id, logprob))
     return TokenLogprob(token_id=token_id, logprob=logprob, rank=rank, top=alternatives)
 
 

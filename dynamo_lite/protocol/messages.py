@@ -144,7 +144,8 @@ Request = GenerateRequest | TokenizerFilesRequest | WorkerStatsRequest | EmbedRe
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     """One position's log-probabilities: the chosen token's, its rank in the vocabulary (1 = most
-    likely), and the top alternatives as (token_id, logprob) pairs, most likely first."""
+    likely), and the engine's entries for the position as (token_id, logprob) pairs, most likely first:
+    the top k asked for, and the chosen token when it is not among them (then k + 1 entries)."""
 
     token_id: int
     logprob: float

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Collection
 from typing import Any, TypeVar
 
 from dynamo_lite.protocol.errors import ConfigError
@@ -132,19 +133,25 @@ def _parse_env(field: dataclasses.Field, raw: str) -> Any:
     return raw
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, group: str | None = None) -> None:
-    """Add one flag per field of `cls`; defaults come from the environment twin, else the field."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, group: str | None = None, *,
+                         exclude: Collection[str] = (), given_only: bool = False) -> None:
+    """Add one flag per field of `cls` (but the fields named in `exclude`); defaults come from the
+    environment twin, else the field. `given_only`: no defaults at all, so that the parsed namespace
+    holds only the flags given (a launcher that passes them on to the component)."""
     target = parser.add_argument_group(group) if group else parser
     for field in dataclasses.fields(cls):
-        if not is_option(field):
+        if not is_option(field) or field.name in exclude:
             continue
         env = env_name(field)
         default = field.default
-        if env in os.environ:
+        if given_only:
+            default = argparse.SUPPRESS
+        elif env in os.environ:
             default = _parse_env(field, os.environ[env])
         help_text = f"{field.metadata.get('help', '')} [env: {env}]"
         if not issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
-            shown = "<hidden>" if field.metadata.get("secret") and default else repr(default)
+            shown_default = field.default if given_only else default
+            shown = "<hidden>" if field.metadata.get("secret") and shown_default else repr(shown_default)
             help_text += f" (default: {shown})"  # vLLM's formatter already prints defaults
         kind = field.type if isinstance(field.type, str) else str(field.type)
         name = flag_name(field)

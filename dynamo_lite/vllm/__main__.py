@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" (NIXL side channel {os.environ.get('VLLM_NIXL_SIDE_CHANNEL_HOST')}:"
                 f"{os.environ.get('VLLM_NIXL_SIDE_CHANNEL_PORT')})" if config.connector == "nixl" else "")
     try:
-        asyncio.run(serve_workers([VllmEngine(engine_args)], [config], discovery_url=config.etcd_endpoints,
-                                  event_bus_url=config.nats_server or None,
+        asyncio.run(serve_workers([VllmEngine(engine_args)], [config], discovery_url=config.discovery_url,
+                                  event_bus_url=config.event_plane_url,
                                   client_name=f"vllm-{config.role}"))
     except KeyboardInterrupt:
         return 130

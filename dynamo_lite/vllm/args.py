@@ -167,10 +167,11 @@ def nixl_environment(advertise_host: str, environ: dict[str, str], port: int = 0
 
 
 def resolve_advertise_host(config: VllmWorkerConfig) -> VllmWorkerConfig:
-    """Fill an empty --advertise-host with the address of the interface that reaches etcd."""
+    """Fill an empty --advertise-host with the address of the interface that reaches etcd (127.0.0.1 with
+    embedded discovery: every component is on this host)."""
     if config.advertise_host:
         return config
-    return dataclasses.replace(config, advertise_host=default_advertise_host(config.etcd_endpoints))
+    return dataclasses.replace(config, advertise_host=default_advertise_host(config.discovery_url))
 
 
 def parse_args(argv: list[str] | None = None):

@@ -161,21 +161,21 @@ async def _keep_pinned(interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
 
 
-def token_logprob(token_id: int, position: dict, top: int | None) -> TokenLogprob:
-    """One position of vLLM's logprobs (token id -> Logprob; the sampled token first, then the top-k).
-    `top` keeps what vLLM's OpenAI server reports as top_logprobs: the dict's first `top` entries
-    (so the sampled token is always among them), here sorted most likely first."""
+def token_logprob(token_id: int, position: dict) -> TokenLogprob:
+    """One position of vLLM's logprobs (token id -> Logprob; the sampled token first, then the top-k): all
+    its entries (k, or k + 1 when the sampled token is not in the top k), most likely first. The frontend
+    rebuilds vLLM's order from them and reports what each API does (chat its first k, completions all)."""
     chosen = position.get(token_id)
     logprob = chosen.logprob if chosen is not None else float("-inf")
     rank = chosen.rank if chosen is not None else None
-    entries = list(position.items())[:top or 0]
-    alternatives = sorted(((tid, max(lp.logprob, -9999.0)) for tid, lp in entries), key=lambda e: -e[1])
+    alternatives = sorted(((tid, max(lp.logprob, -9999.0)) for tid, lp in position.items()),
+                          key=lambda e: -e[1])
     return TokenLogprob(token_id=token_id, logprob=max(logprob, -9999.0), rank=rank, top=alternatives)
 
 
-def prompt_logprobs(token_ids, positions, top: int | None) -> list[TokenLogprob | None]:
+def prompt_logprobs(token_ids, positions) -> list[TokenLogprob | None]:
     """vLLM's prompt logprobs: one per prompt token, None for the first (nothing predicts it)."""
-    return [None if position is None else token_logprob(token, position, top)
+    return [None if position is None else token_logprob(token, position)
             for token, position in zip(token_ids, positions)]
 
 
@@ -275,7 +275,7 @@ class VllmEngine(Engine):
                     for completion in output.outputs:
                         frame = GenerateFrame(token_ids=list(completion.token_ids), index=completion.index)
                         if completion.logprobs is not None:
-                            frame.logprobs = [token_logprob(token, position, request.sampling.logprobs)
+                            frame.logprobs = [token_logprob(token, position)
                                               for token, position in zip(completion.token_ids,
                                                                          completion.logprobs)]
                         if completion.finish_reason is not None:
@@ -288,8 +288,7 @@ class VllmEngine(Engine):
                         frame.prompt_tokens = len(request.token_ids)
                         frame.cached_tokens = output.num_cached_tokens or 0
                         if output.prompt_logprobs is not None:
-                            frame.prompt_logprobs = prompt_logprobs(request.token_ids, output.prompt_logprobs,
-                                                                    request.sampling.prompt_logprobs)
+                            frame.prompt_logprobs = prompt_logprobs(request.token_ids, output.prompt_logprobs)
                         if window is not None:
                             window.measure(frame)
                             window.close()

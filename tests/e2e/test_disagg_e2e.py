@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
 import uuid
 
 import httpx
+import jsonschema
 import pytest
 
 from dynamo_lite.protocol.messages import GenerateRequest, SamplingOptions, WorkerStatsRequest
@@ -209,6 +211,65 @@ def test_shared_prefix_goes_to_the_prefill_worker_holding_it(stack, tokenizer):
         w: int(w == holder) for w in after_second}
 
 
+def test_n_choices_are_served_on_the_decode_worker_alone(stack, tokenizer):
+    """n > 1 is prefilled once, on the decode worker (vLLM's n children cannot share one remote pull): the
+    same seeded choices as the aggregated frontend gets from that worker."""
+    prompt_ids = chat_ids(tokenizer, long_text("the n choices of a long prompt"))
+    body = {"model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 8, "n": 3, "seed": 5,
+            "temperature": 1.0}
+    before, parallel = completed_per_prefill_worker(stack), stack.served("parallel_sampling")
+    r = httpx.post(f"{stack.base_url}/v1/completions", timeout=300, json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and len({c["text"] for c in choices}) > 1
+    assert stack.served("parallel_sampling") == parallel + 1
+    assert completed_per_prefill_worker(stack) == before  # no prefill worker took part
+    aggregated = httpx.post(f"{stack.reference_url}/v1/completions", timeout=300, json=body).json()["choices"]
+    assert [c["text"] for c in choices] == [c["text"] for c in aggregated]
+
+
+def generate_frames(address: str, request: GenerateRequest, timeout: float = 300) -> list:
+    async def run():
+        client = RequestClient()
+        try:
+            async with asyncio.timeout(timeout):
+                return [frame async for frame in client.stream(address, request)]
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+# bf16 engine numerics: the decode worker computes the prompt's last token alone (one row) on the pulled KV,
+# where a single engine computes it within the prompt's pass; that moves logprobs by ~1e-2 here (measured
+# 0.009 on the first token, ~1e-3 after), inherent to vLLM's P/D, not to what the frontend carries.
+DISAGG_LOGPROB_TOLERANCE = 0.05
+
+
+def test_first_token_logprobs_through_disagg_equal_a_single_engines(stack, tokenizer):
+    """The decode worker computes the first token after the KV pull: its logprobs (and the next ones) are
+    the single-engine reference's, computed first on prefill worker A alone (see the module doc): the same
+    tokens and alternatives, the values within bf16 noise."""
+    prompt_ids = chat_ids(tokenizer, long_text("the logprobs of a first token"))
+    request = GenerateRequest(request_id=f"ref-{uuid.uuid4().hex[:8]}", token_ids=prompt_ids,
+                              sampling=SamplingOptions(max_tokens=4, temperature=0.0, logprobs=3))
+    frames = generate_frames(stack.prefill_address, request)
+    reference = [lp for frame in frames for lp in frame.logprobs or ()]
+    served = stack.served("disaggregated")
+    r = httpx.post(f"{stack.base_url}/v1/completions", timeout=300, json={
+        "model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 4, "temperature": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    assert stack.served("disaggregated") == served + 1
+    logprobs = r.json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [tokenizer.decode([lp.token_id]) for lp in reference]
+    rows = zip(logprobs["token_logprobs"], reference, logprobs["top_logprobs"], strict=True)
+    for mine, theirs, top in rows:
+        assert abs(mine - theirs.logprob) <= DISAGG_LOGPROB_TOLERANCE, (logprobs, reference)
+        expected = {tokenizer.decode([t]): v for t, v in theirs.top}
+        assert top.keys() == expected.keys()
+        assert all(abs(top[k] - v) <= DISAGG_LOGPROB_TOLERANCE for k, v in expected.items())
+
+
 def test_short_prompt_stays_on_the_decode_worker(stack, tokenizer):
     done = worker_stats(stack).completed_requests
     short = stack.served("short_prompt")
@@ -291,6 +352,40 @@ def test_cancelling_during_prefill_transfer_or_decode_leaves_every_engine_servin
     answer = complete(stack.base_url, chat_ids(tokenizer, long_text(TOPICS[0] + " again")), max_tokens=8)
     assert answer["choices"][0]["text"]
     assert stack.served("disaggregated") == served + 1 and stack.served("prefill_failed") == failed
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+def test_structured_answers_survive_disaggregation(stack):
+    """The decode worker samples under the grammar from the first token it makes from the pulled KV:
+    a JSON-schema answer and a forced tool call of a remotely prefilled prompt are valid."""
+    served = stack.served("disaggregated")
+    # Two contexts: with one, the second prompt's prefix would already sit on the decode worker.
+    keepers, harbours = long_text("the keepers of lighthouses"), long_text("the harbours of Brittany")
+    bodies = [{"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                                          "strict": True}},
+               "messages": [{"role": "system", "content": keepers},
+                            {"role": "user", "content": "Describe one keeper as JSON."}]},
+              {"tools": [WEATHER_TOOL], "tool_choice": "required",
+               "messages": [{"role": "system", "content": harbours},
+                            {"role": "user", "content": "What is the weather at the harbour of Brest?"}]}]
+    answers = []
+    for body in bodies:
+        r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=300,
+                       json={"model": SERVED_MODEL_NAME, "max_tokens": 60, "temperature": 0, **body})
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0])
+    jsonschema.validate(json.loads(answers[0]["message"]["content"]), PERSON)
+    [call] = answers[1]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and answers[1]["finish_reason"] == "tool_calls"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+    assert stack.served("disaggregated") == served + 2
 
 
 def test_killed_prefill_worker_does_not_fail_later_requests(stack, tokenizer):

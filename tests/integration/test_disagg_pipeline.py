@@ -369,3 +369,35 @@ async def test_round_robin_spreads_prefills_and_decodes_over_both_pools(model_di
         assert [len(d.requests) for d in decodes] == [2, 2]
         assert s.served("disaggregated", "disaggregated") == 4
 
+
+
+async def test_n_choices_and_prompt_logprobs_prefill_on_the_decode_worker(model_dir):
+    async with disagg_stack(model_dir) as s:
+        _, prefill = await s.add("prefill")
+        _, decode = await s.add("decode")
+        response = await s.chat(LONG, n=3, temperature=1.0, seed=4, logprobs=True, top_logprobs=2)
+        assert response.status_code == 200, response.text
+        choices = response.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1, 2]
+        assert all(len(c["logprobs"]["content"]) == 5 for c in choices)
+        assert s.served("aggregated", "parallel_sampling") == 1
+        response = await s.http.post("/v1/completions", json={"model": MODEL, "prompt": LONG, "max_tokens": 2,
+                                                               "echo": True, "logprobs": 1})
+        assert response.status_code == 200, response.text
+        logprobs = response.json()["choices"][0]["logprobs"]
+        assert logprobs["token_logprobs"][0] is None and None not in logprobs["token_logprobs"][1:]
+        assert s.served("aggregated", "prompt_logprobs") == 1
+        assert prefill.requests == [] and len(decode.requests) == 2
+        assert decode.requests[1].sampling.prompt_logprobs == 1
+
+
+async def test_logprobs_of_a_disaggregated_request_come_from_the_decode_worker(model_dir):
+    async with disagg_stack(model_dir) as s:
+        await s.add("prefill")
+        _, decode = await s.add("decode")
+        response = await s.chat(LONG, logprobs=True)
+        assert response.status_code == 200, response.text
+        assert s.served("disaggregated", "disaggregated") == 1
+        content = response.json()["choices"][0]["logprobs"]["content"]
+        assert len(content) == response.json()["usage"]["completion_tokens"] == 5  # the first token's too
+        assert decode.requests[0].sampling.logprobs == 0

@@ -1,4 +1,5 @@
-"""EtcdDiscovery and InstanceWatcher against a real etcd."""
+"""EtcdDiscovery against a real etcd: endpoints, reconnects, restarts (the invariants every Discovery
+keeps are in test_discovery_conformance.py)."""
 
 from __future__ import annotations
 
@@ -59,63 +60,6 @@ def test_parse_endpoints():
         parse_endpoints(" , ")
 
 
-async def test_put_get_watch_with_revisions(etcd_endpoint):
-    prefix = unique_prefix()
-    async with connected(etcd_endpoint) as d:
-        await d.put(prefix + "b", b"2")
-        await d.put(prefix + "a", b"1")
-        items, revision = await d.get_prefix(prefix)
-        assert items == [(prefix + "a", b"1"), (prefix + "b", b"2")]
-
-        # Changes made between the snapshot and the watch start are delivered, in order, once.
-        await d.put(prefix + "c", b"3")
-        await d.delete(prefix + "a")
-        await d.put("/not-under-prefix", b"x")
-        async with contextlib.aclosing(d.watch_prefix(prefix, revision + 1)) as stream:
-            events = await next_events(stream, 2, timeout=5)
-            assert [(e.kind, e.key, e.value) for e in events] == [("put", prefix + "c", b"3"),
-                                                                  ("delete", prefix + "a", b"")]
-            assert [e.revision for e in events] == [revision + 1, revision + 2]
-            await d.put(prefix + "d", b"4")
-            [live] = await next_events(stream, 1, timeout=5)
-            assert (live.kind, live.key, live.value) == ("put", prefix + "d", b"4")
-            assert live.revision > events[-1].revision
-
-
-async def test_keepalive_holds_the_lease_and_expiry_removes_keys(etcd_endpoint):
-    prefix = unique_prefix()
-    async with connected(etcd_endpoint) as observer:
-        worker = await EtcdDiscovery.connect(etcd_endpoint)
-        try:
-            lease = await worker.grant_lease(2)
-            assert lease.id > 0 and lease.ttl == 2
-            await worker.put(prefix + "w", b"v", lease)
-            await asyncio.sleep(3.5)  # longer than the ttl: only the keep-alive keeps it
-            assert (await observer.get_prefix(prefix))[0] == [(prefix + "w", b"v")]
-            assert not lease.lost
-        finally:
-            await worker.close()  # keep-alive stops, no revoke: like a crashed worker
-        stopped = time.monotonic()
-        assert await wait_until(lambda: _empty(observer, prefix), timeout=5)
-        assert time.monotonic() - stopped < 2 + 1.5
-
-
-async def _empty(discovery: EtcdDiscovery, prefix: str) -> bool:
-    return (await discovery.get_prefix(prefix))[0] == []
-
-
-async def test_revoke_removes_keys_at_once(etcd_endpoint):
-    prefix = unique_prefix()
-    async with connected(etcd_endpoint) as d:
-        lease = await d.grant_lease(10)
-        await d.put(prefix + "a", b"1", lease)
-        await d.put(prefix + "b", b"2", lease)
-        await d.put(prefix + "kept", b"3")
-        await lease.revoke()
-        await lease.revoke()  # safe twice
-        assert (await d.get_prefix(prefix))[0] == [(prefix + "kept", b"3")]
-
-
 async def test_lease_gone_from_the_store_is_reported_lost(etcd_endpoint):
     async with connected(etcd_endpoint) as d:
         lease = await d.grant_lease(3)
@@ -127,22 +71,6 @@ async def test_lease_gone_from_the_store_is_reported_lost(etcd_endpoint):
             await asyncio.sleep(0.1)
         assert lease.lost
         await lease.revoke()  # nothing left to revoke: no error
-
-
-async def test_watch_from_compacted_revision_yields_reset(etcd_endpoint):
-    prefix = unique_prefix()
-    async with connected(etcd_endpoint) as d:
-        await d.put(prefix + "a", b"1")
-        _, old_revision = await d.get_prefix(prefix)
-        await d.put(prefix + "a", b"2")
-        _, revision = await d.get_prefix(prefix)
-        host, port = parse_endpoints(etcd_endpoint)[0]
-        async with aetcd.Client(host=host, port=port) as admin:
-            await admin.compact(revision)
-        async with contextlib.aclosing(d.watch_prefix(prefix, old_revision)) as stream:
-            assert await next_events(stream, 1, timeout=5) == [WatchEvent("reset", "")]
-            with pytest.raises(StopAsyncIteration):
-                await anext(stream)
 
 
 async def test_unreachable_endpoint_raises_a_clear_error():
@@ -170,42 +98,6 @@ async def test_first_reachable_endpoint_is_used(etcd_endpoint):
     async with connected(f"{dead},{etcd_endpoint}") as d:
         assert d.endpoint == etcd_endpoint
         await d.put(unique_prefix() + "k", b"v")
-
-
-async def test_restarted_frontend_sees_workers_already_up_and_drops_expired_ones(etcd_endpoint):
-    namespace = uuid.uuid4().hex[:8]
-    async with connected(etcd_endpoint) as frontend_side:
-        worker_side = await EtcdDiscovery.connect(etcd_endpoint)
-        try:
-            lease, record = await register(worker_side, namespace=namespace, ttl=2)
-            watcher = InstanceWatcher(frontend_side, namespace)
-            await watcher.start()  # after the worker: the snapshot must show it
-            try:
-                assert watcher.instances() == [record]
-                assert watcher.card("m").kv_block_size == 16
-                await worker_side.close()  # the worker dies without revoking
-                died = time.monotonic()
-                assert await watcher.wait_for(lambda: watcher.instances() == [], timeout=lease.ttl + 1)
-                assert time.monotonic() - died <= lease.ttl + 1
-                assert watcher.models() == []
-            finally:
-                await watcher.close()
-        finally:
-            await worker_side.close()
-
-
-async def test_watcher_follows_live_registrations(etcd_endpoint):
-    namespace = uuid.uuid4().hex[:8]
-    async with connected(etcd_endpoint) as d:
-        watcher = InstanceWatcher(d, namespace)
-        await watcher.start()
-        try:
-            lease, record = await register(d, namespace=namespace)
-            assert await watcher.wait_for(lambda: watcher.instances() == [record], timeout=5)
-            await lease.revoke()
-            assert await watcher.wait_for(lambda: watcher.instances() == [], timeout=5)
-        finally:
-            await watcher.close()
 
 
 async def test_keepalive_and_watch_recover_after_etcd_restart():

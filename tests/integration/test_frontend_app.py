@@ -25,6 +25,7 @@ from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
 from dynamo_lite.engine.worker import WorkerShell, WorkerShellConfig
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
+from dynamo_lite.frontend.schemas import MAX_CHOICES, MAX_LOGPROBS
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (GenerateFrame, GenerateRequest, InstanceRecord, ModelCard, Request,
                                            TokenizerFiles, TokenizerFilesRequest, json_encoder)
@@ -397,9 +398,13 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat_body(seed=2**80), 400, "seed", "seed"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "stop_token_ids": [2**70]}, 400, "stop_token_ids",
      "stop_token_ids[0]"),
-    ("/v1/chat/completions", chat_body(n=2), 400, "n > 1 is not supported", "n"),
-    ("/v1/chat/completions", chat_body(logprobs=True), 400, "logprobs", "logprobs"),
-    ("/v1/chat/completions", chat_body(stream=True, n=3), 400, "n > 1", "n"),
+    ("/v1/chat/completions", chat_body(n=MAX_CHOICES + 1), 400, "less than or equal", "n"),
+    ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=MAX_LOGPROBS + 1), 400,
+     "less than or equal", "top_logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": MAX_LOGPROBS + 1}, 400,
+     "less than or equal", "logprobs"),
+    ("/v1/chat/completions", chat_body(top_logprobs=2), 400, "`logprobs` must be set", "top_logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "suffix": "b"}, 400, "suffix", "suffix"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": ["x"]}]}, 400,
      "messages[0].content[0]", "messages[0].content[0]"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "y" * CONTEXT}]},
@@ -591,6 +596,24 @@ async def test_migration_after_a_worker_dies_mid_stream(model_dir, stream):
         assert moved.sampling.max_tokens == 46
         metrics = (await stack.http.get("/metrics")).text
         assert f'dynamo_lite_frontend_migrations_total{{model="{MODEL}"}} 1.0' in metrics
+
+
+async def test_structured_output_request_fails_instead_of_migrating(model_dir):
+    """Migrated, the new worker's grammar would start again at the generated tokens: a clear error."""
+    router = PreferRouter()
+    async with running_stack(router) as stack:
+        server, address = await dying_worker_server(tokens_before_death=4)
+        stack.servers.append(server)
+        router.preferred = await stack.register(address, str(model_dir), migration_limit=1)
+        engine = ScriptedEngine(model_dir)
+        await stack.add_worker(engine, migration_limit=1)
+        response = await stack.http.post("/v1/chat/completions", json=chat_body(
+            max_tokens=50, response_format={"type": "json_object"}))
+        assert response.status_code == 503
+        assert "structured-output request cannot migrate" in response.json()["error"]["message"]
+        assert engine.requests == []
+        metrics = (await stack.http.get("/metrics")).text
+        assert f'dynamo_lite_frontend_migrations_total{{model="{MODEL}"}}' not in metrics
 
 
 async def test_no_migration_when_the_limit_is_zero(model_dir):

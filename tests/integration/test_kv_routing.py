@@ -253,7 +253,9 @@ async def test_a_frontend_router_that_connects_its_own_bus_after_the_worker_resy
         await c.generate(shell, prompt(10))
         await wait_for(lambda: engine_blocks(engine) and shell.relayed_blocks() >= engine_blocks(engine),
                        "the worker to relay its batches")
-        config = FrontendConfig(namespace=c.namespace, router_mode="kv", nats_server=c.event_plane)
+        planes = ({"event_plane": "embedded"} if c.event_plane == "embedded://"
+                  else {"event_plane": "nats", "nats_server": c.event_plane})
+        config = FrontendConfig(namespace=c.namespace, router_mode="kv", **planes)
         async with contextlib.AsyncExitStack() as stack:
             service = await asyncio.wait_for(build_router(config, c.watcher, stack, c.registry), WAIT)
             assert service.events_attached
@@ -385,7 +387,9 @@ async def test_kv_mode_starts_without_nats_and_follows_events_once_it_is_up(mode
         await c.close()
 
 
-def test_kv_mode_without_nats_server_needs_no_kv_events():
-    with pytest.raises(ConfigError, match="--no-kv-events"):
-        FrontendConfig(router_mode="kv", nats_server="")
-    assert FrontendConfig(router_mode="kv", nats_server="", kv_events=False).kv_events is False
+def test_kv_mode_without_nats_server_takes_its_events_from_the_embedded_event_plane():
+    config = FrontendConfig(router_mode="kv", nats_server="")
+    assert config.kv_events and config.event_plane_url == "embedded://"
+    assert FrontendConfig(router_mode="kv", nats_server="nats://h:4222").event_plane_url == "nats://h:4222"
+    with pytest.raises(ConfigError, match="--event-plane 'kafka'"):
+        FrontendConfig(router_mode="kv", event_plane="kafka")

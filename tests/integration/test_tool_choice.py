@@ -132,6 +132,24 @@ async def test_reasoning_parser_fills_the_reasoning_field(model_dir):
         assert "".join(d.get("content") or "" for d in deltas) == "It is 4."
 
 
+async def test_a_prompt_that_closed_thinking_gets_content_not_reasoning(model_dir):
+    # Qwen3's template with enable_thinking false ends the prompt with an empty <think></think>; the
+    # scripted model's template cannot, so the conversation carries the closed block at its end.
+    body = chat_body(messages=[{"role": "user", "content": "What is 2 + 2? <think>\n\n</think>\n\n"}])
+    async with running_stack(reasoning_parser="qwen3") as stack:
+        await stack.add_worker(AnsweringEngine(model_dir, "It is 4."))
+        message = (await stack.http.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]
+        assert (message.get("reasoning"), message["content"]) == (None, "It is 4.")
+        chunks = events(await stack.http.post("/v1/chat/completions", json={**body, "stream": True}))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("content") or "" for d in deltas) == "It is 4."
+        assert not any(d.get("reasoning") for d in deltas)
+        # Thinking opened again after the closed block: the answer is reasoning until </think>.
+        reopened = chat_body(messages=[{"role": "user", "content": "<think></think> again <think>"}])
+        message = (await stack.http.post("/v1/chat/completions", json=reopened)).json()["choices"][0]["message"]
+        assert (message["reasoning"], message["content"]) == ("It is 4.", None)
+
+
 def test_unknown_parsers_are_refused_at_start():
     import pytest
 

@@ -346,7 +346,7 @@ def _worker_command(*args: str, timeout: float = 60.0):
     return done.returncode, done.stderr
 
 
-def test_a_taken_request_plane_port_is_one_line_naming_the_flag(etcd_endpoint, tmp_path):
+def test_a_taken_request_plane_port_is_one_line_naming_the_flag(etcd_endpoint, nats_url, tmp_path):
     import json
     import socket
 
@@ -357,7 +357,8 @@ def test_a_taken_request_plane_port_is_one_line_naming_the_flag(etcd_endpoint, t
         port = taken.getsockname()[1]
         status, stderr = _worker_command(
             "dynamo_lite.mocker", "--model-path", str(tmp_path), "--namespace", "taken-port",
-            "--etcd-endpoints", etcd_endpoint, "--nats-server", "", "--request-plane-port", str(port))
+            "--etcd-endpoints", etcd_endpoint, "--nats-server", nats_url, "--request-plane-port",
+            str(port))
     assert status != 0
     assert "Traceback" not in stderr
     [line] = [line for line in stderr.splitlines() if "error" in line.lower()]

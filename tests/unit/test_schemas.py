@@ -103,11 +103,10 @@ def test_bad_completion_prompt_is_400(body, field):
 
 
 @pytest.mark.parametrize("extra, param, words", [
-    ({"n": 2}, "n", "n > 1 is not supported"),
-    ({"logprobs": True}, "logprobs", "logprobs are not supported"),
+    ({"top_logprobs": 3}, "top_logprobs", "`logprobs` must be set to true"),
     ({"best_of": 3}, "best_of", "best_of"),
     ({"truncate_prompt_tokens": 10}, "truncate_prompt_tokens", "it would be ignored"),
-    ({"prompt_logprobs": 1}, "prompt_logprobs", "prompt_logprobs are not supported"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available when `stream=True`"),
     ({"skip_special_tokens": False, "spaces_between_special_tokens": False}, "spaces_between_special_tokens",
      "not supported"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
