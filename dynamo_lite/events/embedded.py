@@ -31,7 +31,7 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -39,6 +39,7 @@ from dynamo_lite.discovery.base import Discovery, Lease
 from dynamo_lite.discovery.prefix_follower import PrefixFollower
 from dynamo_lite.events.base import EventBus, Subscription
 from dynamo_lite.events.embedded_peers import LINK_ERRORS, PeerLink, PeerSubscriber
+from dynamo_lite.events.embedded_subscriptions import EmbeddedServedSubscription, EmbeddedSubscription
 from dynamo_lite.events.memory import subject_matches
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import TransportError
@@ -57,65 +58,6 @@ SETTLE_TIMEOUT = 2.0  # how long connect() and subscribe() wait for peers to con
 FLUSH_TIMEOUT = 2.0  # how long close() lets queued messages go out
 MAX_QUEUED_BYTES = 16 * 1024 * 1024  # per subscribed peer
 MAX_PENDING_MESSAGES = 65536  # per subscription not consumed (nats-py's default)
-
-
-class EmbeddedSubscription(Subscription):
-    def __init__(self, bus: EmbeddedEventBus, subject: str, max_pending: int):
-        self.subject = subject
-        self._bus = bus
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._max_pending = max_pending
-        self._dropping = False
-        self._closed = False
-
-    def deliver(self, data: bytes) -> None:
-        if self._closed:
-            return
-        if self._queue.qsize() >= self._max_pending:  # as nats-py does for a slow consumer
-            if not self._dropping:
-                logger.warning("subscription to %s is not consumed fast enough: dropping messages",
-                               self.subject)
-            self._dropping = True
-            return
-        self._dropping = False
-        self._queue.put_nowait(data)
-
-    async def _payloads(self) -> AsyncIterator[bytes]:
-        while (data := await self._queue.get()) is not None:
-            yield data
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._payloads()
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put_nowait(None)
-        self._bus._unsubscribe(self)
-
-
-class EmbeddedServedSubscription(Subscription):
-    """A responder registered with serve(). Iterating yields nothing and ends when it is closed."""
-
-    def __init__(self, bus: EmbeddedEventBus, subject: str, handler: Handler):
-        self.subject = subject
-        self.handler = handler
-        self._bus = bus
-        self._closed = asyncio.Event()
-
-    async def _wait_closed(self) -> AsyncIterator[bytes]:
-        await self._closed.wait()
-        return
-        yield  # an async generator that never yields
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._wait_closed()
-
-    async def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
-            self._bus._unserve(self)
 
 
 class _PendingRequest:

@@ -77,10 +77,13 @@ def measure(base_url: str, model: str, salt: str) -> tuple[float, dict[str, int]
     return cached_tokens / prompt_tokens, {a: after[a] - before.get(a, 0) for a in after}
 
 
-def test_kv_routing_beats_round_robin_on_shared_prefixes(tmp_path_factory, etcd_endpoint, nats_url):
+@pytest.mark.parametrize("event_plane", ["nats", "embedded"])
+def test_kv_routing_beats_round_robin_on_shared_prefixes(tmp_path_factory, etcd_endpoint, request, event_plane):
     if not (DEFAULT_MODEL_PATH / "config.json").exists():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "kv-fleet")
+    # NATS_SERVER=embedded:// puts every process on the embedded event bus (peers found through etcd).
+    bus_url = request.getfixturevalue("nats_url") if event_plane == "nats" else "embedded://"
+    group = _new_group(tmp_path_factory, etcd_endpoint, bus_url, f"kv-fleet-{event_plane}")
     try:
         stack = start_stack(group, "dynamo_lite.mocker",
                             ["--model-path", str(DEFAULT_MODEL_PATH), "--served-model-name", "kv-mock",
@@ -102,6 +105,16 @@ def test_kv_routing_beats_round_robin_on_shared_prefixes(tmp_path_factory, etcd_
         metrics = httpx.get(f"{stack.base_url}/metrics", timeout=5).text
         assert "dynamo_lite_router_decisions_total" in metrics
         assert 'dynamo_lite_router_kv_resyncs_total{model="kv-mock",result="ok"}' in metrics
+        # A kv frontend started now saw none of the events: it learns the fleet's caches by resync alone.
+        late, late_url = stack.start_frontend("frontend-late", "--router-mode", "kv")
+        chat = shared_prefix_workload("kv", 7)[0]
+
+        def overlap() -> int | None:
+            r = httpx.post(f"{late_url}/debug/route", json={"model": "kv-mock", "messages": chat}, timeout=5)
+            best = max((w["overlap_blocks"] for w in r.json()["workers"]), default=0) if r.status_code == 200 else 0
+            return best or None
+
+        assert wait_until(overlap, 30, "the late frontend to resync the fleet's blocks", [late]) >= 3
     finally:
         group.stop()
 

@@ -230,3 +230,14 @@ async def test_planes_connect_embedded_by_url_scheme():
     finally:
         await bus.close()
         await discovery.close()
+
+
+async def test_a_subscription_nobody_reads_keeps_at_most_max_pending_messages():
+    async with buses(2, max_pending=100) as (publisher, consumer):
+        sub = await consumer.subscribe("load")
+        for i in range(500):
+            await publisher.publish("load", b"%d" % i)
+        await wait_until(lambda: sub._queue.qsize() == 100, "the queue to fill")
+        await asyncio.sleep(0.1)
+        assert sub._queue.qsize() == 100  # the rest were dropped, not queued
+        assert await receive(sub, 100, timeout=5) == [b"%d" % i for i in range(100)]  # the oldest kept
