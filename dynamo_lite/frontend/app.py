@@ -168,10 +168,12 @@ class OpenAIService:
         if answers is not None:
             body = answers.body(usage)
         elif chat:
-            choice = responses.chat_choice(0, "".join(parts), generation.finish_reason)
+            choice = responses.chat_choice(0, "".join(parts), generation.finish_reason,
+                                           stop_reason=generation.stop_reason)
             body = responses.chat_completion(plan.request_id, name, [choice], usage)
         else:
-            choice = responses.text_choice(0, "".join(parts), generation.finish_reason)
+            choice = responses.text_choice(0, "".join(parts), generation.finish_reason,
+                                           stop_reason=generation.stop_reason)
             body = responses.text_completion(plan.request_id, name, [choice], usage)
         self._count(model, endpoint, 200, arrival)
         return Response(body, media_type="application/json")
@@ -225,14 +227,14 @@ class OpenAIService:
             if first is not None:
                 if is_plain(generation):
                     # The common case: one choice of plain text, each chunk spliced into pre-encoded bytes.
-                    finish_reason = first.finish_reason
+                    last = first
                     if first.text:
                         yield encoder.text(first.text)
                     async for delta in deltas:
                         if delta.text:
                             yield encoder.text(delta.text)
-                        finish_reason = delta.finish_reason
-                    yield encoder.finish(finish_reason)
+                        last = delta
+                    yield encoder.finish(last.finish_reason, 0, last.stop_reason)
                 else:
                     answers = ChoiceAnswers(generation, encoder.chat)
                     for chunk in answers.chunks(first, encoder):
