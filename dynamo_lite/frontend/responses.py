@@ -95,9 +95,13 @@ class ChunkEncoder:
     def _encode(body: dict) -> bytes:
         return b"data: " + json_encoder.encode(body) + b"\n\n"
 
-    def role(self, index: int = 0) -> bytes:
-        """The first chat chunk of a choice: the assistant role with empty content."""
-        return self._encode(self._choice({"role": "assistant", "content": ""}, None, index))
+    def role(self, index: int = 0, usage_: dict | None = None) -> bytes:
+        """The first chat chunk of a choice: the assistant role with empty content (and, when given, a
+        usage: the internal callers' stand-in for vLLM's continuous usage stats)."""
+        body = self._choice({"role": "assistant", "content": ""}, None, index)
+        if usage_ is not None:
+            body["usage"] = usage_
+        return self._encode(body)
 
     def text(self, text: str) -> bytes:
         """The common chunk: text of choice 0, no logprobs (pre-encoded around the text)."""
