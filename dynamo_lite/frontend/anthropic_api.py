@@ -117,24 +117,27 @@ def _usage(chat_usage: dict | None) -> dict:
     return usage
 
 
-def _stop_reason(finish_reason: str | None) -> str | None:
-    # The chat path does not say which stop string matched (it reports "stop" for EOS and stop strings
-    # alike): a stop sequence is reported as end_turn, stop_sequence null.
-    return _STOP_REASONS.get(finish_reason) if finish_reason else None
+def _stop_reason(finish_reason: str | None, stop_reason: int | str | None) -> tuple[str | None, str | None]:
+    """-> (Anthropic's stop_reason, stop_sequence), as vLLM's server maps them: a matched stop string (the
+    chat choice's stop_reason, a str) is "stop_sequence"; a stop token id or EOS is "end_turn"."""
+    if finish_reason in ("stop", "tool_calls") and isinstance(stop_reason, str):
+        return "stop_sequence", stop_reason
+    return (_STOP_REASONS.get(finish_reason) if finish_reason else None), None
 
 
 def _complete(chat: dict) -> dict:
     choice = chat["choices"][0]
+    stop_reason, stop_sequence = _stop_reason(choice.get("finish_reason"), choice.get("stop_reason"))
     return {"id": f"msg_{id_suffix(chat['id'])}", "type": "message", "role": "assistant",
             "model": chat["model"],
             "content": [{"type": "text", "text": choice["message"].get("content") or ""}],
-            "stop_reason": _stop_reason(choice.get("finish_reason")), "stop_sequence": None,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": _usage(chat.get("usage"))}
 
 
 async def _translate(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     started = opened = False
-    finish_reason = None
+    finish_reason = stop_reason = None
     async for chunk in chunks:
         if "error" in chunk:
             error = chunk["error"]
@@ -143,23 +146,25 @@ async def _translate(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
                 "type": _ERROR_TYPES.get(status, "api_error"), "message": error.get("message")}})
             return
         if not started:
+            # The first chunk (the role) carries the prompt's usage (chat_from_body's usage_first).
             started = True
             yield sse_event("message_start", {"type": "message_start", "message": {
                 "id": f"msg_{id_suffix(chunk['id'])}", "type": "message", "role": "assistant", "content": [],
-                "model": chunk["model"], "stop_reason": None, "stop_sequence": None, "usage": _usage(None)}})
+                "model": chunk["model"], "stop_reason": None, "stop_sequence": None,
+                "usage": _usage(chunk.get("usage"))}})
         choices = chunk.get("choices") or []
         if not choices:  # the usage chunk, last before [DONE]
             if opened:
                 opened = False
                 yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            reason, sequence = _stop_reason(finish_reason or "stop", stop_reason)
             yield sse_event("message_delta", {"type": "message_delta",
-                                              "delta": {"stop_reason": _stop_reason(finish_reason or "stop"),
-                                                        "stop_sequence": None},
+                                              "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                               "usage": _usage(chunk.get("usage"))})
             continue
         choice = choices[0]
         if choice.get("finish_reason") is not None:
-            finish_reason = choice["finish_reason"]
+            finish_reason, stop_reason = choice["finish_reason"], choice.get("stop_reason")
         text = (choice.get("delta") or {}).get("content")
         if not text:
             continue
@@ -194,7 +199,8 @@ class MessagesService:
             return _from_openai_error(errors.pydantic_error_response(e))
         except DynamoLiteError as e:
             return anthropic_error(e.status, e.message)
-        response = await self.service.chat_from_body(http_request, to_chat_body(request), ENDPOINT)
+        response = await self.service.chat_from_body(http_request, to_chat_body(request), ENDPOINT,
+                                                     usage_first=True)
         if response.status_code != 200:
             return _from_openai_error(response)
         if is_stream(response):

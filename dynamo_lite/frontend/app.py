@@ -94,14 +94,17 @@ class OpenAIService:
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, CompletionRequest, "completions", chat=False)
 
-    async def chat_from_body(self, http_request: Request, data: dict, endpoint: str) -> Response:
+    async def chat_from_body(self, http_request: Request, data: dict, endpoint: str,
+                             usage_first: bool = False) -> Response:
         """A chat completion from a request body another API was translated into (/v1/responses,
         /v1/messages): the answer is the chat endpoint's, JSON or server-sent events, counted under
-        `endpoint`."""
-        return await self._generate(http_request, ChatCompletionRequest, endpoint, chat=True, data=data)
+        `endpoint`. usage_first: a stream's first chunk carries the prompt's usage (what vLLM's
+        continuous usage stats put there; /v1/messages reports it in message_start)."""
+        return await self._generate(http_request, ChatCompletionRequest, endpoint, chat=True, data=data,
+                                    usage_first=usage_first)
 
     async def _generate(self, http_request: Request, schema: type[pydantic.BaseModel], endpoint: str,
-                        chat: bool, data: dict | None = None) -> Response:
+                        chat: bool, data: dict | None = None, usage_first: bool = False) -> Response:
         arrival = time.monotonic()
         model = UNKNOWN_MODEL
         try:
@@ -116,7 +119,8 @@ class OpenAIService:
                           else plan_completion(served, body, request_id))
             generation = Generation(self.pipeline, plan, arrival)
             if body.stream:
-                return await self._stream(http_request, generation, endpoint, chat, body.include_usage, arrival)
+                return await self._stream(http_request, generation, endpoint, chat, body.include_usage,
+                                          arrival, usage_first)
             return await self._complete(http_request, generation, endpoint, chat, arrival)
         except ClientDisconnected:
             response = Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; counted as 499
@@ -168,16 +172,18 @@ class OpenAIService:
         if answers is not None:
             body = answers.body(usage)
         elif chat:
-            choice = responses.chat_choice(0, "".join(parts), generation.finish_reason)
+            choice = responses.chat_choice(0, "".join(parts), generation.finish_reason,
+                                           stop_reason=generation.stop_reason)
             body = responses.chat_completion(plan.request_id, name, [choice], usage)
         else:
-            choice = responses.text_choice(0, "".join(parts), generation.finish_reason)
+            choice = responses.text_choice(0, "".join(parts), generation.finish_reason,
+                                           stop_reason=generation.stop_reason)
             body = responses.text_completion(plan.request_id, name, [choice], usage)
         self._count(model, endpoint, 200, arrival)
         return Response(body, media_type="application/json")
 
     async def _stream(self, http_request: Request, generation: Generation, endpoint: str, chat: bool,
-                      include_usage: bool, arrival: float) -> Response:
+                      include_usage: bool, arrival: float, usage_first: bool = False) -> Response:
         """SSE. The first delta is awaited before answering, so a request that cannot start (no
         worker, every worker failing) still gets a proper status code instead of a broken stream."""
         model = generation.plan.model.name
@@ -211,28 +217,34 @@ class OpenAIService:
             self._count_tokens(generation)
             self._count(model, endpoint, status, arrival)
 
-        return _ClosingStreamingResponse(self._sse(generation, deltas, first, encoder, close), close,
+        sse = self._sse(generation, deltas, first, encoder, close, usage_first)
+        return _ClosingStreamingResponse(sse, close,
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _sse(self, generation: Generation, deltas: AsyncIterator[ChoiceDelta],
-                   first: ChoiceDelta | None, encoder: responses.ChunkEncoder, close) -> AsyncIterator[bytes]:
+                   first: ChoiceDelta | None, encoder: responses.ChunkEncoder, close,
+                   usage_first: bool = False) -> AsyncIterator[bytes]:
         status = CLIENT_CLOSED_REQUEST  # unless the stream completes
         try:
             if encoder.chat:
+                # As vLLM's continuous usage stats have it on the first chunk: the prompt, nothing cached yet.
+                prompt = generation.prompt_tokens
+                first_usage = ({"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+                               if usage_first else None)
                 for index in range(generation.plan.sampling.n):
-                    yield encoder.role(index)
+                    yield encoder.role(index, first_usage if index == 0 else None)
             if first is not None:
                 if is_plain(generation):
                     # The common case: one choice of plain text, each chunk spliced into pre-encoded bytes.
-                    finish_reason = first.finish_reason
+                    last = first
                     if first.text:
                         yield encoder.text(first.text)
                     async for delta in deltas:
                         if delta.text:
                             yield encoder.text(delta.text)
-                        finish_reason = delta.finish_reason
-                    yield encoder.finish(finish_reason)
+                        last = delta
+                    yield encoder.finish(last.finish_reason, 0, last.stop_reason)
                 else:
                     answers = ChoiceAnswers(generation, encoder.chat)
                     for chunk in answers.chunks(first, encoder):

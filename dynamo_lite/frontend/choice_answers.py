@@ -107,7 +107,7 @@ class ChoiceAnswers:
                     out.append(encoder.delta(piece, choice.index))
                 tool_choice = self.generation.plan.tool_choice
                 reason = finish_reason_with_tools(tool_choice, choice.shaper.called_tools, reason)
-            out.append(encoder.finish(reason, choice.index))
+            out.append(encoder.finish(reason, choice.index, delta.stop_reason))
         return out
 
     # ------------------------------------------------------------------ whole
@@ -127,13 +127,14 @@ class ChoiceAnswers:
             reason = state.finish_reason
             logprobs = self._logprobs(choice, choice.positions) if choice.sequence is not None else None
             if not self.chat:
-                choices.append(responses.text_choice(choice.index, text, reason, logprobs, prompt_logprobs))
+                choices.append(responses.text_choice(choice.index, text, reason, logprobs, prompt_logprobs,
+                                                     state.stop_reason))
                 continue
             message = text
             if choice.shaper is not None:
                 message = choice.shaper.parse_whole(text)
                 reason = finish_reason_with_tools(plan.tool_choice, bool(message.tool_calls), reason)
-            choices.append(responses.chat_choice(choice.index, message, reason, logprobs))
+            choices.append(responses.chat_choice(choice.index, message, reason, logprobs, state.stop_reason))
         model = plan.model.requested_name
         if self.chat:
             return responses.chat_completion(plan.request_id, model, choices, usage, prompt_logprobs)

@@ -22,13 +22,14 @@ PROMPT_CONTEXT_TOKENS = 4
 class StopMatcher:
     """Finds stop strings in streamed text and holds back possible partial matches."""
 
-    __slots__ = ("stops", "_include_stop", "_max_len", "_pending")
+    __slots__ = ("matched", "stops", "_include_stop", "_max_len", "_pending")
 
     def __init__(self, stops: Sequence[str], include_stop: bool = False):
         self.stops = [s for s in stops if s]
         self._include_stop = include_stop  # vLLM's include_stop_str_in_output: the match is emitted too
         self._max_len = max((len(s) for s in self.stops), default=0)
         self._pending = ""
+        self.matched: str | None = None  # the stop string found (vLLM's stop_reason)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit now, whether a stop string was found)."""
@@ -42,6 +43,7 @@ class StopMatcher:
                 first, first_stop = index, stop
         if first != -1:
             self._pending = ""
+            self.matched = first_stop
             return pending[:first + len(first_stop) if self._include_stop else first], True
         hold = self._partial_match_length(pending)
         if hold:
@@ -103,6 +105,11 @@ class IncrementalDetokenizer:
                 self.stopped = True
                 break
         return "".join(out), self.stopped
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the output, if one did."""
+        return self._matcher.matched
 
     def flush(self) -> str:
         """Text held back for a possible stop string, released when the stream ends."""

@@ -57,22 +57,25 @@ class PipelineDeps:
 @dataclasses.dataclass(slots=True)
 class ChoiceDelta:
     """A piece of choice `index`: new text ("" when only logprobs or the end come with it), the logprobs of
-    the tokens it covers (when asked for), and on the choice's last delta its finish reason."""
+    the tokens it covers (when asked for), and on the choice's last delta its finish reason and vLLM's
+    stop_reason (the stop string matched, the stop token id of a stop_token_ids entry, None otherwise)."""
 
     index: int
     text: str
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
 
 
 class _Choice:
-    __slots__ = ("detokenizer", "finish_reason", "generated", "index")
+    __slots__ = ("detokenizer", "finish_reason", "generated", "index", "stop_reason")
 
     def __init__(self, index: int, detokenizer: IncrementalDetokenizer):
         self.index = index
         self.detokenizer = detokenizer
         self.generated: list[int] = []  # tokens counted (up to a stop string's last, the hidden stop token)
         self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
 
 
 class Generation:
@@ -101,6 +104,11 @@ class Generation:
     def finish_reason(self) -> FinishReason | None:
         """The first choice's (the only one unless n > 1)."""
         return self.choices[0].finish_reason
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        """The first choice's."""
+        return self.choices[0].stop_reason
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """The deltas of every choice, across migrations; each choice's last one has its finish_reason."""
@@ -210,7 +218,8 @@ class Generation:
                         if frame.logprobs is not None:
                             logprobs = frame.logprobs[:kept]
                         if choice.detokenizer.stopped:
-                            yield self._end(choice, FinishReason.STOP, text, logprobs)
+                            yield self._end(choice, FinishReason.STOP, text, logprobs,
+                                            choice.detokenizer.stop_string)
                             if not self._open:
                                 return  # leaving the async-with closes the stream: the worker aborts
                             continue
@@ -223,7 +232,11 @@ class Generation:
                         raise WorkerFailedError(f"{attempt.name} ended the request with {reason!r}",
                                                 instance_id=attempt.worker.instance_id)
                     if reason is not None:
-                        yield self._end(choice, reason, text, logprobs)
+                        stop_reason = None  # EOS, length
+                        if reason == FinishReason.STOP and frame.token_ids:
+                            if frame.token_ids[-1] in self.plan.stop_reason_ids:
+                                stop_reason = frame.token_ids[-1]  # a stop_token_ids entry
+                        yield self._end(choice, reason, text, logprobs, stop_reason)
                     elif text or logprobs:
                         yield ChoiceDelta(choice.index, text, logprobs)
                 if frame.last:
@@ -235,11 +248,12 @@ class Generation:
                     return
 
     def _end(self, choice: _Choice, reason: FinishReason, text: str = "",
-             logprobs: list[TokenLogprob] | None = None) -> ChoiceDelta:
+             logprobs: list[TokenLogprob] | None = None, stop_reason: str | int | None = None) -> ChoiceDelta:
         """The choice's last delta: `text` and what its stop-string matcher held back (none after a stop)."""
         choice.finish_reason = reason
+        choice.stop_reason = stop_reason
         self._open -= 1
-        return ChoiceDelta(choice.index, text + choice.detokenizer.flush(), logprobs, reason)
+        return ChoiceDelta(choice.index, text + choice.detokenizer.flush(), logprobs, reason, stop_reason)
 
     def _accept_tokens(self, choice: _Choice, token_ids: list[int],
                        hide_last: bool = False) -> tuple[str, int]:

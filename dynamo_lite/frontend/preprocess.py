@@ -45,6 +45,9 @@ class GenerationPlan:
     # completions' logprobs (reported as that many + 1 entries, the chosen token's among them).
     logprobs: int | None = None
     echo_text: str | None = None  # completions' echo: the prompt text put before each choice's text
+    # The stop tokens a choice's stop_reason names (vLLM's rule): the request's stop_token_ids and the
+    # generation config's extra EOS ids; not the tokenizer's EOS (stop_reason null) unless ignore_eos.
+    stop_reason_ids: frozenset[int] = frozenset()
 
 
 async def _encode(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
@@ -164,6 +167,9 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
     stop_token_ids = list(request.stop_token_ids or ())
     if not request.ignore_eos:
         stop_token_ids.extend(i for i in model.tokenizer.eos_token_ids if i not in stop_token_ids)
+    stop_reason_ids = frozenset(stop_token_ids)
+    if not request.ignore_eos:
+        stop_reason_ids -= {model.tokenizer.eos_token_id}
     top_k = request.top_k if request.top_k is not None and request.top_k > 0 else 0
     vocab_size = model.tokenizer.vocab_size
     logit_bias = _logit_bias(request.logit_bias, vocab_size)
@@ -198,7 +204,8 @@ def _plan(model: ServedModel, request: SamplingFields, prompt_ids: list[int], re
     return GenerationPlan(request_id=request_id, model=model, prompt_ids=prompt_ids,
                           sampling=sampling, stop=request.stop_strings(), prompt_param=prompt_param,
                           skip_special_tokens=request.skip_special_tokens,
-                          include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs)
+                          include_stop_str_in_output=request.include_stop_str_in_output, logprobs=logprobs,
+                          stop_reason_ids=stop_reason_ids)
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:

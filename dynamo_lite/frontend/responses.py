@@ -31,10 +31,11 @@ def chat_completion(request_id: str, model: str, choices: list[dict], usage_: di
 
 
 def chat_choice(index: int, message: str | ParsedMessage, finish_reason: str | None,
-                logprobs: dict | None = None) -> dict:
-    """message: the answer's text, or its parts when it may hold tool calls or reasoning."""
+                logprobs: dict | None = None, stop_reason: str | int | None = None) -> dict:
+    """message: the answer's text, or its parts when it may hold tool calls or reasoning. stop_reason is
+    vLLM's extra field: the stop string or stop token id that ended the choice (null for EOS, length)."""
     return {"index": index, "message": chat_message(message), "logprobs": logprobs,
-            "finish_reason": finish_reason}
+            "finish_reason": finish_reason, "stop_reason": stop_reason}
 
 
 def chat_message(message: str | ParsedMessage) -> dict:
@@ -56,8 +57,9 @@ def text_completion(request_id: str, model: str, choices: list[dict], usage_: di
 
 
 def text_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None,
-                prompt_logprobs: list | None = None) -> dict:
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                prompt_logprobs: list | None = None, stop_reason: str | int | None = None) -> dict:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+              "stop_reason": stop_reason}
     if prompt_logprobs is not None:
         choice["prompt_logprobs"] = prompt_logprobs  # vLLM's extra field
     return choice
@@ -78,9 +80,12 @@ class ChunkEncoder:
         self._text_prefix, self._text_suffix = encoded.split(json_encoder.encode(marker))
 
     def _choice(self, delta_or_text, finish_reason: str | None, index: int = 0,
-                logprobs: dict | None = None) -> dict:
+                logprobs: dict | None = None, stop_reason: str | int | None = None) -> dict:
         choice = {"index": index, "delta" if self.chat else "text": delta_or_text, "logprobs": logprobs,
                   "finish_reason": finish_reason}
+        if finish_reason is not None or not self.chat:
+            # vLLM's chat chunks carry stop_reason on the finish chunk only, its completions chunks on each.
+            choice["stop_reason"] = stop_reason
         body = dict(self._head, choices=[choice])
         if self.include_usage:
             body["usage"] = None
@@ -90,9 +95,13 @@ class ChunkEncoder:
     def _encode(body: dict) -> bytes:
         return b"data: " + json_encoder.encode(body) + b"\n\n"
 
-    def role(self, index: int = 0) -> bytes:
-        """The first chat chunk of a choice: the assistant role with empty content."""
-        return self._encode(self._choice({"role": "assistant", "content": ""}, None, index))
+    def role(self, index: int = 0, usage_: dict | None = None) -> bytes:
+        """The first chat chunk of a choice: the assistant role with empty content (and, when given, a
+        usage: the internal callers' stand-in for vLLM's continuous usage stats)."""
+        body = self._choice({"role": "assistant", "content": ""}, None, index)
+        if usage_ is not None:
+            body["usage"] = usage_
+        return self._encode(body)
 
     def text(self, text: str) -> bytes:
         """The common chunk: text of choice 0, no logprobs (pre-encoded around the text)."""
@@ -113,8 +122,9 @@ class ChunkEncoder:
             body["tool_calls"] = [piece.to_openai() for piece in delta.tool_calls]
         return self._encode(self._choice(body, None, index, logprobs))
 
-    def finish(self, finish_reason: str | None, index: int = 0) -> bytes:
-        return self._encode(self._choice({} if self.chat else "", finish_reason, index))
+    def finish(self, finish_reason: str | None, index: int = 0,
+               stop_reason: str | int | None = None) -> bytes:
+        return self._encode(self._choice({} if self.chat else "", finish_reason, index, None, stop_reason))
 
     def usage(self, usage_: dict) -> bytes:
         """The include_usage chunk: empty choices, the request's usage."""

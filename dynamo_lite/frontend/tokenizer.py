@@ -100,16 +100,16 @@ class ModelTokenizer:
                 self.special_tokens[name] = text
         self.chat_template_source = chat_template
         self._template = compile_chat_template(chat_template) if chat_template else None
+        eos_text = self.special_tokens.get("eos_token")
+        # The tokenizer's own EOS: vLLM reports a stop on it with stop_reason null, on other ids with the id.
+        self.eos_token_id = tokenizer.token_to_id(eos_text) if eos_text is not None else None
         self.eos_token_ids = self._find_eos_ids(generation_config or {})
 
     def _find_eos_ids(self, generation_config: dict[str, Any]) -> list[int]:
         """EOS ids from generation_config.json (may be a list), plus the tokenizer's eos_token."""
         ids = _as_id_list(generation_config.get("eos_token_id"))
-        eos_text = self.special_tokens.get("eos_token")
-        if eos_text is not None:
-            eos_id = self.tokenizer.token_to_id(eos_text)
-            if eos_id is not None and eos_id not in ids:
-                ids.append(eos_id)
+        if self.eos_token_id is not None and self.eos_token_id not in ids:
+            ids.append(self.eos_token_id)
         return ids
 
     @functools.cached_property

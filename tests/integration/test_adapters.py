@@ -227,15 +227,20 @@ async def test_messages_max_tokens_and_stop_sequences(model_dir):
         await stack.add_worker(ScriptedEngine(model_dir))
         answer = (await stack.http.post("/v1/messages", json=messages_body(max_tokens=5))).json()
         assert answer["stop_reason"] == "max_tokens" and answer["content"][0]["text"] == REPLY[:5]
-        answer = (await stack.http.post("/v1/messages", json=messages_body(stop_sequences=["STOP"]))).json()
+        body = messages_body(stop_sequences=["here", "STOP"])
+        answer = (await stack.http.post("/v1/messages", json=body)).json()
         assert answer["content"][0]["text"] == "Hello world! "
-        # The chat path does not say which stop string matched: reported as end_turn (see anthropic_api).
-        assert answer["stop_reason"] == "end_turn" and answer["stop_sequence"] is None
+        assert (answer["stop_reason"], answer["stop_sequence"]) == ("stop_sequence", "STOP")  # first found
+        response = await stack.http.post("/v1/messages", json={**body, "stream": True})
+        events = named_events(response.text)
+        assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "STOP"}
+        text = "".join(data["delta"]["text"] for name, data in events if name == "content_block_delta")
+        assert text == "Hello world! "
 
 
 async def test_messages_stream_events(model_dir):
     async with running_stack() as stack:
-        await stack.add_worker(ScriptedEngine(model_dir))
+        await stack.add_worker(ScriptedEngine(model_dir, cached_tokens=4))
         response = await stack.http.post("/v1/messages", json=messages_body(stream=True))
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -249,13 +254,17 @@ async def test_messages_stream_events(model_dir):
             ANTHROPIC_EVENTS.validate_python(data)  # the anthropic package's own event types
         start = events[0][1]["message"]
         assert start["id"].startswith("msg_") and start["content"] == [] and start["model"] == MODEL
+        # The prompt is known before the first token; as in vLLM, nothing is counted as cached yet.
+        prompt = len(templated_ids([{"role": "user", "content": "Say hello"}]))
+        assert start["usage"] == {"input_tokens": prompt, "output_tokens": 0}
         assert events[1][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text",
                                                                                           "text": ""}}
         text = "".join(data["delta"]["text"] for name, data in events if name == "content_block_delta")
         assert text == REPLY
         delta = events[-2][1]
         assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
-        assert delta["usage"]["output_tokens"] == len(REPLY_IDS)
+        assert delta["usage"] == {"input_tokens": prompt - 4, "output_tokens": len(REPLY_IDS),
+                                  "cache_read_input_tokens": 4}
 
 
 @pytest.mark.parametrize("body, status, error_type, words", [

@@ -194,6 +194,7 @@ async def test_n_choices_whole_each_with_its_own_finish_and_stop_strings(model_d
         texts = [c["message"]["content"] for c in body["choices"]]
         assert texts == ["Hello world! ", "Hi.", "Good day to you."]
         assert [c["finish_reason"] for c in body["choices"]] == ["stop"] * 3
+        assert [c["stop_reason"] for c in body["choices"]] == ["STOP", None, None]  # the string, then EOS
         stopped_at = len(TOKENIZER.encode("Hello world! STOP").ids)  # counted up to the stop string's end
         assert body["usage"]["completion_tokens"] == stopped_at + len(answer_ids(1)) + len(answer_ids(2))
         response = await stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2,
@@ -223,6 +224,7 @@ async def test_streamed_choices_interleave_and_equal_the_whole_answer(model_dir,
         for choice in whole["choices"]:
             mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
             assert [m["finish_reason"] for m in mine if m["finish_reason"]] == [choice["finish_reason"]]
+            assert mine[-1]["stop_reason"] == choice["stop_reason"]
             assert mine[-1]["finish_reason"] is not None  # nothing of a choice after its finish chunk
             logprobs = [m["logprobs"] for m in mine if m["logprobs"]]
             if chat:

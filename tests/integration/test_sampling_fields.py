@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dynamo_lite.protocol.messages import StructuredOutput
-from tests.integration.test_frontend_app import (MODEL, REPLY, ScriptedEngine, chat_body,  # noqa: F401
-                                              model_dir, running_stack)
+from tests.integration.test_frontend_app import (EOS, MODEL, REPLY, TOKENIZER, ScriptedEngine,  # noqa: F401
+                                              chat_body, model_dir, running_stack, sse_events)
 
 
 async def test_vllm_sampling_fields_reach_the_engine(model_dir):
@@ -84,3 +86,32 @@ async def test_the_stop_token_is_hidden_unless_include_stop_str_in_output(model_
         assert answers[False]["choices"][0]["text"] == REPLY
         assert answers[True]["choices"][0]["text"] == REPLY + "<|im_end|>"
         assert answers[False]["usage"]["completion_tokens"] == answers[True]["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_stop_reason_names_the_stop_string_or_stop_token_as_vllm_does(model_dir, path):
+    # vLLM's extra field: the matched stop string, the stop_token_ids entry that stopped the choice, or
+    # null for EOS and length; whole, and streamed on the chunk with the finish_reason.
+    bang = TOKENIZER.token_to_id("!")
+    cases = [({"stop": ["STOP"]}, "stop", "STOP"), ({"stop_token_ids": [bang]}, "stop", bang),
+             ({}, "stop", None), ({"max_tokens": 3}, "length", None),
+             ({"stop": ["STOP"], "include_stop_str_in_output": True}, "stop", "STOP"),
+             ({"stop_token_ids": [EOS]}, "stop", None)]  # the tokenizer's EOS stays null, as in vLLM
+    chat = path == "/v1/chat/completions"
+    async with running_stack() as stack:
+        await stack.add_worker(ScriptedEngine(model_dir))
+        for fields, finish, stop_reason in cases:
+            for extra in ({}, {"logprobs": True} if chat else {"echo": True}):  # the plain path and the other
+                body = {**(chat_body() if chat else {"model": MODEL, "prompt": "a"}), **fields, **extra}
+                whole = await stack.http.post(path, json=body)
+                assert whole.status_code == 200, whole.text
+                choice = whole.json()["choices"][0]
+                assert (choice["finish_reason"], choice["stop_reason"]) == (finish, stop_reason), body
+                streamed = await stack.http.post(path, json={**body, "stream": True})
+                chunks = [e["choices"][0] for e in sse_events(streamed.text)[:-1]]
+                last = chunks[-1]
+                assert (last["finish_reason"], last["stop_reason"]) == (finish, stop_reason), body
+                if chat:  # vLLM's chat chunks have the field on the finish chunk only
+                    assert all("stop_reason" not in c for c in chunks[:-1])
+                else:
+                    assert all(c["stop_reason"] is None for c in chunks[:-1])

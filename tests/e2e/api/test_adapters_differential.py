@@ -101,3 +101,26 @@ def test_messages_stream_events_equal(api_pair):
     deltas = {side: next(e for e in events if e.type == "message_delta") for side, events in runs.items()}
     assert deltas["ours"].delta.stop_reason == deltas["vllm"].delta.stop_reason
     assert deltas["ours"].usage.output_tokens == deltas["vllm"].usage.output_tokens
+    # message_start: the prompt's tokens, before anything is generated.
+    starts = {side: events[0].message.usage for side, events in runs.items()}
+    assert starts["ours"].input_tokens == starts["vllm"].input_tokens > 0
+    assert starts["ours"].output_tokens == starts["vllm"].output_tokens == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_messages_stop_sequence_equal(api_pair, stream):
+    request = {**_messages_request(api_pair.model), "stop_sequences": ["Paris", "France"]}
+    answers = {}
+    for side, url in api_pair.urls().items():
+        client = _anthropic(url)
+        if stream:
+            events = list(client.messages.create(**request, stream=True))
+            delta = next(e for e in events if e.type == "message_delta").delta
+            text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+            answers[side] = (text, delta.stop_reason, delta.stop_sequence)
+        else:
+            message = client.messages.create(**request)
+            answers[side] = (message.content[0].text if message.content else "", message.stop_reason,
+                             message.stop_sequence)
+    assert answers["ours"] == answers["vllm"]
+    assert answers["ours"][1] == "stop_sequence" and answers["ours"][2] in ("Paris", "France"), answers

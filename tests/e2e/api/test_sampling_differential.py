@@ -68,6 +68,37 @@ def test_token_fields_change_the_answer_the_same_way(api_pair, field):
     assert texts["ours"] == texts["vllm"] != plain
 
 
+def _finish_chunk(api_pair, url: str, path: str, body: dict) -> dict:
+    """The streamed choice that carries the finish_reason."""
+    r = httpx.post(f"{url}{path}", json={"model": api_pair.model, **body, "stream": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    return next(c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+
+
+CITIES = "The largest city in France is Paris. The largest city in Italy is Rome. The largest city in"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stop_reason_is_vllms_whole_and_streamed(api_pair, path):
+    token = _token_ids(api_pair, " city")[0]
+    short = [{"role": "user", "content": "What is the capital of France? One word."}]
+    cases = [({"stop": ["city"]}, QUESTION), ({"stop_token_ids": [token]}, QUESTION),
+             ({"max_tokens": 3}, QUESTION), ({}, short)]  # a stop string, a stop token, length, EOS
+    seen = set()
+    for fields, messages in cases:
+        prompt = {"messages": messages} if path == "/v1/chat/completions" else {"prompt": CITIES}
+        body = {"max_tokens": 40, "temperature": 0, **prompt, **fields}
+        whole = _both(api_pair, path, body)
+        mine = (whole["ours"]["finish_reason"], whole["ours"]["stop_reason"])
+        assert mine == (whole["vllm"]["finish_reason"], whole["vllm"]["stop_reason"]), fields
+        streamed = {side: _finish_chunk(api_pair, url, path, body) for side, url in api_pair.urls().items()}
+        assert streamed["ours"]["stop_reason"] == streamed["vllm"]["stop_reason"] == mine[1], fields
+        seen.add(type(mine[1]))
+    assert seen >= {str, int}, "no stop string or stop token reached: not tested"
+
+
 def test_allowed_token_ids_limit_the_answer_on_both(api_pair):
     allowed = _token_ids(api_pair, " yes no,")
     answers = _both(api_pair, "/v1/completions", {"prompt": "Is water wet?", "max_tokens": 8, "temperature": 0,
