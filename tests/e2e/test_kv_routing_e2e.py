@@ -81,7 +81,7 @@ def measure(base_url: str, model: str, salt: str) -> tuple[float, dict[str, int]
 def test_kv_routing_beats_round_robin_on_shared_prefixes(tmp_path_factory, etcd_endpoint, request, event_plane):
     if not (DEFAULT_MODEL_PATH / "config.json").exists():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    # NATS_SERVER=embedded:// puts every process on the embedded event bus (peers found through etcd).
+    # embedded://: every process on the embedded event bus (peers found through etcd).
     bus_url = request.getfixturevalue("nats_url") if event_plane == "nats" else "embedded://"
     group = _new_group(tmp_path_factory, etcd_endpoint, bus_url, f"kv-fleet-{event_plane}")
     try:
