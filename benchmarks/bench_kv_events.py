@@ -73,8 +73,10 @@ async def drive(addresses: list[str], requests: int, concurrency: int, prompt_to
 
 async def measure(plane: str, bus_url: str, etcd_url: str, args) -> dict:
     namespace = f"bench-{plane}-{uuid.uuid4().hex[:6]}"
+    plane_env = ({"NATS_SERVER": bus_url} if plane == "nats"
+                 else {"NATS_SERVER": "", "DYN_EVENT_PLANE": "embedded"})
     group = ProcGroup(Path(tempfile.mkdtemp(prefix=f"bench_kv_{plane}_")),
-                      {"ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": bus_url, "DYN_LOG": "warning"})
+                      {"ETCD_ENDPOINTS": etcd_url, "DYN_LOG": "warning", **plane_env})
     discovery = await EtcdDiscovery.connect(etcd_url)
     watcher = InstanceWatcher(discovery, namespace)
     service = bus = None

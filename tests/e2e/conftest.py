@@ -33,9 +33,9 @@ class Stack:
 
 def _new_group(tmp_path_factory, etcd_endpoint: str, nats_url: str, name: str) -> ProcGroup:
     run_dir: Path = tmp_path_factory.mktemp(name)
-    # "embedded://" puts every process on the embedded event bus (its peers found through etcd).
-    planes = {"DYN_EVENT_PLANE": "embedded"} if nats_url == "embedded://" else {"NATS_SERVER": nats_url}
-    return ProcGroup(run_dir, {"ETCD_ENDPOINTS": etcd_endpoint, **planes, "PYTHONUNBUFFERED": "1"})
+    # An empty nats_url puts every process on the embedded event bus (its peers found through etcd).
+    return ProcGroup(run_dir, {"ETCD_ENDPOINTS": etcd_endpoint, "NATS_SERVER": nats_url,
+                               "PYTHONUNBUFFERED": "1"})
 
 
 def start_stack(group: ProcGroup, worker_module: str, worker_args: list[str], *, model: str,

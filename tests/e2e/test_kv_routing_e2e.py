@@ -81,9 +81,9 @@ def measure(base_url: str, model: str, salt: str) -> tuple[float, dict[str, int]
 def test_kv_routing_beats_round_robin_on_shared_prefixes(tmp_path_factory, etcd_endpoint, request, event_plane):
     if not (DEFAULT_MODEL_PATH / "config.json").exists():
         pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    # embedded://: every process on the embedded event bus (peers found through etcd).
-    bus_url = request.getfixturevalue("nats_url") if event_plane == "nats" else "embedded://"
-    group = _new_group(tmp_path_factory, etcd_endpoint, bus_url, f"kv-fleet-{event_plane}")
+    # With no NATS_SERVER every process takes the embedded event plane (its peers found through etcd).
+    nats_url = request.getfixturevalue("nats_url") if event_plane == "nats" else ""
+    group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, f"kv-fleet-{event_plane}")
     try:
         stack = start_stack(group, "dynamo_lite.mocker",
                             ["--model-path", str(DEFAULT_MODEL_PATH), "--served-model-name", "kv-mock",
@@ -105,6 +105,8 @@ def test_kv_routing_beats_round_robin_on_shared_prefixes(tmp_path_factory, etcd_
         metrics = httpx.get(f"{stack.base_url}/metrics", timeout=5).text
         assert "dynamo_lite_router_decisions_total" in metrics
         assert 'dynamo_lite_router_kv_resyncs_total{model="kv-mock",result="ok"}' in metrics
+        logs = (group.run_dir / "frontend.log").read_text()
+        assert ("embedded event bus" in logs) == (event_plane == "embedded")  # the plane asked for
         # A kv frontend started now saw none of the events: it learns the fleet's caches by resync alone.
         late, late_url = stack.start_frontend("frontend-late", "--router-mode", "kv")
         chat = shared_prefix_workload("kv", 7)[0]
