@@ -7,11 +7,15 @@ Dynamo 1.6.1's Rust frontend with its mocker reached 483 req/s (p50 64 ms, p99 1
 on this machine kind.
 
     .venv/bin/python benchmarks/bench_serving.py [--duration 20] [--connections 32] [--profile]
+        [--planes etcd-nats|embedded|both] [--router-mode round-robin|kv]
+
+--planes both (the default) measures on etcd + NATS, then on the embedded planes (no servers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -65,57 +69,81 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=400)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="py-spy the frontend during the run")
+    parser.add_argument("--planes", choices=["etcd-nats", "embedded", "both"], default="both",
+                        help="discovery + event planes to measure on (both: one after the other, same run)")
+    parser.add_argument("--router-mode", default="round-robin", choices=["round-robin", "kv"])
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: run scripts/setup.sh")
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench_serving_"))
-    with start_etcd() as etcd, start_nats() as nats:
-        group = ProcGroup(run_dir, {"ETCD_ENDPOINTS": etcd.url, "NATS_SERVER": nats.url, "DYN_LOG": "warning"})
-        try:
+    results: dict[str, dict] = {}
+    baseline = None
+    for plane in ["etcd-nats", "embedded"] if args.planes == "both" else [args.planes]:
+        with contextlib.ExitStack() as servers:
+            if plane == "etcd-nats":
+                etcd, nats = servers.enter_context(start_etcd()), servers.enter_context(start_nats())
+                env = {"ETCD_ENDPOINTS": etcd.url, "NATS_SERVER": nats.url}
+            else:  # nothing to start: a private discovery directory
+                env = {"DYN_DISCOVERY_DIR": str(run_dir / "discovery")}
+            floor, results[plane] = measure(args, run_dir / plane, env, with_floor=baseline is None)
+            baseline = baseline or floor
+
+    print(f"\n{'setup':<46}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
+    rows = [("HTTP floor (canned reply, same run)", baseline)]
+    rows += [(f"dynamo_lite + 2 mockers, {plane} planes", r) for plane, r in results.items()]
+    for name, r in rows:
+        print(f"{name:<46}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['non_2xx']:>9}")
+    ref = DYNAMO_REFERENCE
+    print(f"{'Dynamo 1.6.1 (reference, same setup)':<46}{ref['rps']:>9.1f}{ref['p50_ms']:>9.1f}{ref['p99_ms']:>9.1f}")
+    for plane, result in results.items():
+        print(f"\n{plane}: frontend / HTTP floor: {result['rps'] / baseline['rps']:.2f}x   "
+              f"frontend / Dynamo reference: {result['rps'] / ref['rps']:.2f}x")
+    if len(results) == 2:
+        print(f"embedded / etcd-nats: {results['embedded']['rps'] / results['etcd-nats']['rps']:.2f}x req/s")
+    print(f"logs: {run_dir}")
+
+
+def measure(args: argparse.Namespace, run_dir: Path, plane_env: dict[str, str],
+            with_floor: bool) -> tuple[dict | None, dict]:
+    """(HTTP floor result or None, frontend result) with the planes `plane_env` selects."""
+    group = ProcGroup(run_dir, {**plane_env, "DYN_LOG": "warning"})
+    baseline = None
+    try:
+        port = free_tcp_port()
+        frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
+                               "--http-port", str(port), "--namespace", "bench", "--router-mode", args.router_mode)
+        mocker = group.start("mocker", "dynamo_lite.mocker", "--model-path", str(DEFAULT_MODEL_PATH),
+                             "--served-model-name", "mock-model", "--num-workers", "2",
+                             "--speedup-ratio", "100000", "--namespace", "bench")
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: len(healthy_instances(base, "mock-model")) == 2, 60, "2 mocker workers",
+                   [frontend, mocker])
+        body = {"model": "mock-model", "messages": [{"role": "user",
+                                                     "content": prompt_of_tokens(args.prompt_tokens)}],
+                "max_tokens": args.output_tokens, "ignore_eos": True}
+        check = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30).json()
+        print(f"request: {check['usage']['prompt_tokens']} prompt tokens, "
+              f"{check['usage']['completion_tokens']} output tokens")
+        if with_floor:
             floor_port = free_tcp_port()
             floor = group.start("http_floor", "benchmarks.http_floor", str(floor_port))
-            port = free_tcp_port()
-            frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
-                                   "--http-port", str(port), "--namespace", "bench", "--router-mode",
-                                   "round-robin")
-            mocker = group.start("mocker", "dynamo_lite.mocker", "--model-path", str(DEFAULT_MODEL_PATH),
-                                 "--served-model-name", "mock-model", "--num-workers", "2",
-                                 "--speedup-ratio", "100000", "--namespace", "bench")
-            base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: len(healthy_instances(base, "mock-model")) == 2, 60, "2 mocker workers",
-                       [frontend, mocker])
             wait_until(lambda: httpx.get(f"http://127.0.0.1:{floor_port}/docs", timeout=2).status_code == 200,
                        30, "the HTTP floor server", [floor])
-            body = {"model": "mock-model", "messages": [{"role": "user",
-                                                         "content": prompt_of_tokens(args.prompt_tokens)}],
-                    "max_tokens": args.output_tokens, "ignore_eos": True}
-            check = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30).json()
-            print(f"request: {check['usage']['prompt_tokens']} prompt tokens, "
-                  f"{check['usage']['completion_tokens']} output tokens")
-
             baseline = wrk_run(f"http://127.0.0.1:{floor_port}/v1/chat/completions", body,
                                args.connections, args.duration)
-            spy = None
-            if args.profile and shutil.which("py-spy"):
-                spy = subprocess.Popen(["py-spy", "record", "-o", str(run_dir / "frontend.svg"), "-d",
-                                        str(args.duration), "-p", str(frontend.pid)])
-            result = wrk_run(f"{base}/v1/chat/completions", body, args.connections, args.duration)
-            if spy:
-                spy.wait(args.duration + 30)
-                print(f"profile: {run_dir / 'frontend.svg'}")
-        finally:
-            group.stop()
-
-    print(f"\n{'setup':<38}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
-    for name, r in [("HTTP floor (canned reply, same run)", baseline),
-                    ("dynamo_lite frontend + 2 mockers", result)]:
-        print(f"{name:<38}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['non_2xx']:>9}")
-    ref = DYNAMO_REFERENCE
-    print(f"{'Dynamo 1.6.1 (reference, same setup)':<38}{ref['rps']:>9.1f}{ref['p50_ms']:>9.1f}{ref['p99_ms']:>9.1f}")
-    print(f"\nfrontend / HTTP floor: {result['rps'] / baseline['rps']:.2f}x   "
-          f"frontend / Dynamo reference: {result['rps'] / ref['rps']:.2f}x")
-    print(f"logs: {run_dir}")
+            floor.stop()
+        spy = None
+        if args.profile and shutil.which("py-spy"):
+            spy = subprocess.Popen(["py-spy", "record", "-o", str(run_dir / "frontend.svg"), "-d",
+                                    str(args.duration), "-p", str(frontend.pid)])
+        result = wrk_run(f"{base}/v1/chat/completions", body, args.connections, args.duration)
+        if spy:
+            spy.wait(args.duration + 30)
+            print(f"profile: {run_dir / 'frontend.svg'}")
+    finally:
+        group.stop()
+    return baseline, result
 
 
 if __name__ == "__main__":
