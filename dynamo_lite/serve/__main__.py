@@ -16,7 +16,6 @@ from dynamo_lite.launch.settings import LaunchSettings
 from dynamo_lite.launch.stack import ENGINES, Stack, check_model
 from dynamo_lite.launch.supervisor import LaunchError, Supervisor
 from dynamo_lite.launch.topologies import ask
-from dynamo_lite.runtime.net import free_tcp_port
 from dynamo_lite.serve.args import ServeArgs, parse_args
 from dynamo_lite.serve.placement import available_cpus, place_engines, visible_gpus
 from dynamo_lite.serve.start import ARGUMENT_ERROR_STATUS, EngineSpec, start_serve
@@ -25,14 +24,12 @@ DISCOVERY_DIR_ENV = "DYN_DISCOVERY_DIR"
 
 
 def settings_for(args: ServeArgs, env: dict[str, str]) -> LaunchSettings:
-    """The launch settings serve's command line means. Private etcd / NATS ports (when they are
-    started at all), the worker's own context length, and none of the launch scripts' WORKER_ARGS /
-    FRONTEND_ARGS: serve's command line says everything."""
+    """The launch settings serve's command line means: the worker's own context length, and none of the
+    launch scripts' WORKER_ARGS / FRONTEND_ARGS: serve's command line says everything."""
     base = LaunchSettings.from_env(env, sys.executable)
     return dataclasses.replace(
         base, model_path=args.model, served_model_name=args.served_model_name, http_port=args.port,
         http_host=args.host, max_model_len="", enforce_eager="", worker_args=(), frontend_args=(),
-        etcd_port=free_tcp_port(), nats_port=free_tcp_port(), nats_monitor_port=free_tcp_port(),
         runs_root=env.get("DL_RUNS_ROOT") or os.path.join(tempfile.gettempdir(), "dynamo_lite-runs"))
 
 

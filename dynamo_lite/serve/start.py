@@ -1,17 +1,17 @@
 """What `serve` starts, on the launch scripts' Stack: the planes it needs, one worker per engine on its
 own cores or GPUs, the frontend, then a wait with the progress display until every engine serves.
 
-Planes: serve passes no plane options. With no ETCD_ENDPOINTS / NATS_SERVER exported the components use
-the embedded planes, which need no server; a checkout that does not have them yet (planes.py's
-`file://` discovery scheme and `embedded://` event plane, and their modules) gets a private etcd and/or
-NATS on free ports instead, so that the command works either way and two `serve` runs never see each other.
+Planes: serve starts no etcd or NATS and passes no plane options. With no ETCD_ENDPOINTS / NATS_SERVER
+exported the components use the embedded planes (planes.py), which need no server, in the private
+discovery directory serve gives them all, so two `serve` runs never see each other; exported, they are
+used as they are.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dynamo_lite import planes
@@ -31,36 +31,18 @@ class WorkerArgumentsError(LaunchError):
     exit_status = ARGUMENT_ERROR_STATUS
 
 
-EMBEDDED_DISCOVERY = ("file:///", "dynamo_lite.discovery.embedded")  # (url planes.py takes, module)
-EMBEDDED_EVENTS = ("embedded://", "dynamo_lite.events.embedded")
-
-
-def _available(check: Callable[[str], None], url: str, module: str) -> bool:
-    # Both: planes.py may know a scheme before its implementation exists (a placeholder that refuses
-    # to connect), and a module alone is not reachable by the components.
+def say_planes(stack: Stack, env: Mapping[str, str]) -> None:
+    """One line on which planes the children will take: they resolve them the same way from the same
+    environment (planes.resolve_planes). A bad choice there is the children's error to report."""
     try:
-        check(url)
+        discovery, events = planes.resolve_planes(
+            env.get("DYN_DISCOVERY", ""), env.get("DYN_DISCOVERY_DIR", ""), env.get("DYN_EVENT_PLANE", ""),
+            env.get("ETCD_ENDPOINTS", ""), env.get("NATS_SERVER", ""), env)
     except ConfigError:
-        return False
-    return importlib.util.find_spec(module) is not None
-
-
-def embedded_planes() -> tuple[bool, bool]:
-    """(embedded discovery, embedded event plane): which of the two this checkout has."""
-    return (_available(planes.check_discovery_url, *EMBEDDED_DISCOVERY),
-            _available(planes.check_event_bus_url, *EMBEDDED_EVENTS))
-
-
-def start_planes(stack: Stack) -> None:
-    """etcd and/or NATS, each only when its embedded twin is missing (exported ETCD_ENDPOINTS /
-    NATS_SERVER are used as they are)."""
-    discovery, events = embedded_planes()
-    if not discovery:
-        stack.start_etcd()
-    if not events:
-        stack.start_nats()
-    if discovery and events:
-        stack.say("planes: embedded (no etcd or NATS needed)")
+        return
+    describe = {"embedded": "embedded (no etcd or NATS needed)"}
+    stack.say(f"planes: discovery {describe.get(planes.discovery_kind(discovery), 'etcd at ' + discovery)}, "
+              f"events {describe.get(planes.event_plane_kind(events), 'NATS at ' + events)}")
 
 
 @dataclass(frozen=True)
@@ -105,8 +87,8 @@ def wait_ready(stack: Stack, procs: dict[str, Process], progress: Progress, time
 
 def start_serve(stack: Stack, args: ServeArgs, engines: Sequence[EngineSpec]) -> None:
     """Everything, in the order that gets to the first answer soonest: the engines load while the
-    frontend starts. Stopping goes newest first: the frontend, the workers, then etcd / NATS."""
-    start_planes(stack)
+    frontend starts. Stopping goes newest first: the frontend, then the workers."""
+    say_planes(stack, os.environ)
     stack.pick_http_port("--port")
     started = time.monotonic()
     procs = start_workers(stack, args, engines)

@@ -16,7 +16,6 @@ import pytest
 
 from dynamo_lite.launch.supervisor import wait_until
 from dynamo_lite.runtime.net import free_tcp_port
-from dynamo_lite.serve.start import embedded_planes
 from tests.e2e.harness import DEFAULT_MODEL_PATH, REPO, SERVED_MODEL_NAME
 from tests.e2e.test_launch_scripts import gone, started_pids
 
@@ -86,9 +85,8 @@ def test_two_mocker_workers_serve_on_their_own_cores_and_sigint_stops_every_chil
             chat(port, "What is the capital of France?")
         assert refused.value.code == 401
         pids = started_pids(tmp_path / "run")
-        discovery, events = embedded_planes()  # etcd / NATS only where the embedded plane is missing
-        planes = ["etcd"] * (not discovery) + ["nats"] * (not events)
-        assert list(pids) == [*planes, "worker0", "worker1", "frontend"]
+        assert list(pids) == ["worker0", "worker1", "frontend"]  # no etcd, no NATS: the embedded planes
+        assert "planes: discovery embedded (no etcd or NATS needed), events embedded" in err.read_text()
         assert os.sched_getaffinity(pids["worker0"]) == {0} and os.sched_getaffinity(pids["worker1"]) == {1}
         frontend_argv = Path(f"/proc/{pids['frontend']}/cmdline").read_bytes().split(b"\0")
         assert frontend_argv[frontend_argv.index(b"--router-mode") + 1] == b"kv"

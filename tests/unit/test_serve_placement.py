@@ -117,20 +117,3 @@ def test_terminal_progress_redraws_its_lines_in_place():
     first, second = out.getvalue().split("\x1b[2F")
     assert first == "\x1b[2K  w0  loading… 5s\n\x1b[2K  w1  loading… 5s\n"
     assert second == "\x1b[2K  w0  loading… 10s\n\x1b[2K  w1  ready in 10s\n"
-
-
-def test_embedded_planes_need_the_scheme_and_the_module(monkeypatch):
-    from dynamo_lite.protocol.errors import ConfigError
-    from dynamo_lite.serve import start
-
-    def refuse(url):
-        raise ConfigError(f"unknown scheme {url}")
-
-    monkeypatch.setattr(start.planes, "check_discovery_url", lambda url: None)
-    monkeypatch.setattr(start.planes, "check_event_bus_url", refuse)
-    monkeypatch.setattr(start, "EMBEDDED_DISCOVERY", ("file:///", "dynamo_lite.planes"))  # a module that exists
-    assert start.embedded_planes() == (True, False)
-    # A scheme known before its implementation exists (a placeholder) does not count.
-    monkeypatch.setattr(start.planes, "check_event_bus_url", lambda url: None)
-    monkeypatch.setattr(start, "EMBEDDED_EVENTS", ("embedded://", "dynamo_lite.events.no_such_module"))
-    assert start.embedded_planes() == (True, False)
