@@ -28,7 +28,7 @@ from dynamo_lite.frontend.anthropic_api import MessagesService
 from dynamo_lite.frontend.attempt import POOL_DECODE, POOL_PREFILL, Dispatcher
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnected
-from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
+from dynamo_lite.frontend.metrics import CONTENT_TYPE, UNKNOWN_MODEL, FrontendMetrics
 from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
 from dynamo_lite.frontend.choice_answers import ChoiceAnswers, is_plain
@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # status recorded for a client that hung up (nginx's convention)
 
-UNKNOWN_MODEL = "unknown"  # metrics label for requests that never resolved to a served model
 
 
 @dataclass
@@ -353,8 +352,8 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/tokenize", tokenization.tokenize, methods=["POST"])
     app.add_route("/detokenize", tokenization.detokenize, methods=["POST"])
     app.add_route("/version", tokenization.version, methods=["GET"])
-    app.add_route("/v1/embeddings", EmbeddingsService(service.dispatcher, service.models).embeddings,
-                  methods=["POST"])
+    embeddings = EmbeddingsService(service.dispatcher, service.models, service.metrics)
+    app.add_route("/v1/embeddings", embeddings.embeddings, methods=["POST"])
     install_middleware(app, deps.config)
     app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
     app.add_exception_handler(RequestValidationError, errors.handle_request_validation)

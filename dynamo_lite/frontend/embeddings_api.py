@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import struct
+import time
 import uuid
 from typing import Annotated, Literal
 
@@ -20,6 +21,7 @@ from starlette.responses import Response
 
 from dynamo_lite.frontend import errors
 from dynamo_lite.frontend.attempt import POOL_DECODE, Dispatcher
+from dynamo_lite.frontend.metrics import UNKNOWN_MODEL, FrontendMetrics
 from dynamo_lite.frontend.middleware import request_id_of
 from dynamo_lite.frontend.models import ModelRegistry, ServedModel
 from dynamo_lite.protocol.errors import (DynamoLiteError, EngineError, InvalidRequestError,
@@ -27,6 +29,8 @@ from dynamo_lite.protocol.errors import (DynamoLiteError, EngineError, InvalidRe
 from dynamo_lite.protocol.messages import EmbedReply, EmbedRequest, ErrorFrame, json_encoder
 
 logger = logging.getLogger(__name__)
+
+ENDPOINT = "embeddings"  # the endpoint label of the frontend's request metrics
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
 
@@ -76,33 +80,49 @@ def encode_embedding(values: list[float], encoding_format: str) -> list[float] |
 
 
 class EmbeddingsService:
-    def __init__(self, dispatcher: Dispatcher, models: ModelRegistry):
+    def __init__(self, dispatcher: Dispatcher, models: ModelRegistry, metrics: FrontendMetrics):
         self._dispatcher = dispatcher
         self._models = models
+        self._metrics = metrics
 
     async def embeddings(self, http_request: Request) -> Response:
+        """Counted in the request metrics as chat and completions are: by model, endpoint and status."""
+        arrival = time.monotonic()
+        model = UNKNOWN_MODEL
+        metrics = self._metrics
         try:
             body = EmbeddingRequest.model_validate_json(await http_request.body())
             served = await self._models.get(body.model)
+            model = served.name
             if served.card.runner != "pooling":
                 raise InvalidRequestError(f"the model {body.model} is a generating model: embeddings need a "
                                           "worker started with --runner pooling", param="model")
             prompts = prompts_of(served, body.input)
             request_id = "embd-" + request_id_of(http_request).value + "-" + uuid.uuid4().hex[:8]
-            reply = await self._embed(served, EmbedRequest(request_id=request_id, prompts=prompts,
-                                                           dimensions=body.dimensions))
+            inflight = metrics.inflight.labels(model)
+            inflight.inc()
+            try:
+                reply = await self._embed(served, EmbedRequest(request_id=request_id, prompts=prompts,
+                                                               dimensions=body.dimensions))
+            finally:
+                inflight.dec()
         except pydantic.ValidationError as e:
-            return errors.pydantic_error_response(e)
+            response = errors.pydantic_error_response(e)
         except DynamoLiteError as e:
             if e.status >= 500:
-                logger.warning("embeddings request for %s failed: %s", body.model, e.message)
-            return errors.dynamo_error_response(e)
-        data = [{"object": "embedding", "index": i,
-                 "embedding": encode_embedding(values, body.encoding_format)}
-                for i, values in enumerate(reply.embeddings)]
-        usage = {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}
-        return Response(json_encoder.encode({"object": "list", "data": data, "model": served.requested_name,
-                                             "usage": usage}), media_type="application/json")
+                logger.warning("embeddings request for %s failed: %s", model, e.message)
+            response = errors.dynamo_error_response(e)
+        else:
+            metrics.input_tokens.labels(model).inc(reply.prompt_tokens)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": encode_embedding(values, body.encoding_format)}
+                    for i, values in enumerate(reply.embeddings)]
+            usage = {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}
+            answer = {"object": "list", "data": data, "model": served.requested_name, "usage": usage}
+            response = Response(json_encoder.encode(answer), media_type="application/json")
+        metrics.requests.labels(model, ENDPOINT, str(response.status_code)).inc()
+        metrics.request_duration.labels(model, ENDPOINT).observe(time.monotonic() - arrival)
+        return response
 
     async def _embed(self, served: ServedModel, request: EmbedRequest) -> EmbedReply:
         workers = self._dispatcher.workers(served.name, POOL_DECODE)

@@ -288,13 +288,15 @@ class _EventStream:
         return sse_event(event_type, data)
 
     async def translate(self, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+        """Output items one after another, as the chat deltas come: a message item while content arrives,
+        a function_call item from a call's first delta, its arguments streamed as they are generated (a
+        named tool call's come in pieces; a "required" answer's whole, once each call is complete). A new
+        item closes the open one (the chat path streams its calls one after another)."""
         answer: _Answer | None = None
-        item_id = ""
-        text: list[str] = []
-        opened = False
+        suffix = ""
+        items = _OpenItems(self)
         finish_reason = None
         usage = None
-        tool_calls: dict[int, dict] = {}
         async for chunk in chunks:
             if "error" in chunk:
                 error = chunk["error"]
@@ -303,7 +305,7 @@ class _EventStream:
                 return
             if answer is None:
                 suffix = id_suffix(chunk["id"])
-                answer, item_id = _Answer(self.request, f"resp_{suffix}", chunk["model"]), f"msg_{suffix}"
+                answer = _Answer(self.request, f"resp_{suffix}", chunk["model"])
                 initial = answer.body("in_progress", [], None)
                 yield self.event("response.created", response=initial)
                 yield self.event("response.in_progress", response=initial)
@@ -313,56 +315,94 @@ class _EventStream:
                 delta = choice.get("delta") or {}
                 if choice.get("finish_reason") is not None:
                     finish_reason = choice["finish_reason"]
+                if piece := delta.get("content"):
+                    for event in items.text(piece, f"msg_{suffix}"):
+                        yield event
                 for call in delta.get("tool_calls") or []:
-                    _merge_tool_call(tool_calls, call)
-                piece = delta.get("content")
-                if not piece:
-                    continue
-                if not opened:
-                    opened = True
-                    yield self.event("response.output_item.added", output_index=0,
-                                     item=_message_item(item_id, "", "in_progress"))
-                    yield self.event("response.content_part.added", item_id=item_id, output_index=0,
-                                     content_index=0,
-                                     part={"type": "output_text", "text": "", "annotations": [],
-                                           "logprobs": []})
-                text.append(piece)
-                yield self.event("response.output_text.delta", item_id=item_id, output_index=0,
-                                 content_index=0, delta=piece, logprobs=[])
+                    for event in items.call(call):
+                        yield event
         if answer is None:
             return
-        output = []
-        if opened:
-            full = "".join(text)
-            part = {"type": "output_text", "text": full, "annotations": [], "logprobs": None}
-            yield self.event("response.output_text.done", item_id=item_id, output_index=0, content_index=0,
-                             text=full, logprobs=[])
-            yield self.event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
-                             part=part)
-            item = _message_item(item_id, full, "completed")
-            yield self.event("response.output_item.done", output_index=0, item=item)
-            output.append(item)
-        for call in _function_call_items([tool_calls[i] for i in sorted(tool_calls)]):
-            index = len(output)
-            yield self.event("response.output_item.added", output_index=index, item=dict(call, arguments="",
-                                                                                         status="in_progress"))
-            # The chat path hands over a call's arguments whole (its parser completes them): one delta.
-            yield self.event("response.function_call_arguments.delta", item_id=call["id"], output_index=index,
-                             delta=call["arguments"])
-            yield self.event("response.function_call_arguments.done", item_id=call["id"], output_index=index,
-                             arguments=call["arguments"], name=call["name"])
-            yield self.event("response.output_item.done", output_index=index, item=call)
-            output.append(call)
+        for event in items.close():
+            yield event
         yield self.event("response.completed",
-                         response=answer.body("completed", output, usage, finish_reason))
+                         response=answer.body("completed", items.output, usage, finish_reason))
 
 
-def _merge_tool_call(calls: dict[int, dict], delta: dict) -> None:
-    call = calls.setdefault(delta.get("index", 0), {"id": None, "function": {"name": "", "arguments": ""}})
-    call["id"] = delta.get("id") or call["id"]
-    function = delta.get("function") or {}
-    call["function"]["name"] += function.get("name") or ""
-    call["function"]["arguments"] += function.get("arguments") or ""
+class _OpenItems:
+    """The output items of a streamed Response: those done, and the one being streamed."""
+
+    def __init__(self, stream: _EventStream):
+        self._stream = stream
+        self.output: list[dict] = []  # done items, in order
+        self._kind: str | None = None  # of the open item: "message" or "call"
+        self._item: dict = {}
+        self._text: list[str] = []
+        self._call_index: int | None = None  # the chat tool-call index of the open call
+        self._messages = 0
+
+    def _index(self) -> int:
+        return len(self.output)  # the open item's output_index
+
+    def text(self, piece: str, message_id: str) -> list[bytes]:
+        event = self._stream.event
+        out = []
+        if self._kind != "message":
+            out += self.close()
+            self._messages += 1
+            item_id = message_id if self._messages == 1 else f"{message_id}_{self._messages}"
+            self._kind, self._item, self._text = "message", _message_item(item_id, "", "in_progress"), []
+            out.append(event("response.output_item.added", output_index=self._index(), item=self._item))
+            out.append(event("response.content_part.added", item_id=item_id, output_index=self._index(),
+                             content_index=0,
+                             part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
+        self._text.append(piece)
+        out.append(event("response.output_text.delta", item_id=self._item["id"], output_index=self._index(),
+                         content_index=0, delta=piece, logprobs=[]))
+        return out
+
+    def call(self, delta: dict) -> list[bytes]:
+        """A chat tool-call delta: its first opens a function_call item, each arguments piece is a delta."""
+        event = self._stream.event
+        out = []
+        index = delta.get("index", 0)
+        function = delta.get("function") or {}
+        if self._kind != "call" or self._call_index != index:
+            out += self.close()
+            self._kind, self._call_index = "call", index
+            self._item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "call_id": delta.get("id"),
+                          "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
+            out.append(event("response.output_item.added", output_index=self._index(), item=dict(self._item)))
+        else:
+            self._item["call_id"] = self._item["call_id"] or delta.get("id")
+            self._item["name"] += function.get("name") or ""
+        if arguments := function.get("arguments"):
+            self._item["arguments"] += arguments
+            out.append(event("response.function_call_arguments.delta", item_id=self._item["id"],
+                             output_index=self._index(), delta=arguments))
+        return out
+
+    def close(self) -> list[bytes]:
+        """The done events of the open item, if any."""
+        event = self._stream.event
+        index, item = self._index(), self._item
+        if self._kind == "message":
+            full = "".join(self._text)
+            part = {"type": "output_text", "text": full, "annotations": [], "logprobs": None}
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            out = [event("response.output_text.done", **where, text=full, logprobs=[]),
+                   event("response.content_part.done", **where, part=part)]
+            item = _message_item(item["id"], full, "completed")
+        elif self._kind == "call":
+            item = dict(item, status="completed")
+            out = [event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                         arguments=item["arguments"], name=item["name"])]
+        else:
+            return []
+        out.append(event("response.output_item.done", output_index=index, item=item))
+        self.output.append(item)
+        self._kind, self._item, self._call_index = None, {}, None
+        return out
 
 
 class ResponsesService:

@@ -383,6 +383,36 @@ async def test_responses_function_tools_answer_function_call_items(model_dir):
         assert final["type"] == "function_call" and json.loads(final["arguments"]) == {"city": "Paris"}
 
 
+async def test_responses_stream_a_named_calls_arguments_as_they_are_generated(model_dir):
+    from tests.integration.test_tool_choice import AnsweringEngine
+
+    arguments = '{"city": "Paris"}'
+    async with running_stack() as stack:
+        await stack.add_worker(AnsweringEngine(model_dir, arguments))  # 3 tokens a frame
+        body = {"model": MODEL, "input": "Weather in Paris?", "tools": [TOOL], "stream": True,
+                "tool_choice": {"type": "function", "name": "get_weather"}}
+        response = await stack.http.post("/v1/responses", json=body)
+        assert response.status_code == 200, response.text
+        events = named_events(response.text)
+        for _, data in events:
+            RESPONSE_EVENTS.validate_python(data)
+        names = [name for name, _ in events]
+        deltas = [data for name, data in events if name == "response.function_call_arguments.delta"]
+        assert len(deltas) > 2  # in pieces, not one delta at the end
+        assert names == ["response.created", "response.in_progress", "response.output_item.added",
+                         *["response.function_call_arguments.delta"] * len(deltas),
+                         "response.function_call_arguments.done", "response.output_item.done",
+                         "response.completed"]
+        added = events[2][1]["item"]
+        assert added["type"] == "function_call" and added["name"] == "get_weather"
+        assert added["arguments"] == "" and added["status"] == "in_progress"
+        assert {d["item_id"] for d in deltas} == {added["id"]} and {d["output_index"] for d in deltas} == {0}
+        assert "".join(d["delta"] for d in deltas) == arguments == events[-3][1]["arguments"]
+        [final] = events[-1][1]["response"]["output"]
+        assert final == events[-2][1]["item"]
+        assert (final["id"], final["arguments"], final["status"]) == (added["id"], arguments, "completed")
+
+
 async def test_responses_json_schema_format_constrains_the_worker(model_dir):
     async with running_stack() as stack:
         engine = ScriptedEngine(model_dir)

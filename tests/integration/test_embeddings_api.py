@@ -111,3 +111,22 @@ async def test_engine_without_embed_answers_400_through_the_worker(model_dir):
                                                              EmbedRequest(request_id="e", prompts=[[1]]))]
         assert len(replies) == 1 and isinstance(replies[0], ErrorFrame) and replies[0].status == 400
         assert "does not serve embeddings" in replies[0].message
+
+
+async def test_embeddings_requests_are_in_the_request_metrics(model_dir):
+    async with running_stack() as stack:
+        await stack.add_worker(FakePoolingEngine(model_dir))
+        for body in ({"model": MODEL, "input": ["hi", "there"]}, {"model": MODEL, "input": "hello"},
+                     {"model": MODEL, "input": []}, {"model": MODEL, "input": "x", "nope": 1}):
+            await stack.http.post("/v1/embeddings", json=body)
+        text = (await stack.http.get("/metrics")).text
+        prompt_tokens = float(len(ids("hi")) + len(ids("there")) + len(ids("hello")))
+        for line in [
+            f'dynamo_lite_frontend_requests_total{{endpoint="embeddings",model="{MODEL}",status="200"}} 2.0',
+            f'dynamo_lite_frontend_requests_total{{endpoint="embeddings",model="{MODEL}",status="400"}} 1.0',
+            'dynamo_lite_frontend_requests_total{endpoint="embeddings",model="unknown",status="400"} 1.0',
+            f'dynamo_lite_frontend_request_duration_seconds_count{{endpoint="embeddings",model="{MODEL}"}} 3.0',
+            f'dynamo_lite_frontend_input_tokens_total{{model="{MODEL}"}} {prompt_tokens}',
+            f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0',
+        ]:
+            assert line in text, line
