@@ -371,5 +371,13 @@ class VllmEngine(Engine):
                 llm = None
         self._llm = None
         if llm is not None:
+            # Stop AsyncLLM's output handler first: shutdown() runs in a thread (it blocks for seconds)
+            # while this loop keeps running, and a handler still reading from the engine core it stops
+            # would log an EngineDeadError traceback at every clean shutdown. The shell has drained the
+            # requests by now, so the handler has nothing left to deliver.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
             await asyncio.to_thread(llm.shutdown)
             logger.info("vLLM engine stopped")
