@@ -16,10 +16,11 @@ Failures:
 - before the first token of an attempt (connect refused, worker died during prefill): nothing has
   reached the client, so the request is simply sent to another worker (the failed one is excluded);
 - after tokens were produced: the request migrates (prompt + tokens so far, fewer max_tokens) if
-  the model card's migration_limit allows, otherwise the error reaches the client. Two kinds of request
-  never migrate, and their error reaches the client: n > 1 (its choices share one prompt on one worker;
-  continuing them would take n requests with n different prompts), and a structured output
-  (response_format, a forced tool call, a grammar: the new worker's grammar would restart mid-answer).
+  the model card's migration_limit allows, otherwise the error reaches the client. With n > 1 each
+  unfinished choice continues as its own request (its prompt holds its own tokens so far), the new
+  requests at once on the new worker, their deltas merged. A structured output (response_format, a
+  forced tool call, a grammar) migrates too: the request says how many of its prompt's tokens were
+  generated, and the new worker's grammar starts after them (vllm/structured_resume.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dynamo_lite.frontend.detokenizer import IncrementalDetokenizer
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.prefill_policy import PrefillPolicy, record_handoff
 from dynamo_lite.frontend.preprocess import GenerationPlan
+from dynamo_lite.frontend.stream_merge import merge
 from dynamo_lite.protocol.errors import NoWorkerAvailableError, WorkerFailedError
 from dynamo_lite.protocol.messages import FinishReason, GenerateRequest, TokenLogprob
 
@@ -78,6 +80,15 @@ class _Choice:
         self.stop_reason: str | int | None = None
 
 
+def _produced(choices: list[_Choice]) -> int:
+    """Tokens generated so far for `choices`."""
+    return sum(len(choice.generated) for choice in choices)
+
+
+def _any_open(choices: list[_Choice]) -> bool:
+    return any(choice.finish_reason is None for choice in choices)
+
+
 class Generation:
     def __init__(self, deps: PipelineDeps, plan: GenerationPlan, arrival: float):
         self._deps = deps
@@ -95,7 +106,7 @@ class Generation:
         self.choices = [_Choice(index, IncrementalDetokenizer(
             tokenizer, plan.stop, plan.prompt_ids, skip_special_tokens=plan.skip_special_tokens,
             include_stop_str=plan.include_stop_str_in_output)) for index in range(plan.sampling.n)]
-        self._open = plan.sampling.n  # choices not yet ended
+        self._attempts = 0  # requests sent to workers for it
         self._first_token_at: float | None = None
         self._last_frame_at = 0.0
         self.serving_reason: str | None = None  # how the prompt was prefilled (frontend/prefill_policy.py reasons)
@@ -112,57 +123,68 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[ChoiceDelta]:
         """The deltas of every choice, across migrations; each choice's last one has its finish_reason."""
+        async with contextlib.aclosing(self._serve(self.choices)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _serve(self, choices: list[_Choice],
+                     last_failure: WorkerFailedError | None = None) -> AsyncIterator[ChoiceDelta]:
+        """The deltas of `choices`, served by one request at a time, across retries and migrations. The
+        first request serves all n choices; one that fails with tokens generated for several choices is
+        continued by one request per choice, at once (each with its own tokens so far as prompt)."""
         unstarted_retries = 0
-        number = 0  # of the attempt
-        last_failure: WorkerFailedError | None = None
         while True:
             kv_transfer_params = None
+            number = self._attempts  # requests of this generation so far: names this one on the worker
+            self._attempts += 1
             if number == 0:
                 # Prefill on a prefill worker first, or decide to prefill on the decode worker itself.
                 serving = await self._deps.prefill.prepare(self.plan)
                 attempt, kv_transfer_params = serving.attempt, serving.kv_transfer_params
                 self.serving_reason = serving.reason
             else:
-                attempt = self._route_again(last_failure)
-            produced_before = self.completion_tokens
+                attempt = self._route_again(last_failure, choices)
+            produced_before = _produced(choices)
             try:
                 with attempt:
                     # aclosing: if our consumer stops, the attempt (and its worker stream) closes now.
-                    request = self._request_for(number, kv_transfer_params)
-                    async with contextlib.aclosing(self._deltas(attempt, request, kv_transfer_params)) as deltas:
+                    request = self._request_for(number, choices, kv_transfer_params)
+                    async with contextlib.aclosing(self._deltas(attempt, request, choices,
+                                                                kv_transfer_params)) as deltas:
                         async for delta in deltas:
                             yield delta
                 return
             except WorkerFailedError as e:
                 last_failure = e
                 attempt.worker_failed(e)  # the watcher reports the removal to the router
-                if self.completion_tokens == produced_before:
+                if _produced(choices) == produced_before:
                     unstarted_retries += 1
                     if unstarted_retries > MAX_UNSTARTED_RETRIES:
                         raise
-                elif self.plan.sampling.n > 1:
-                    raise WorkerFailedError(f"{e.message}; requests with n > 1 are not migrated",
-                                            instance_id=e.instance_id) from e
                 elif self.migrations >= self.plan.model.card.migration_limit:
                     raise
-                elif self.plan.sampling.structured_output is not None:
-                    # The new worker's grammar would start again at the tokens already generated (they
-                    # are its prompt), so the answer would break the schema: fail rather than migrate.
-                    raise WorkerFailedError(f"{e.message}; a structured-output request cannot migrate "
-                                            "(its grammar would restart mid-answer)",
-                                            instance_id=e.instance_id) from e
                 else:
                     self.migrations += 1
                     self._deps.metrics.migrations.labels(self._model_label).inc()
                     logger.info("request %s: migrating after %d tokens (%s)", self.plan.request_id,
                                 self.completion_tokens, e.message)
-                choice = self.choices[0]
+            choices = [choice for choice in choices if choice.finish_reason is None]
+            for choice in choices:
                 if len(choice.generated) >= self.plan.sampling.max_tokens:
                     yield self._end(choice, FinishReason.LENGTH)
-                    return
-                number += 1
+            choices = [choice for choice in choices if choice.finish_reason is None]
+            if not choices:
+                return
+            if len(choices) > 1 and _produced(choices):
+                # n > 1 mid-answer: the choices' prompts differ now (each continues its own tokens), and
+                # the new worker's prefix cache shares what they have in common.
+                async with contextlib.aclosing(merge([self._serve([choice], last_failure)
+                                                      for choice in choices])) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
 
-    def _route_again(self, last_failure: WorkerFailedError) -> Attempt:
+    def _route_again(self, last_failure: WorkerFailedError, choices: list[_Choice]) -> Attempt:
         """The next attempt after a failed one, on another worker (the failed one is excluded by now)."""
         name = self.plan.model.name
         dispatcher = self._deps.dispatcher
@@ -170,28 +192,36 @@ class Generation:
         if not workers:
             raise NoWorkerAvailableError(f"the worker serving model {name} failed ({last_failure.message}) "
                                          "and no other worker is available") from last_failure
-        return dispatcher.route(POOL_DECODE, name, self.plan.request_id, self._tokens_so_far(), workers)
+        # The router tracks a request by id: the requests that continue n > 1 choices at once need their own.
+        tracked = (self.plan.request_id if len(choices) == len(self.choices)
+                   else f"{self.plan.request_id}/choice{choices[0].index}")
+        return dispatcher.route(POOL_DECODE, name, tracked, self._prompt_for(choices), workers)
 
-    def _tokens_so_far(self) -> list[int]:
-        # Only one choice ever migrates (n > 1 is not migrated); with n > 1 a retry has no tokens yet.
-        generated = self.choices[0].generated
+    def _prompt_for(self, choices: list[_Choice]) -> list[int]:
+        """The prompt that continues `choices`: the request's own, followed by the tokens a lone choice has
+        generated (several choices in one request have none yet: _serve splits them once they have)."""
+        generated = choices[0].generated if len(choices) == 1 else []
         return self.plan.prompt_ids + generated if generated else self.plan.prompt_ids
 
-    def _request_for(self, attempt: int, kv_transfer_params: dict | None = None) -> GenerateRequest:
+    def _request_for(self, number: int, choices: list[_Choice],
+                     kv_transfer_params: dict | None = None) -> GenerateRequest:
         plan = self.plan
-        if attempt == 0:
+        if number == 0:
             return GenerateRequest(request_id=plan.request_id, token_ids=plan.prompt_ids, sampling=plan.sampling,
                                    kv_transfer_params=kv_transfer_params)
-        done = len(self.choices[0].generated)
-        sampling = msgspec.structs.replace(plan.sampling, max_tokens=plan.sampling.max_tokens - done,
+        token_ids = self._prompt_for(choices)
+        done = len(token_ids) - len(plan.prompt_ids)
+        sampling = msgspec.structs.replace(plan.sampling, n=len(choices), max_tokens=plan.sampling.max_tokens - done,
                                            min_tokens=max(0, plan.sampling.min_tokens - done))
         if self.prompt_logprobs is not None:  # already received: a migrated prompt holds generated tokens too
             sampling = msgspec.structs.replace(sampling, prompt_logprobs=None)
-        return GenerateRequest(request_id=f"{plan.request_id}-{attempt}", token_ids=self._tokens_so_far(),
-                               sampling=sampling)
+        # resumed_tokens: a structured output's grammar on the new worker starts after the tokens so far.
+        return GenerateRequest(request_id=f"{plan.request_id}-{number}", token_ids=token_ids,
+                               sampling=sampling, resumed_tokens=done)
 
-    async def _deltas(self, attempt: Attempt, request: GenerateRequest,
+    async def _deltas(self, attempt: Attempt, request: GenerateRequest, choices: list[_Choice],
                       kv_transfer_params: dict | None) -> AsyncIterator[ChoiceDelta]:
+        """The deltas of one attempt, whose choice i is choices[i]."""
         handoff_pending = kv_transfer_params is not None
         include_stop = self.plan.include_stop_str_in_output
         async with contextlib.aclosing(attempt.frames(request)) as frames:
@@ -204,10 +234,10 @@ class Generation:
                     self.engine_reported_usage = True
                 if frame.prompt_logprobs is not None and self.prompt_logprobs is None:
                     self.prompt_logprobs = frame.prompt_logprobs
-                if not 0 <= frame.index < len(self.choices):
+                if not 0 <= frame.index < len(choices):
                     raise WorkerFailedError(f"{attempt.name} sent choice {frame.index} of a request for "
-                                            f"{len(self.choices)}", instance_id=attempt.worker.instance_id)
-                choice = self.choices[frame.index]
+                                            f"{len(choices)}", instance_id=attempt.worker.instance_id)
+                choice = choices[frame.index]
                 if choice.finish_reason is None:
                     text, logprobs = "", None
                     if frame.token_ids:
@@ -220,7 +250,7 @@ class Generation:
                         if choice.detokenizer.stopped:
                             yield self._end(choice, FinishReason.STOP, text, logprobs,
                                             choice.detokenizer.stop_string)
-                            if not self._open:
+                            if not _any_open(choices):
                                 return  # leaving the async-with closes the stream: the worker aborts
                             continue
                     reason = frame.finish_reason
@@ -240,11 +270,11 @@ class Generation:
                     elif text or logprobs:
                         yield ChoiceDelta(choice.index, text, logprobs)
                 if frame.last:
-                    for choice in self.choices:  # a stream that ended a choice without saying why
+                    for choice in choices:  # a stream that ended a choice without saying why
                         if choice.finish_reason is None:
                             yield self._end(choice, FinishReason.STOP)
                     return
-                if not self._open:
+                if not _any_open(choices):
                     return
 
     def _end(self, choice: _Choice, reason: FinishReason, text: str = "",
@@ -252,7 +282,6 @@ class Generation:
         """The choice's last delta: `text` and what its stop-string matcher held back (none after a stop)."""
         choice.finish_reason = reason
         choice.stop_reason = stop_reason
-        self._open -= 1
         return ChoiceDelta(choice.index, text + choice.detokenizer.flush(), logprobs, reason, stop_reason)
 
     def _accept_tokens(self, choice: _Choice, token_ids: list[int],

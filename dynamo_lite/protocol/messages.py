@@ -115,6 +115,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate")
     # Disaggregation: {"do_remote_decode": True} on a prefill request; the prefill's returned params
     # on the decode request. Passed through to vLLM's KVTransferParams untouched.
     kv_transfer_params: dict | None = None
+    # Migration: how many of token_ids' last tokens an earlier attempt generated. A structured output's
+    # grammar has produced them already, so the engine advances it past them (vllm/structured_resume.py).
+    resumed_tokens: int = 0
 
 
 # The files a frontend needs to tokenize and render chat; a worker sends whichever of these exist.

@@ -28,6 +28,7 @@ from dynamo_lite.protocol.messages import (EmbedReply, EmbedRequest, FinishReaso
                                             GenerateRequest, KvEvent, SamplingOptions, StructuredOutput,
                                             TokenLogprob)
 from dynamo_lite.vllm.compat import check_vllm_version, request_error_classes, unfinished_requests
+from dynamo_lite.vllm import structured_resume
 from dynamo_lite.vllm.kv_events import KvEventSubscriber
 
 logger = logging.getLogger(__name__)
@@ -112,9 +113,14 @@ def structured_outputs_params(spec: StructuredOutput | None) -> StructuredOutput
     return None if spec is None else StructuredOutputsParams(**msgspec.structs.asdict(spec))
 
 
-def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None) -> SamplingParams:
+def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None,
+                    resumed_tokens: int = 0) -> SamplingParams:
     """Raises ValueError (from vLLM's own validation) for values it rejects."""
-    extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else None
+    extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else {}
+    if resumed_tokens and options.structured_output is not None:
+        if not structured_resume.supported():
+            raise ValueError("this vLLM cannot resume a structured-output request's grammar after a migration")
+        extra_args[structured_resume.RESUMED_TOKENS_KEY] = resumed_tokens
     return SamplingParams(
         max_tokens=options.max_tokens,
         temperature=options.temperature,
@@ -137,7 +143,7 @@ def sampling_params(options: SamplingOptions, kv_transfer_params: dict | None) -
         structured_outputs=structured_outputs_params(options.structured_output),
         output_kind=RequestOutputKind.DELTA,
         detokenize=False,
-        extra_args=extra_args,
+        extra_args=extra_args or None,
     )
 
 
@@ -257,7 +263,7 @@ class VllmEngine(Engine):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]:
         llm = self._require_llm()
         try:
-            params = sampling_params(request.sampling, request.kv_transfer_params)
+            params = sampling_params(request.sampling, request.kv_transfer_params, request.resumed_tokens)
         except (ValueError, *CLIENT_ERRORS) as e:
             raise InvalidRequestError(str(e)) from e
         prompt = TokensPrompt(prompt_token_ids=list(request.token_ids))

@@ -39,15 +39,41 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 
 class RoutedStack:
-    def __init__(self, base_url: str, group, workers: dict[str, object]):
-        self.base_url, self.group = base_url, group
-        self.workers = workers  # request-plane address -> its process
+    def __init__(self, base_url: str, group, namespace: str, frontend):
+        self.base_url, self.group, self.namespace, self.frontend = base_url, group, namespace, frontend
+        self.workers: dict[str, object] = {}  # request-plane address -> its process
+        self.cores: dict[str, int] = {}  # request-plane address -> the core its engine runs on
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", timeout=300)
 
     def metric(self, name: str) -> float:
         return metric_sum(httpx.get(f"{self.base_url}/metrics", timeout=5).text, name)
+
+    def start_worker(self, core: int) -> None:
+        """A worker on `core`, waited for until the frontend lists it (one at a time, so the new address
+        names its process)."""
+        live = {i["address"] for i in healthy_instances(self.base_url, SERVED_MODEL_NAME)}
+        # float32: in bfloat16 the survivor's one-pass prefill of prompt + generated tokens and the dead
+        # worker's token-by-token decode round differently, and greedy answers drift apart after a
+        # near tie (seen ~90 tokens after the seam), which would hide what this test checks.
+        proc = self.group.start(f"worker{core}-{len(self.workers)}", "dynamo_lite.vllm", "--model",
+                                str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
+                                "--max-model-len", "2048", "--max-num-seqs", "8", "--namespace", self.namespace,
+                                "--migration-limit", "1", "--enforce-eager", "--dtype", "float32",
+                                extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)})
+        wait_until(lambda: len(healthy_instances(self.base_url, SERVED_MODEL_NAME)) == len(live) + 1, 300,
+                   f"worker on core {core} on {self.base_url}/health", [self.frontend, proc])
+        (address,) = {i["address"] for i in healthy_instances(self.base_url, SERVED_MODEL_NAME)} - live
+        self.workers[address], self.cores[address] = proc, core
+
+    def replace_dead_workers(self) -> None:
+        for address, proc in list(self.workers.items()):
+            if proc.poll() is not None:
+                del self.workers[address]
+                wait_until(lambda: address not in {i["address"] for i in healthy_instances(
+                    self.base_url, SERVED_MODEL_NAME)}, 60, f"{address} gone from {self.base_url}/health", [])
+                self.start_worker(self.cores.pop(address))
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +88,10 @@ def stack(tmp_path_factory, etcd_endpoint, nats_url):
         frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port",
                                str(port), "--namespace", namespace, "--router-mode", "kv",
                                "--tool-call-parser", "hermes")
-        workers: dict[str, object] = {}
-        # float32: in bfloat16 the survivor's one-pass prefill of prompt + generated tokens and the dead
-        # worker's token-by-token decode round differently, and greedy answers drift apart after a
-        # near tie (seen ~90 tokens after the seam), which would hide what this test checks.
-        for core in (0, 1):  # one at a time, so each new address names its process
-            proc = group.start(f"worker{core}", "dynamo_lite.vllm", "--model", str(DEFAULT_MODEL_PATH),
-                               "--served-model-name", SERVED_MODEL_NAME, "--max-model-len", "2048",
-                               "--max-num-seqs", "8", "--namespace", namespace, "--migration-limit", "1",
-                               "--enforce-eager", "--dtype", "float32",
-                               extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)})
-            wait_until(lambda: len(healthy_instances(base_url, SERVED_MODEL_NAME)) == core + 1, 300,
-                       f"worker {core} on {base_url}/health", [frontend, proc, *workers.values()])
-            (address,) = {i["address"] for i in healthy_instances(base_url, SERVED_MODEL_NAME)} - set(workers)
-            workers[address] = proc
-        yield RoutedStack(base_url, group, workers)
+        routed = RoutedStack(base_url, group, namespace, frontend)
+        for core in (0, 1):
+            routed.start_worker(core)
+        yield routed
     finally:
         group.stop()
 
@@ -116,6 +131,19 @@ async def _active_worker(addresses: list[str]) -> str | None:
         await client.close()
 
 
+def _kill_mid_stream(stack, stream, after_chunks: int = 10) -> list:
+    """The stream's chunks, its worker SIGKILLed once `after_chunks` have come."""
+    chunks, killed = [], None
+    for chunk in stream:
+        chunks.append(chunk)
+        if killed is None and len(chunks) == after_chunks:
+            killed = asyncio.run(_active_worker(list(stack.workers)))
+            assert killed is not None, "no worker reports the stream as active"
+            os.kill(stack.workers[killed].pid, signal.SIGKILL)
+    assert killed is not None, f"the stream ended after {len(chunks)} chunks, before the kill"
+    return chunks
+
+
 def test_streamed_answer_migrates_when_its_worker_dies(stack):
     """Killed mid-stream, the worker's answer continues on the other one: the client sees one answer,
     the same text a run without the failure gives (greedy), through the hermes tool-call parser."""
@@ -125,20 +153,40 @@ def test_streamed_answer_migrates_when_its_worker_dies(stack):
     reference = client.chat.completions.create(**body).choices[0]
     assert reference.finish_reason == "length"  # long enough to still be running when the kill lands
     migrations = stack.metric("dynamo_lite_frontend_migrations_total")
-    pieces, killed, finish = [], None, None
-    for chunk in client.chat.completions.create(**body, stream=True):
-        if not chunk.choices:
-            continue
-        pieces.append(chunk.choices[0].delta.content or "")
-        finish = chunk.choices[0].finish_reason or finish
-        if killed is None and len(pieces) == 10:
-            killed = asyncio.run(_active_worker(list(stack.workers)))
-            assert killed is not None, "no worker reports the stream as active"
-            os.kill(stack.workers[killed].pid, signal.SIGKILL)
-    assert killed is not None
-    assert finish == "length"
+    chunks = [c.choices[0] for c in _kill_mid_stream(stack, client.chat.completions.create(**body, stream=True))
+              if c.choices]
+    pieces = [c.delta.content or "" for c in chunks]
+    assert chunks[-1].finish_reason == "length"
     assert "".join(pieces) == reference.message.content
     assert stack.metric("dynamo_lite_frontend_migrations_total") == migrations + 1
     # The survivor keeps serving.
     again = client.chat.completions.create(**{**body, "max_tokens": 8})
     assert again.choices[0].message.content
+
+
+FACTS = {"type": "object", "properties": {"facts": {"type": "array", "minItems": 4, "maxItems": 4,
+                                                    "items": {"type": "string", "maxLength": 60}}},
+         "required": ["facts"], "additionalProperties": False}
+
+
+def test_structured_choices_migrate_with_their_grammar_resumed(stack):
+    """n = 2 JSON-schema answers streamed, their worker killed mid-answer: each choice goes on as its own
+    request on the other worker, whose grammar starts after the tokens already sent. Both answers are
+    whole, valid, and the answer a run without the failure gives (greedy)."""
+    stack.replace_dead_workers()  # the test before killed one
+    client = stack.client()
+    body = dict(model=SERVED_MODEL_NAME, temperature=0, max_tokens=200,
+                messages=[{"role": "user", "content": "Give four facts about lighthouses as JSON."}],
+                response_format={"type": "json_schema", "json_schema": {"name": "facts", "schema": FACTS,
+                                                                       "strict": True}})
+    reference = client.chat.completions.create(**body).choices[0]
+    assert reference.finish_reason == "stop"
+    jsonschema.validate(json.loads(reference.message.content), FACTS)
+    migrations = stack.metric("dynamo_lite_frontend_migrations_total")
+    chunks = [c.choices[0] for c in _kill_mid_stream(stack, client.chat.completions.create(
+        **body, n=2, stream=True)) if c.choices]
+    for index in (0, 1):
+        mine = [c for c in chunks if c.index == index]
+        assert mine[-1].finish_reason == "stop"
+        assert "".join(c.delta.content or "" for c in mine) == reference.message.content
+    assert stack.metric("dynamo_lite_frontend_migrations_total") == migrations + 1

@@ -237,7 +237,7 @@ async def test_streamed_choices_interleave_and_equal_the_whole_answer(model_dir,
         assert events[-2]["usage"] == whole["usage"]
 
 
-async def test_n_choices_are_not_migrated_and_fail_clearly(model_dir):
+async def test_n_choices_migrate_each_as_its_own_request(model_dir):
     router = PreferRouter()
     async with running_stack(router) as stack:
         server, address = await dying_worker_server(tokens_before_death=3)
@@ -246,11 +246,22 @@ async def test_n_choices_are_not_migrated_and_fail_clearly(model_dir):
         engine = ChoicesEngine(model_dir)
         await stack.add_worker(engine, migration_limit=3)
         response = await stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "a", "n": 2,
-                                                                  "stream": True})
+                                                                  "max_tokens": 40, "stream": True})
         events = sse_events(response.text)
-        assert [e["choices"][0]["text"] for e in events[:-2]] == list(REPLY[:3])  # what the dying worker sent
-        assert "requests with n > 1 are not migrated" in events[-2]["error"]["message"]
-        assert engine.requests == []  # not sent again
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+        chunks = [e["choices"][0] for e in events[:-1]]
+        assert [c["text"] for c in chunks[:3]] == list(REPLY[:3])  # what the dying worker sent (choice 0)
+        # Choice 0 goes on from its 3 tokens, choice 1 (nothing yet) from the prompt: one request each,
+        # n = 1, and the second worker's n = 1 answer is REPLY.
+        for index in (0, 1):
+            assert "".join(c["text"] for c in chunks if c["index"] == index) == REPLY
+            assert [c["finish_reason"] for c in chunks if c["index"] == index][-1] == "stop"
+        prompt = min((r.token_ids for r in engine.requests), key=len)
+        moved = sorted((r.resumed_tokens, r.token_ids, r.sampling.n, r.sampling.max_tokens) for r in engine.requests)
+        assert moved == [(0, prompt, 1, 40), (3, prompt + REPLY_IDS[:3], 1, 37)]
+        metrics = (await stack.http.get("/metrics")).text
+        assert f'dynamo_lite_frontend_migrations_total{{model="{MODEL}"}} 1.0' in metrics
+        engine.requests.clear()
         # The same with n = 1 migrates (the choices' bookkeeping keeps one choice's migration working).
         router.preferred = await stack.register(address, str(model_dir), migration_limit=3)
         body = {"model": MODEL, "prompt": "a", "logprobs": 0}
