@@ -1,12 +1,13 @@
-"""The mocker's side port (--metrics-endpoint-port), started as a user starts it behind a frontend:
-probes answer, and /metrics counts what the frontend sent (requests, tokens, cache hits by blocks,
-relayed KV events)."""
+"""The mocker's side port (--metrics-endpoint-port), started as a user starts it behind a kv-routing
+frontend: probes answer, /metrics counts what the frontend sent (requests, tokens, cache hits by blocks,
+relayed KV events), and every metric the Grafana dashboard charts is one these processes export."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
+from tests.dashboard import SCRAPE_LABELS, dashboard_queries, exported_names, split_query
 from tests.e2e.conftest import _new_group, start_stack
 from tests.e2e.harness import DEFAULT_MODEL_PATH, metric_samples, metric_sum, wait_until
 from tests.services import free_tcp_port
@@ -23,7 +24,7 @@ def mocker_with_side_port(tmp_path_factory, etcd_endpoint, nats_url):
         stack = start_stack(group, "dynamo_lite.mocker",
                             ["--model-path", str(DEFAULT_MODEL_PATH), "--served-model-name", "mock-model",
                              "--speedup-ratio", "50"],
-                            model="mock-model", worker_env={"DYN_METRICS_ENDPOINT_PORT": str(port)})
+                            model="mock-model", router_mode="kv", worker_env={"DYN_METRICS_ENDPOINT_PORT": str(port)})
         yield stack, f"http://127.0.0.1:{port}"
     finally:
         group.stop()
@@ -55,3 +56,31 @@ def test_probes_and_metrics_follow_the_requests(mocker_with_side_port):
     assert ready == 1 and labels["role"] == "aggregated"
     assert metric_sum(text, "dynamo_lite_worker_kv_total_blocks") > 0
     assert "process_resident_memory_bytes" in text
+
+
+def test_every_dashboard_query_names_a_metric_the_processes_export(mocker_with_side_port):
+    stack, side = mocker_with_side_port
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=30,
+                   json={"model": stack.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    frontend = httpx.get(f"{stack.base_url}/metrics", timeout=5).text
+    worker = httpx.get(f"{side}/metrics", timeout=5).text
+    exported, labels = exported_names(frontend, worker)
+    ours: set[str] = set()
+    used_labels: set[str] = set()
+    # Queries of vLLM's own metrics need a real engine: tests/e2e/test_worker_side_port_vllm.py checks those.
+    for expr in dashboard_queries():
+        if "vllm:" not in expr:
+            metrics, expr_labels = split_query(expr)
+            ours |= metrics
+            used_labels |= expr_labels
+    assert ours and ours <= exported, f"charted but not exported: {sorted(ours - exported)}"
+    assert used_labels <= labels | SCRAPE_LABELS, f"labels nobody sets: {sorted(used_labels - labels - SCRAPE_LABELS)}"
+    assert {"dynamo_lite_frontend_time_to_first_token_seconds_bucket", "dynamo_lite_worker_cached_blocks_total",
+            "dynamo_lite_worker_kv_transfer_bytes_total", "dynamo_lite_frontend_requests_total"} <= ours
+
+
+def test_the_query_splitter_catches_a_misspelt_metric_or_function():
+    assert split_query('sum by (worker) (rate(dynamo_lite_worker_kv_events_total{model=~"$model"}[5m]))') == (
+        {"dynamo_lite_worker_kv_events_total"}, {"worker", "model"})
+    assert split_query("histogram_quantille(0.5, x_bucket)")[0] == {"histogram_quantille", "x_bucket"}
