@@ -102,7 +102,8 @@ def render(directory: Path, *, component: bool = False, objects: list[dict] | No
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unsupported = set(kustomization) - SUPPORTED_KEYS
     if unsupported:
-        raise RenderError(f"{directory}: kustomization keys this renderer does not know: {sorted(unsupported)}")
+        raise RenderError(f"{directory}: kustomization keys this renderer does not know: "
+                          f"{sorted(unsupported)}")
     expected_kind = "Component" if component else "Kustomization"
     if kustomization.get("kind") != expected_kind:
         raise RenderError(f"{directory}: kind {kustomization.get('kind')!r}, expected {expected_kind}")

@@ -87,8 +87,10 @@ class SidePortServer:
             status, content_type, body = None, "", b""
         try:
             if status is not None:
-                writer.write(b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n" % (status.encode(), content_type.encode(), len(body)))
+                head_out = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                            b"Connection: close\r\n\r\n" % (status.encode(), content_type.encode(),
+                                                                len(body)))
+                writer.write(head_out)
                 if not head.startswith(b"HEAD "):
                     writer.write(body)
                 await writer.drain()

@@ -365,9 +365,12 @@ class VllmEngine(Engine):
     def prometheus_registry(self) -> Any:
         """Where vLLM's PrometheusStatLogger put its `vllm:` metrics: AsyncLLM runs it in this process
         (it is added beside our stat logger), on prometheus_client's default registry, or on a
-        multiprocess one when PROMETHEUS_MULTIPROC_DIR is set."""
-        from vllm.v1.metrics.prometheus import get_prometheus_registry
-
+        multiprocess one when PROMETHEUS_MULTIPROC_DIR is set. The helper was read in 0.32's source; a
+        release without it keeps its metrics on the default registry, the side port's fallback."""
+        try:
+            from vllm.v1.metrics.prometheus import get_prometheus_registry
+        except ImportError:
+            return None
         return get_prometheus_registry()
 
     async def shutdown(self) -> None:

@@ -50,7 +50,8 @@ def _start_watching(group, port: int, ready_while_alive) -> Stack:
                            "--http-port", str(http_port), "--namespace", namespace)
     worker = group.start("worker", "dynamo_lite.vllm", "--model", str(DEFAULT_MODEL_PATH),
                          "--served-model-name", SERVED_MODEL_NAME, "--max-model-len", "2048",
-                         "--max-num-seqs", "8", "--namespace", namespace, "--metrics-endpoint-port", str(port),
+                         "--max-num-seqs", "8", "--namespace", namespace,
+                         "--metrics-endpoint-port", str(port),
                          extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"})
     wait_until(ready_while_alive, 120, "the worker's /live", [worker])
     base_url = f"http://127.0.0.1:{http_port}"
@@ -75,7 +76,8 @@ def test_metrics_carry_vllm_and_worker_metrics_of_a_request(vllm_side_port):
     usage = r.json()["usage"]
     def counted() -> str | None:
         text = httpx.get(f"{side}/metrics", timeout=5).text
-        return text if metric_sum(text, "vllm:request_success_total", model_name=SERVED_MODEL_NAME) >= 1 else None
+        done = metric_sum(text, "vllm:request_success_total", model_name=SERVED_MODEL_NAME)
+        return text if done >= 1 else None
 
     text = wait_until(counted, 10, "vLLM's request_success_total on the side port", stack.workers)
     assert metric_sum(text, "vllm:generation_tokens_total") == usage["completion_tokens"]

@@ -22,19 +22,28 @@ BIN = Path(sys.executable).parent  # hadolint and check-jsonschema come with the
 DRAIN = WorkerShellConfig.__dataclass_fields__["drain_timeout"].default
 
 
+def hadolint(path: Path) -> subprocess.CompletedProcess:
+    return run(str(BIN / "hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(path), check=False)
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess:
+    schema = "vendor.compose-spec"  # the Compose specification's schema, as check-jsonschema 0.39 bundles it
+    return run(str(BIN / "check-jsonschema"), "--builtin-schema", schema, str(path), check=False)
+
+
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, check=check)
 
 
 def test_hadolint_passes_the_dockerfile():
-    result = run(str(BIN / "hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(DOCKERFILE), check=False)
+    result = hadolint(DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hadolint_fails_a_dockerfile_with_what_ours_avoids(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu:latest\nRUN cd /tmp && apt-get install curl\nCMD bash\n")
-    result = run(str(BIN / "hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(bad), check=False)
+    result = hadolint(bad)
     assert result.returncode != 0
     assert {"DL3007", "DL3003", "DL3025"} <= set(re.findall(r"DL\d{4}", result.stdout))
 
@@ -60,7 +69,8 @@ def test_dockerignore_keeps_the_repository_noise_out():
 
 
 @pytest.mark.parametrize("args, platform, base, extra, index, tag", [
-    (["--platform", "linux/amd64"], "linux/amd64", "python:", "cpu", "https://download.pytorch.org/whl/cpu", "cpu"),
+    (["--platform", "linux/amd64"], "linux/amd64", "python:", "cpu", "https://download.pytorch.org/whl/cpu",
+     "cpu"),
     (["--platform", "linux/amd64", "--cuda"], "linux/amd64", "nvidia/cuda:13.", "gpu", "", "cuda"),
     (["--platform", "linux/arm64", "--dgx-spark"], "linux/arm64", "nvidia/cuda:13.", "gpu", "", "spark"),
 ])
@@ -88,12 +98,11 @@ def test_run_sh_gives_workers_their_side_port_and_a_stop_timeout_above_the_drain
 
 
 def test_compose_file_passes_the_compose_specification_schema(tmp_path):
-    result = run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE),
-                 check=False)
+    result = check_compose(COMPOSE)
     assert result.returncode == 0, result.stdout + result.stderr
     bad = tmp_path / "compose.yml"
     bad.write_text(COMPOSE.read_text().replace("stop_grace_period: 60s", "stop_grace_perod: 60s"))
-    result = run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(bad), check=False)
+    result = check_compose(bad)
     assert result.returncode == 1 and "stop_grace_perod" in result.stdout
 
 
@@ -108,7 +117,8 @@ def test_compose_services_by_profile():
     assert "profiles" not in services["etcd"] and "profiles" not in services["nats"]
     assert services["frontend"]["profiles"] == ["cpu", "gpu"]
     assert services["worker-cpu"]["profiles"] == ["cpu"] and services["worker-gpu"]["profiles"] == ["gpu"]
-    assert services["worker-cpu"]["image"].endswith("-cpu") and services["worker-gpu"]["image"].endswith("-cuda")
+    assert services["worker-cpu"]["image"].endswith("-cpu")
+    assert services["worker-gpu"]["image"].endswith("-cuda")
     [device] = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["count"] >= 1
     for name in ("worker-cpu", "worker-gpu"):

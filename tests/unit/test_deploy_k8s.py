@@ -130,9 +130,8 @@ def test_workers_probe_the_side_port_and_outlive_their_drain(variant):
         assert pod["terminationGracePeriodSeconds"] >= drain + 30, where
         template = obj["spec"]["template"]["metadata"]["annotations"]
         assert template["prometheus.io/port"] == str(ports["metrics"]), where
-        assert env["DYN_ADVERTISE_HOST"] == "<from field>" and container["env"][
-            [e["name"] for e in container["env"]].index("DYN_ADVERTISE_HOST")]["valueFrom"]["fieldRef"][
-            "fieldPath"] == "status.podIP", where
+        [advertise] = [e for e in container["env"] if e["name"] == "DYN_ADVERTISE_HOST"]
+        assert advertise["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", where
         resources = container["resources"]
         assert quantity(resources["limits"]["nvidia.com/gpu"]) >= 1, where
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], where
@@ -159,7 +158,8 @@ def test_every_pool_has_a_disruption_budget_and_services_find_their_pods(variant
         assert len(covering) == 1, f"{name}/{deployment['metadata']['name']}: {len(covering)} budgets"
         assert covering[0]["spec"]["maxUnavailable"] == 1
     for service in (o for o in objects if o["kind"] == "Service"):
-        selected = [t for t in pods.values() if service["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
+        selector = service["spec"]["selector"].items()
+        selected = [t for t in pods.values() if selector <= t["metadata"]["labels"].items()]
         assert selected, f"{name}: service {service['metadata']['name']} selects no pod"
         port_names = {p["name"] for t in selected for c in t["spec"]["containers"] for p in c["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
@@ -209,7 +209,8 @@ def test_disaggregated_pools_use_nixl_over_rdma(variant):
     for deployment, container in workers.values():
         args = container["args"]
         assert args[args.index("--connector") + 1] == "nixl"
-        assert ("--is-prefill-worker" in args) == (deployment["metadata"]["name"] == "dynamo-lite-prefill-worker")
+        is_prefill = deployment["metadata"]["name"] == "dynamo-lite-prefill-worker"
+        assert ("--is-prefill-worker" in args) == is_prefill
         env = environment(objects, container)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["nixl"] == int(env["DYN_NIXL_SIDE_CHANNEL_PORT"])
@@ -232,8 +233,8 @@ def test_the_renderer_refuses_what_it_does_not_implement(tmp_path):
         {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namePrefix": "x-"}))
     with pytest.raises(RenderError, match="namePrefix"):
         render(tmp_path)
-    merged = strategic_merge({"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}], "args": ["x"]},
-                             {"env": [{"name": "B", "value": "3"}], "args": ["y"]}, None)
+    base = {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}], "args": ["x"]}
+    merged = strategic_merge(base, {"env": [{"name": "B", "value": "3"}], "args": ["y"]})
     assert merged == {"env": [{"name": "B", "value": "3"}, {"name": "A", "value": "1"}], "args": ["y"]}
 
 
