@@ -84,7 +84,8 @@ def load_prompts(dataset: str | None, count: int, input_words: int, seed: int = 
     """`count` prompts: the dataset's first human turns (cycled if it has fewer), else synthetic."""
     rng = random.Random(seed)
     if not dataset:
-        return [f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(input_words)) for i in range(count)]
+        return [f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(input_words))
+                for i in range(count)]
     text = Path(dataset).read_text()
     try:
         rows = json.loads(text)
@@ -151,7 +152,8 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
     for p in prompts:
         queue.put_nowait(p)
     results: list[RequestResult] = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), headers=headers, limits=limits) as client:
+    timeout = httpx.Timeout(600, connect=10)
+    async with httpx.AsyncClient(timeout=timeout, headers=headers, limits=limits) as client:
         async def worker() -> None:
             while not queue.empty():
                 prompt = queue.get_nowait()
@@ -188,7 +190,8 @@ def plot(run: dict, out_dir: Path) -> list[str]:
             values = [v * 1000 for v in level["raw"][key]]
             if values:
                 ax.hist(values, bins=30, alpha=0.6, label=f"concurrency {level['concurrency']}")
-        ax.set(title=f"{title} ({run['model']})", xlabel="ms", ylabel="requests" if key == "ttft" else "tokens")
+        ax.set(title=f"{title} ({run['model']})", xlabel="ms",
+               ylabel="requests" if key == "ttft" else "chunks")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out_dir / f"{key}.png", dpi=100)
@@ -222,7 +225,8 @@ def table(runs: list[dict]) -> str:
             lines.append(f"| {run.get('label', '')} | {run['model']} | {lv['concurrency']} | "
                          f"{lv['requests_per_s']:.2f} | {lv['output_tokens_per_s']:.1f} | "
                          f"{lv['ttft_s']['p50'] * 1000:.0f} | {lv['ttft_s']['p99'] * 1000:.0f} | "
-                         f"{lv['itl_s']['p50'] * 1000:.1f} | {lv['itl_s']['p99'] * 1000:.1f} | {lv['failed']} |")
+                         f"{lv['itl_s']['p50'] * 1000:.1f} | {lv['itl_s']['p99'] * 1000:.1f} | "
+                         f"{lv['failed']} |")
     return "\n".join(lines)
 
 
@@ -310,7 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="Bearer key ($OPENAI_API_KEY)")
     p.add_argument("-o", "--output", default="bench-results", help="folder for results.json and plots")
     p.add_argument("--matrix", nargs="+", metavar="PRESET", default=None,
-                   help="serve each preset in turn (python -m dynamo_lite.serve --preset), benchmark, compare")
+                   help="serve each preset in turn (python -m dynamo_lite.serve --preset), benchmark, "
+                        "compare")
     p.add_argument("--engine", default="vllm", choices=["vllm", "mocker"], help="--matrix: serve's engine")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
                    help="--matrix: more arguments for serve (last on the line)")
