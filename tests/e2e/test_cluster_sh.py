@@ -102,8 +102,8 @@ def test_cluster_start_status_stop_over_ssh(two_hosts, tmp_path):
         body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "Hi"}],
                            "max_tokens": 4})
         url = f"http://{h['head_ip']}:8000/v1/chat/completions"
-        answer = _run("ip", "netns", "exec", h["head"], "curl", "-sf", url, "-H", "Content-Type: application/json",
-                      "-d", body, check=False)
+        answer = _run("ip", "netns", "exec", h["head"], "curl", "-sf", url, "-H",
+                      "Content-Type: application/json", "-d", body, check=False)
         assert answer.returncode == 0 and json.loads(answer.stdout)["choices"][0]["message"]["content"]
         # The worker really runs on the second host: it advertises that host's address.
         health = json.loads(_run("ip", "netns", "exec", h["head"], "curl", "-sf",
