@@ -33,8 +33,7 @@ from pathlib import Path
 import httpx
 
 PROFILES = {"single": (1, [1]), "quick": (20, [1, 4]), "full": (100, [1, 4, 16])}
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches near "
-         "old castles under bright northern stars").split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing", "matches", "near", "old", "castles", "under", "bright", "northern", "stars"]
 
 
 @dataclass

@@ -148,7 +148,7 @@ def _is_number(text: str) -> bool:
 def _flag_key(arg: str) -> str:
     """The flag an argument sets, spelled one way: '--max_model_len=4' -> 'max-model-len', '--no-x' -> 'x'."""
     name = _SHORT_FLAGS.get(arg, arg).split("=", 1)[0].lstrip("-").replace("_", "-")
-    return name[3:] if name.startswith("no-") else name
+    return name.removeprefix("no-")
 
 
 def given_flags(argv: Sequence[str]) -> set[str]:

@@ -91,7 +91,7 @@ async def check_nats(url: str, timeout: float) -> list[Check]:
                 continue
             version = json.loads(line[5:]).get("version", "?")
             checks.append(ok("events", f"NATS {version} at {host}:{port} answers"))
-        except (OSError, asyncio.TimeoutError, ValueError) as e:
+        except (TimeoutError, OSError, ValueError) as e:
             checks.append(fail("events", f"NATS at {host}:{port} does not answer: {e or 'timeout'}",
                                "is nats-server running and reachable (NATS_SERVER, firewall port 4222)?"))
     return checks
@@ -117,7 +117,7 @@ async def check_reachable(registered: Sequence[Registered], timeout: float,
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
             writer.close()
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             return fail("workers", f"{entry.name()} advertises {r.address}, unreachable from here: "
                                    f"{getattr(e, 'strerror', None) or e or 'timeout'}",
                         "a firewall, a wrong --advertise-host, or a dead worker whose lease has not expired")
