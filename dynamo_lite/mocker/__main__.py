@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import NoReturn
 
 from dynamo_lite.mocker.config import MockerConfig, load_model_facts
+from dynamo_lite.presets import PRESET_HELP, apply_worker_preset
 from dynamo_lite.protocol.errors import ConfigError, DynamoLiteError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args
 from dynamo_lite.runtime.logging import configure_logging
@@ -22,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulated LLM workers (no GPU, no weights): same discovery, request plane and KV "
                     "events as the vLLM worker, for tests and benchmarks at scale.")
     add_config_arguments(parser, MockerConfig)
+    parser.add_argument("--preset", metavar="NAME", default=None, help=PRESET_HELP)  # expanded before parsing
     return parser
 
 
@@ -31,7 +34,8 @@ def parse_config(argv: list[str] | None = None) -> MockerConfig:
         parser = build_parser()  # reads the environment twins, which may be malformed
     except ConfigError as e:
         _exit_with_error(e.message)
-    try:
+    try:  # the preset's flags, where the command line gives none (presets.py)
+        argv = apply_worker_preset(sys.argv[1:] if argv is None else argv, os.environ, engine="mocker")
         return config_from_args(MockerConfig, parser.parse_args(argv))
     except ConfigError as e:
         parser.error(e.message)  # exits with status 2 and the usage line, like any argparse error

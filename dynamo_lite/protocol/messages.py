@@ -44,6 +44,12 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     host: str  # the host name / address the worker advertises
     pid: int
     role: WorkerRole = WorkerRole.AGGREGATED
+    # For `python -m dynamo_lite.doctor` (runtime/fingerprint.py): which machine, which package versions
+    # ({"dynamo_lite": ..., "vllm": ..., "nixl": ...}) and which model files (a digest); every host of one
+    # deployment must agree on them. Empty from older workers.
+    hostname: str = ""
+    versions: dict[str, str] = {}
+    model_digest: str = ""
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.launch.stack import ENGINES
+from dynamo_lite.presets import PRESET_HELP, Preset, fill_in, get_preset, local_model_path, pop_preset
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name, parse_list
 from dynamo_lite.runtime.models import (
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "served as " + DEFAULT_SERVED_MODEL_NAME + ").")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="Names clients use (default: MODEL as given); goes to every worker.")
+    parser.add_argument("--preset", metavar="NAME", default=None, help=PRESET_HELP + " Its vLLM flags go to "
+                        "every worker, its parsers and thresholds to the frontend.")
     topo = parser.add_argument_group("topology")
     topo.add_argument("--engine", choices=list(ENGINES), default="vllm",
                       help="vllm, or mocker: simulated engines (no weights, starts in seconds).")
@@ -175,6 +178,15 @@ def _first_api_key(ns: argparse.Namespace) -> str | None:
     return keys[0] if keys else None
 
 
+def _preset(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Preset | None:
+    """The --preset (or $DYN_PRESET) of serve's own arguments; argparse's error for an unknown one."""
+    try:
+        name, _ = pop_preset(argv, os.environ)
+        return get_preset(name) if name else None
+    except ConfigError as e:
+        parser.error(e.message)
+
+
 def parse_args(argv: Sequence[str]) -> ServeArgs:
     """ServeArgs from the command line; argparse's usage error (exit status 2) for bad arguments."""
     parser = build_parser()
@@ -182,13 +194,25 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
     # Arguments after a `--` go to the workers untouched (as the launch scripts take them).
     after = argv[argv.index("--") + 1:] if "--" in argv else []
     model, rest = split_model(argv[:len(argv) - len(after) - 1] if "--" in argv else argv)
+    preset = _preset(parser, rest)
+    if preset is not None:
+        rest = fill_in(pop_preset(rest, {})[1], preset.frontend_flags())
     ns, worker_args = parser.parse_known_args(rest)
     worker_args += after
+    if preset is not None:  # explicit worker flags, given here or after `--`, win
+        flags = preset.vllm_flags() if ns.engine == "vllm" else preset.mocker_flags()
+        worker_args = fill_in(worker_args, flags)
     if ns.model_flag is not None:
         if model is not None:
             parser.error(f"the model is given twice: {model} and --model {ns.model_flag}")
         model = ns.model_flag
-    if model is None:  # the prepared default model is served under its hub name; a $DYN_MODEL_PATH as given
+    if model is None and preset is not None:
+        try:
+            model = local_model_path(preset, os.environ)
+        except ConfigError as e:
+            parser.error(e.message)
+        names = [preset.model]
+    elif model is None:  # the prepared default model is served under its hub name; a $DYN_MODEL_PATH as given
         model = default_model_path()
         names = [DEFAULT_SERVED_MODEL_NAME if model == DEFAULT_MODEL_PATH else model]
     else:

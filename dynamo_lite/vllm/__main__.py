@@ -13,6 +13,22 @@ from dynamo_lite.runtime.logging import configure_logging
 logger = logging.getLogger("dynamo_lite.vllm")
 
 
+def use_fabric(advertise_host: str) -> None:
+    """NCCL / Gloo / UCX settings for this host's InfiniBand / RoCE ports, where the operator set none
+    (runtime/fabric.py; tensor parallelism across hosts and NIXL read them), and a warning when a worker
+    that other hosts reach would send its traffic over plain Ethernet."""
+    from dynamo_lite.runtime import fabric
+
+    fab = fabric.detect()
+    added = fabric.environment(fab, os.environ)
+    os.environ.update(added)
+    if added:
+        logger.info("fabric: %s", " ".join(f"{k}={v}" for k, v in added.items()))
+    if not advertise_host.startswith("127."):  # one host needs no fabric
+        for text in fabric.warnings(fab, advertise_host):
+            logger.warning("fabric: %s (python -m dynamo_lite.doctor checks it)", text)
+
+
 def main(argv: list[str] | None = None) -> int:
     from dynamo_lite.vllm.compat import check_vllm_version
 
@@ -28,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_args, config = parse_args(argv)
     configure_logging("vllm-prefill" if config.is_prefill_worker else "vllm-worker")
+    use_fabric(config.advertise_host)
     # Read by our vLLM plugin in the engine's processes (nixl_progress explains the busy loop it removes);
     # it matters for any KV connector config, --connector nixl or the user's own --kv-transfer-config.
     os.environ.setdefault(nixl_progress.ENV, str(nixl_progress.NIXL_PROGRESS_DELAY_US))

@@ -20,11 +20,14 @@ Two defaults differ from `vllm serve`:
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dynamo_lite.engine.config import WorkerShellConfig, derived
+from dynamo_lite.presets import PRESET_HELP, apply_worker_preset
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.protocol.messages import WorkerRole
@@ -100,6 +103,8 @@ def build_parser():
         if not cpu_has_native_bf16():
             parser.set_defaults(dtype="float32")
     add_config_arguments(parser, VllmWorkerConfig, group=WORKER_GROUP)
+    # Expanded before parsing (parse_args): here for --help, and so that argparse knows the flag.
+    parser.add_argument("--preset", metavar="NAME", default=None, help=PRESET_HELP)
     return parser
 
 
@@ -182,6 +187,10 @@ def parse_args(argv: list[str] | None = None):
         parser = build_parser()
     except ConfigError as e:  # a malformed environment twin
         raise SystemExit(f"{PROG}: error: {e}") from e
+    try:  # the preset's flags, where the command line gives none (presets.py)
+        argv = apply_worker_preset(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as e:
+        parser.error(e.message)
     args = parser.parse_args(argv)
     try:
         refuse_hub_id(args.model, "--model")

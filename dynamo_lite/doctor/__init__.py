@@ -1,0 +1,1 @@
+"""`python -m dynamo_lite.doctor`: checks a host and the deployment it belongs to (docs/doctor.md)."""
