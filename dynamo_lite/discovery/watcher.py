@@ -4,7 +4,9 @@ It reads everything under /{ns}/ once, then watches from the next revision, so a
 starts after its workers sees them at once and never misses or repeats a change. On a watch
 reset it re-reads the prefix and reports the difference. A connection failure seen by the
 request plane (`mark_failed`) hides an instance at once: it comes back after `failed_cooldown`
-seconds only if its key is still in the store (its lease still alive).
+seconds only if its key is still in the store (its lease still alive) and, when the watcher has a
+`probe`, only once the instance answers it (a hung worker whose lease outlives the cooldown stays out,
+one more cooldown per failed probe).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -33,12 +36,16 @@ class InstanceChange(enum.StrEnum):
 
 
 Listener = Callable[[InstanceChange, InstanceRecord], None]
+Probe = Callable[[InstanceRecord], Awaitable[bool]]  # does this instance answer now?
 MAX_RELIST_BACKOFF = 2.0
 
 
 class InstanceWatcher:
-    def __init__(self, discovery: Discovery, namespace: str, failed_cooldown: float = 10.0):
+    def __init__(self, discovery: Discovery, namespace: str, failed_cooldown: float = 10.0,
+                 probe: Probe | None = None):
         self._discovery = discovery
+        self._probe = probe
+        self._probes: set[asyncio.Task] = set()
         self._root = f"/{namespace}/"
         self._instances_prefix = keys.instances_prefix(namespace)
         self._models_prefix = keys.models_prefix(namespace)
@@ -64,6 +71,8 @@ class InstanceWatcher:
         for timer in self._cooldown_timers.values():
             timer.cancel()
         self._cooldown_timers.clear()
+        for probe in self._probes:
+            probe.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -153,6 +162,36 @@ class InstanceWatcher:
 
     def _cooldown_over(self, instance_id: int) -> None:
         self._cooldown_timers.pop(instance_id, None)
+        if instance_id not in self._failed_until:
+            return
+        records = self._records_of(instance_id)
+        if self._probe is not None and records and not self._closed:
+            self._failed_until[instance_id] = math.inf  # still excluded while the probe runs
+            task = asyncio.get_running_loop().create_task(self._probe_then_readmit(records[0]))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+            return
+        self._readmit(instance_id)
+
+    async def _probe_then_readmit(self, record: InstanceRecord) -> None:
+        instance_id = record.instance_id
+        try:
+            answers = await self._probe(record)
+        except Exception:
+            logger.exception("probing instance %x failed", instance_id)
+            answers = False
+        if instance_id not in self._failed_until or instance_id in self._cooldown_timers:
+            return  # gone from the store meanwhile, or marked failed again: that decides now
+        if answers:
+            self._readmit(instance_id)
+            return
+        logger.warning("instance %x still does not answer: excluded for another %ss", instance_id,
+                       self._failed_cooldown)
+        self._failed_until[instance_id] = time.monotonic() + self._failed_cooldown
+        self._cooldown_timers[instance_id] = asyncio.get_running_loop().call_later(
+            self._failed_cooldown, self._cooldown_over, instance_id)
+
+    def _readmit(self, instance_id: int) -> None:
         if self._failed_until.pop(instance_id, None) is None:
             return
         records = self._records_of(instance_id)

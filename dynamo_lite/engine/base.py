@@ -76,6 +76,11 @@ class Engine(abc.ABC):
         for prometheus_client's default registry (process metrics)."""
         return None
 
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its engine process died), or None while it can. The worker
+        shell polls it every second and, once it is set, deregisters and exits non-zero."""
+        return None
+
     async def embed(self, request: EmbedRequest) -> EmbedReply:
         """Embeddings of request.prompts (pooling engines only; the rest refuse with a 400)."""
         raise InvalidRequestError(f"{type(self).__name__} does not serve embeddings")

@@ -23,7 +23,7 @@ from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import (
     TOKENIZER_FILE_NAMES, EmbedRequest, GenerateRequest, InstanceRecord, ModelCard, Reply, Request,
     TokenizerFiles, TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
-from dynamo_lite.protocol.errors import ConfigError, InvalidRequestError
+from dynamo_lite.protocol.errors import ConfigError, EngineDiedError, InvalidRequestError
 from dynamo_lite.runtime import fingerprint
 from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
@@ -56,6 +56,8 @@ class WorkerShell:
         self._prompt_blocks = self._cached_blocks = 0
         self._shutdown_started = False
         self._shutdown_done = asyncio.Event()
+        self.engine_failure: str | None = None  # why the engine died (set once; run_workers then exits)
+        self.engine_died = asyncio.Event()
 
     @property
     def instance_id(self) -> int:
@@ -126,6 +128,7 @@ class WorkerShell:
             self._tasks.append(asyncio.create_task(
                 publisher.report_load(self._engine, self._config.load_report_interval), name="load-report"))
         self._tasks.append(asyncio.create_task(self._keep_registered(), name="lease-monitor"))
+        self._tasks.append(asyncio.create_task(self._watch_engine(), name="engine-monitor"))
         assert self._record is not None
         logger.info("worker %x serving %s at %s (%s)", self.instance_id, self._info.model_name,
                     self._address, self._config.role)
@@ -285,6 +288,17 @@ class WorkerShell:
                 continue
             logger.warning("lease %x was lost: re-registered as instance %x", old_id, self.instance_id)
 
+    async def _watch_engine(self, interval: float = 1.0) -> None:
+        """Notice an engine that died (Engine.failure): nothing can serve here any more."""
+        while self.engine_failure is None:
+            await asyncio.sleep(interval)
+            failure = self._engine.failure()
+            if failure is not None:
+                logger.error("worker %x: the engine died (%s): deregistering and exiting so that a "
+                             "supervisor restarts it", self.instance_id, failure)
+                self.engine_failure = failure
+                self.engine_died.set()
+
     def relayed_blocks(self) -> set[int]:
         """Content hashes of the blocks this worker has announced on the event plane (what a resync sends)."""
         return self._publisher.relayed_blocks() if self._publisher is not None else set()
@@ -307,20 +321,24 @@ async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], d
     side_port = await start_side_port(shells, configs[0])
     starting = asyncio.ensure_future(asyncio.gather(*(shell.start() for shell in shells)))
     stopping = asyncio.ensure_future(shutdown.wait())
+    dying = [asyncio.ensure_future(shell.engine_died.wait()) for shell in shells]
     try:
         await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             logger.info("shutdown requested while starting")
         else:
             starting.result()  # raises if an engine failed to start
-            await stopping
+            await asyncio.wait((stopping, *dying), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (starting, stopping):
+        for task in (starting, stopping, *dying):
             task.cancel()
-        await asyncio.gather(starting, stopping, return_exceptions=True)
+        await asyncio.gather(starting, stopping, *dying, return_exceptions=True)
         await asyncio.gather(*(shell.shutdown() for shell in shells), return_exceptions=True)
         if side_port is not None:
             await side_port.close()
+    failures = [shell.engine_failure for shell in shells if shell.engine_failure is not None]
+    if failures:
+        raise EngineDiedError(f"engine died: {failures[0]}")
 
 
 async def start_side_port(shells: list[WorkerShell], config: WorkerShellConfig) -> SidePortServer | None:

@@ -30,6 +30,7 @@ from dynamo_lite.planes import announce_planes, connect_discovery, discovery_kin
 from dynamo_lite.presets import PRESET_HELP, apply_frontend_preset
 from dynamo_lite.runtime.presence import FRONTEND
 from dynamo_lite.protocol.errors import ConfigError
+from dynamo_lite.protocol.messages import InstanceRecord
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
 from dynamo_lite.runtime.lifecycle import install_shutdown_signals
 from dynamo_lite.runtime.logging import configure_logging
@@ -54,12 +55,20 @@ class EtcdUnreachable(Exception):
     pass
 
 
-async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExitStack) -> InstanceWatcher:
+async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExitStack,
+                             client: RequestClient) -> InstanceWatcher:
+    # A failed worker is routed to again only once it answers a stats request (a hung one stays out).
+    probe_timeout = config.heartbeat_timeout or config.connect_timeout
+
+    async def answers(record: InstanceRecord) -> bool:
+        return await client.answers(record.address, probe_timeout)
+
     try:
         async with asyncio.timeout(ETCD_CONNECT_TIMEOUT):
             discovery = await connect_discovery(config.discovery_url)
             stack.push_async_callback(discovery.close)
-            watcher = InstanceWatcher(discovery, config.namespace, failed_cooldown=config.failed_cooldown)
+            watcher = InstanceWatcher(discovery, config.namespace, failed_cooldown=config.failed_cooldown,
+                                      probe=answers)
             await watcher.start()
             stack.push_async_callback(watcher.close)
             return watcher
@@ -120,9 +129,9 @@ async def serve(config: FrontendConfig) -> None:
         # Before connecting: a worker on other planes is reported even while etcd is awaited.
         await stack.enter_async_context(announce_planes(FRONTEND, config.namespace, config.discovery_url,
                                                         config.event_plane_url))
-        watcher = await _connect_discovery(config, stack)
         client = RequestClient(connect_timeout=config.connect_timeout)
         stack.push_async_callback(client.close)
+        watcher = await _connect_discovery(config, stack, client)
         registry = CollectorRegistry()
         router = await build_router(config, watcher, stack, registry)
         app = create_app(FrontendDeps(watcher=watcher, client=client, router=router,

@@ -73,7 +73,8 @@ class OpenAIService:
         self.metrics = FrontendMetrics(deps.registry)
         self.models = ModelRegistry(deps.watcher, deps.client, deps.config.tokenizer_timeout)
         config = deps.config
-        self.dispatcher = Dispatcher(deps.watcher, deps.client, deps.router, self.metrics, config.request_timeout)
+        self.dispatcher = Dispatcher(deps.watcher, deps.client, deps.router, self.metrics,
+                                     config.request_timeout, config.heartbeat_timeout)
         self.prefill = PrefillPolicy(
             DisaggSettings(enabled=config.disaggregation, min_prefill_tokens=config.disagg_min_prefill_tokens,
                            max_prefill_queue=config.max_prefill_queue, enforce=config.enforce_disagg),

@@ -5,7 +5,8 @@ each retry or migration of it) on the decode pool (backend workers), the remote 
 pool. `Dispatcher.route` picks a worker of the pool through the Router, which starts tracking the
 request, and returns an `Attempt`; `Attempt.frames` sends the request and yields the worker's
 GenerateFrames, an ErrorFrame raised as its typed error (protocol.errors.worker_error), a frame that
-takes longer than the per-frame timeout, or a stream without its last frame, as WorkerFailedError.
+takes longer than the per-frame timeout, a worker silent (not even a heartbeat) for longer than the
+heartbeat timeout, or a stream without its last frame, as WorkerFailedError.
 Closing the attempt (the end of its `with` block) ends the router's tracking and the pool's in-flight
 count once, however the attempt ended.
 
@@ -42,12 +43,13 @@ class Dispatcher:
     """The frontend's workers by pool, its router, and the attempts it runs on them."""
 
     def __init__(self, watcher: InstanceWatcher, client: RequestClient, router: Router, metrics: FrontendMetrics,
-                 request_timeout: float = 0.0):
+                 request_timeout: float = 0.0, heartbeat_timeout: float = 0.0):
         self.watcher = watcher
         self.client = client
         self.router = router
         self.metrics = metrics
         self.request_timeout = request_timeout  # seconds per frame; 0 = no limit
+        self.heartbeat_timeout = heartbeat_timeout  # seconds without any frame, heartbeats too; 0 = no limit
         self._inflight: dict[str, dict[int, int]] = {POOL_PREFILL: {}, POOL_DECODE: {}}
 
     def workers(self, model: str, pool: str) -> list[InstanceRecord]:
@@ -114,7 +116,8 @@ class Attempt:
             self._counted = True
             dispatcher._count(self.pool, self.model, self.worker.instance_id, +1)
         self.sent_at = time.monotonic()
-        stream = dispatcher.client.stream(self.worker.address, request)
+        stream = dispatcher.client.stream(self.worker.address, request,
+                                          silence_timeout=dispatcher.heartbeat_timeout)
         timeout = dispatcher.request_timeout
         replies = self._with_timeout(stream, timeout) if timeout > 0 else stream
         first_token = True

@@ -20,11 +20,19 @@ class FrontendConfig(PlaneOptions):
     http_port: int = option(8000, "Port of the OpenAI-compatible HTTP server.")
     router_mode: str = option("round-robin", "How a worker is picked for each request.", choices=ROUTER_MODES)
     namespace: str = option("dynamo", "Discovery namespace the workers register under.")
-    request_timeout: float = option(0.0, "Seconds to wait for each frame from a worker before the worker "
-                                         "counts as failed (0 = wait forever).")
+    request_timeout: float = option(0.0, "Seconds to wait for each token frame from a worker before the "
+                                         "worker counts as failed (0 = wait forever; heartbeats do not count: this "
+                                         "also bounds a long prefill).", minimum=0)
+    heartbeat_timeout: float = option(5.0, "Seconds a worker may send nothing at all, neither tokens nor the "
+                                           "heartbeat it sends every second while a request waits or "
+                                           "prefills, before it counts as hung: the request is retried or "
+                                           "migrated and the worker excluded until it answers again "
+                                           "(0 = never).", minimum=0)
     tokenizer_timeout: float = option(30.0, "Seconds to wait for a worker to send its tokenizer files.")
     connect_timeout: float = option(5.0, "Seconds to wait for a TCP connection to a worker.")
-    failed_cooldown: float = option(10.0, "Seconds a worker whose connection failed stays excluded.")
+    failed_cooldown: float = option(10.0, "Seconds a worker that failed (connection refused, hung) stays "
+                                          "excluded; then it is routed to again once it answers a probe.",
+                                    minimum=0)
     kv_overlap_score_weight: float = option(1.0, "kv router: weight of the prompt blocks a worker would have "
                                                  "to compute, against its active blocks (0 = load only).",
                                             minimum=0)

@@ -62,6 +62,14 @@ class EngineError(DynamoLiteError):
     error_type = "engine_error"
 
 
+class EngineDiedError(DynamoLiteError):
+    """A worker's engine can no longer serve (its process died): the worker deregisters and exits
+    non-zero, so that a supervisor restarts it."""
+
+    status = 503
+    error_type = "service_unavailable"
+
+
 class ConfigError(DynamoLiteError):
     """An invalid flag or flag combination (raised at start-up, names the flags)."""
 

@@ -210,7 +210,15 @@ class EmbedReply(msgspec.Struct, kw_only=True, tag="embed"):
     last: bool = True
 
 
-Reply = GenerateFrame | TokenizerFiles | WorkerStats | ErrorFrame | EmbedReply
+class Heartbeat(msgspec.Struct, tag="hb"):
+    """"Still working on it": sent by a worker's request plane about every second while a stream has
+    nothing else to send (the request waits or prefills). The client reads it as proof of life and never
+    passes it on; a stream silent for longer than the frontend's --heartbeat-timeout is a hung worker."""
+
+    last: bool = False
+
+
+Reply = GenerateFrame | TokenizerFiles | WorkerStats | ErrorFrame | EmbedReply | Heartbeat
 
 # --------------------------------------------------------------------------- event plane (NATS)
 

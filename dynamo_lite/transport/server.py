@@ -4,6 +4,11 @@ Connections are persistent: after a stream's last frame the server waits for the
 the same connection. While a stream runs, the connection's reader keeps waiting for the next frame;
 if it sees EOF or a reset instead, the client has gone away and the handler's stream is cancelled
 at once (that is how a client aborts a request on the engine).
+
+While a stream runs but has nothing to send (the request waits in the engine's queue or prefills),
+the server sends a Heartbeat frame about every HEARTBEAT_INTERVAL_S seconds, from one ticker task for
+all connections: a client that hears nothing at all for a few seconds knows the worker is hung (a
+stopped process, a blocked event loop) even though its connection is still open.
 """
 
 from __future__ import annotations
@@ -14,32 +19,41 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from dynamo_lite.protocol.errors import DynamoLiteError, TransportError
-from dynamo_lite.protocol.messages import ErrorFrame, Reply, Request
+from dynamo_lite.protocol.messages import ErrorFrame, Heartbeat, Reply, Request
 from dynamo_lite.transport.framing import decode_request, encode_frame, read_frame, tune_stream_socket
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Request], AsyncIterator[Reply]]
 
+HEARTBEAT_INTERVAL_S = 1.0
+_HEARTBEAT_FRAME = bytes(encode_frame(Heartbeat()))
+
 
 class _Connection:
     """One client connection and the stream it is running, if any."""
 
-    __slots__ = ("writer", "stream_task")
+    __slots__ = ("writer", "stream_task", "streaming", "frames_sent", "frames_at_tick")
 
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
         self.stream_task: asyncio.Task | None = None
+        self.streaming = False  # a stream runs and has not written its last frame yet
+        self.frames_sent = 0  # by the stream (the heartbeat ticker compares it between its ticks)
+        self.frames_at_tick = 0
 
 
 class RequestServer:
     """Serve `handler` on host:port. `handler(request)` returns an async iterator of Reply frames,
     the final one with last=True."""
 
-    def __init__(self, handler: Handler, host: str, port: int = 0):
+    def __init__(self, handler: Handler, host: str, port: int = 0, *,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL_S):
         self._handler = handler
         self._host = host
         self._port = port
+        self._heartbeat_interval = heartbeat_interval  # 0 = no heartbeats
+        self._heartbeats: asyncio.Task | None = None
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task, _Connection] = {}
         self._accepting = True
@@ -49,6 +63,8 @@ class RequestServer:
         """Listen and return the bound port."""
         self._server = await asyncio.start_server(self._serve_connection, self._host, self._port)
         self._port = self._server.sockets[0].getsockname()[1]
+        if self._heartbeat_interval > 0:
+            self._heartbeats = asyncio.ensure_future(self._send_heartbeats())
         logger.info("request plane listening on %s:%s", self._host, self._port)
         return self._port
 
@@ -87,6 +103,8 @@ class RequestServer:
             return
         self._closed = True
         self.stop_accepting()
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
         # Cancel the streams and close the sockets: each connection loop then sees its stream end
         # or its reader hit EOF and returns on its own. (Cancelling the connection tasks instead
         # makes asyncio's stream callback log the CancelledError as an error on Python 3.11.)
@@ -105,6 +123,18 @@ class RequestServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5.0)
         logger.info("request plane on port %s closed", self._port)
+
+    async def _send_heartbeats(self) -> None:
+        """Every interval, a Heartbeat on each stream that sent nothing since the previous tick (so a
+        stream is never silent for more than two intervals while this process runs)."""
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            for conn in self._connections.values():
+                quiet = conn.frames_sent == conn.frames_at_tick
+                if conn.streaming and quiet and not conn.writer.is_closing():
+                    # One write of a whole frame: it never lands inside another frame of the stream.
+                    conn.writer.write(_HEARTBEAT_FRAME)
+                conn.frames_at_tick = conn.frames_sent
 
     # ------------------------------------------------------------------ connection handling
 
@@ -132,7 +162,7 @@ class RequestServer:
                 except TransportError as e:
                     writer.write(encode_frame(ErrorFrame(message=str(e), status=400)))
                     continue
-                conn.stream_task = asyncio.ensure_future(self._run_stream(request, writer))
+                conn.stream_task = asyncio.ensure_future(self._run_stream(request, conn))
                 try:
                     if not await self._watch_stream(conn.stream_task, next_frame):
                         break
@@ -181,17 +211,21 @@ class RequestServer:
             return False
         return True
 
-    async def _run_stream(self, request: Request, writer: asyncio.StreamWriter) -> None:
+    async def _run_stream(self, request: Request, conn: _Connection) -> None:
         """Send every frame of handler(request); turn failures into a last ErrorFrame."""
+        writer = conn.writer
         stream: AsyncIterator[Reply] | None = None
         sent_last = False
         error: ErrorFrame | None = None
+        conn.streaming = True
         try:
             stream = self._handler(request)
             async for reply in stream:
                 writer.write(encode_frame(reply))
+                conn.frames_sent += 1
                 if reply.last:
                     sent_last = True
+                    conn.streaming = False  # no heartbeat after the last frame
                     break
                 await writer.drain()  # back-pressure, and raises if the connection is gone
         except DynamoLiteError as e:
@@ -202,6 +236,8 @@ class RequestServer:
             logger.exception("request handler failed")
             error = ErrorFrame(message=f"worker error: {type(e).__name__}: {e}", status=500)
         finally:
+            if not sent_last:
+                conn.streaming = False
             aclose = getattr(stream, "aclose", None)  # None too if the handler raised at once
             if aclose is not None:
                 await aclose()

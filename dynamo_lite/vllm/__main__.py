@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from dynamo_lite.protocol.errors import ConfigError, DynamoLiteError
+from dynamo_lite.protocol.errors import ConfigError, DynamoLiteError, EngineDiedError
 from dynamo_lite.runtime.logging import configure_logging
 
 logger = logging.getLogger("dynamo_lite.vllm")
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                                   client_name=f"vllm-{config.role}"))
     except KeyboardInterrupt:
         return 130
+    except EngineDiedError as e:
+        logger.error("%s: deregistered; exiting with status 1 so that a supervisor restarts the worker",
+                     e.message)
+        return 1
     except DynamoLiteError as e:
         # A taken request-plane port, etcd unreachable and the like: one clear line, not a traceback.
         logger.error("cannot serve: %s", e.message)

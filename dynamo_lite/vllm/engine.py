@@ -23,7 +23,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
 from dynamo_lite.engine.base import Engine, EngineInfo, EngineLoad, TransferTotals
-from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
+from dynamo_lite.protocol.errors import EngineDiedError, EngineError, InvalidRequestError
 from dynamo_lite.protocol.messages import (EmbedReply, EmbedRequest, FinishReason, GenerateFrame,
                                             GenerateRequest, KvEvent, SamplingOptions, StructuredOutput,
                                             TokenLogprob)
@@ -258,7 +258,24 @@ class VllmEngine(Engine):
     def _require_llm(self) -> AsyncLLM:
         if self._llm is None or self._shut_down:
             raise EngineError("the vLLM engine is not running")
+        if self.failure() is not None:
+            raise EngineDiedError("the vLLM engine died")  # a 503: the frontend sends it elsewhere
         return self._llm
+
+    def failure(self) -> str | None:
+        """Set once vLLM's engine core process is gone (AsyncLLM.errored: EngineDeadError from then on)."""
+        llm = self._llm
+        if llm is None or self._shut_down or not llm.errored:
+            return None
+        return "vLLM's engine core is dead (EngineDeadError): its process exited or its output loop failed"
+
+    def _server_error(self, request_id: str, error: BaseException) -> Exception:
+        """An engine-side failure: EngineDiedError (503: retried or migrated) when the engine core is
+        gone, else EngineError (the request's own failure, reported to the client)."""
+        if self.failure() is not None:
+            return EngineDiedError(f"vLLM's engine died during request {request_id}")
+        cause = error.__cause__ if error.__cause__ is not None else error
+        return EngineError(f"vLLM failed request {request_id}: {cause}")
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateFrame]:
         llm = self._require_llm()
@@ -307,8 +324,7 @@ class VllmEngine(Engine):
         except CLIENT_ERRORS as e:  # vLLM's own validation, e.g. prompt longer than the context
             raise InvalidRequestError(str(e)) from e
         except SERVER_ERRORS as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
-            raise EngineError(f"vLLM failed request {request.request_id}: {cause}") from e
+            raise self._server_error(request.request_id, e) from e
         finally:
             if window is not None:
                 window.close()
@@ -338,8 +354,7 @@ class VllmEngine(Engine):
         except CLIENT_ERRORS as e:
             raise InvalidRequestError(str(e)) from e
         except SERVER_ERRORS as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
-            raise EngineError(f"vLLM failed request {request.request_id}: {cause}") from e
+            raise self._server_error(request.request_id, e) from e
         return EmbedReply(embeddings=list(embeddings), prompt_tokens=sum(map(len, request.prompts)))
 
     async def kv_events(self) -> AsyncIterator[list[KvEvent]]:

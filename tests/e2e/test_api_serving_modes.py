@@ -53,7 +53,7 @@ class RoutedStack:
     def start_worker(self, core: int) -> None:
         """A worker on `core`, waited for until the frontend lists it (one at a time, so the new address
         names its process)."""
-        live = {i["address"] for i in healthy_instances(self.base_url, SERVED_MODEL_NAME)}
+        live = set(self.workers)  # the frontend lists exactly these now
         # float32: in bfloat16 the survivor's one-pass prefill of prompt + generated tokens and the dead
         # worker's token-by-token decode round differently, and greedy answers drift apart after a
         # near tie (seen ~90 tokens after the seam), which would hide what this test checks.
@@ -69,7 +69,7 @@ class RoutedStack:
 
     def replace_dead_workers(self) -> None:
         for address, proc in list(self.workers.items()):
-            if proc.poll() is not None:
+            if not proc.alive():
                 del self.workers[address]
                 wait_until(lambda: address not in {i["address"] for i in healthy_instances(
                     self.base_url, SERVED_MODEL_NAME)}, 60, f"{address} gone from {self.base_url}/health", [])

@@ -363,3 +363,42 @@ def test_a_taken_request_plane_port_is_one_line_naming_the_flag(etcd_endpoint, n
     assert "Traceback" not in stderr
     [line] = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert f"cannot bind the request plane to 0.0.0.0:{port}" in line and "--request-plane-port" in line
+
+
+async def test_a_worker_whose_engine_died_deregisters_and_run_workers_raises(tmp_path):
+    """Engine.failure() set (vLLM's engine core gone): the worker leaves discovery and run_workers raises
+    EngineDiedError, which the worker commands turn into a non-zero exit for a supervisor to see."""
+    from dynamo_lite.protocol.errors import EngineDiedError
+
+    class DyingEngine(FakeEngine):
+        dead = False
+
+        def failure(self) -> str | None:
+            return "engine core process exited" if self.dead else None
+
+    discovery = MemoryDiscovery()
+    engine = DyingEngine(str(tmp_path))
+    config = WorkerShellConfig(namespace=NS, host="127.0.0.1", lease_ttl=5.0, drain_timeout=1.0)
+    serving = asyncio.ensure_future(run_workers_on(engine, config, discovery))
+    try:
+        prefix = keys.instances_prefix(NS)
+        for _ in range(int(WAIT / 0.05)):
+            if (await discovery.get_prefix(prefix))[0]:
+                break
+            await asyncio.sleep(0.05)
+        assert (await discovery.get_prefix(prefix))[0], "the worker never registered"
+        engine.dead = True
+        with pytest.raises(EngineDiedError, match="engine core process exited"):
+            await asyncio.wait_for(serving, WAIT)
+        assert (await discovery.get_prefix(prefix))[0] == []  # deregistered
+        assert engine.shutdown_calls == 1
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await discovery.close()
+
+
+async def run_workers_on(engine: Engine, config: WorkerShellConfig, discovery: MemoryDiscovery) -> None:
+    from dynamo_lite.engine.worker import run_workers
+
+    await run_workers([engine], [config], discovery, None, shutdown=asyncio.Event())

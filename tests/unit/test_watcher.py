@@ -94,6 +94,56 @@ async def test_mark_failed_excludes_at_once_and_returns_after_cooldown():
         await watcher.close()
 
 
+async def test_failed_instance_comes_back_only_once_it_answers_the_probe():
+    d = MemoryDiscovery()
+    _, record = await register(d)
+    answers = [False, False, True]
+    probed: list[int] = []
+
+    async def probe(probed_record: InstanceRecord) -> bool:
+        probed.append(probed_record.instance_id)
+        return answers[len(probed) - 1]
+
+    watcher, seen = await started(d, failed_cooldown=0.1, probe=probe)
+    try:
+        watcher.mark_failed(record.instance_id)
+        for _ in range(200):  # probes change nothing the watcher signals: poll
+            if len(probed) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(probed) >= 2
+        if len(probed) == 2:
+            assert watcher.instances() == []  # two failed probes: still excluded
+        assert await watcher.wait_for(lambda: watcher.instances() == [record], timeout=2)
+        assert probed == [record.instance_id] * 3
+        assert seen == [("added", record.instance_id), ("removed", record.instance_id),
+                        ("added", record.instance_id)]
+    finally:
+        await watcher.close()
+
+
+async def test_an_instance_stays_excluded_while_its_probe_runs():
+    d = MemoryDiscovery()
+    _, record = await register(d)
+    probing, release = asyncio.Event(), asyncio.Event()
+
+    async def probe(_: InstanceRecord) -> bool:
+        probing.set()
+        await release.wait()
+        return True
+
+    watcher, _ = await started(d, failed_cooldown=0.05, probe=probe)
+    try:
+        watcher.mark_failed(record.instance_id)
+        await asyncio.wait_for(probing.wait(), 2)
+        await asyncio.sleep(0.1)  # the cooldown is long over, the answer not in yet
+        assert watcher.instances() == []
+        release.set()
+        assert await watcher.wait_for(lambda: watcher.instances() == [record], timeout=2)
+    finally:
+        await watcher.close()
+
+
 async def test_failed_instance_whose_lease_ended_does_not_come_back():
     d = MemoryDiscovery()
     lease, record = await register(d)
