@@ -26,6 +26,7 @@ This module sits above discovery/ and events/ (it imports them) and below engine
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from dynamo_lite.discovery.base import Discovery
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import option
+from dynamo_lite.transport.auth import MIN_SECRET_BYTES, PlaneAuth, plane_auth
 
 DISCOVERY_FLAG = "--etcd-endpoints"
 EVENT_BUS_FLAG = "--nats-server"
@@ -69,6 +71,7 @@ class EventBusOptions:
     discovery: Discovery | None  # the component's own (embedded://); NATS ignores it
     namespace: str  # embedded://: buses of one namespace find each other
     advertise_host: str  # embedded://: the address this bus listens on and others dial
+    credentials: PlaneCredentials  # embedded://: the plane secret; nats://: the NATS credentials
 
 
 async def _nats(url: str, options: EventBusOptions) -> EventBus:
@@ -85,7 +88,8 @@ async def _embedded(url: str, options: EventBusOptions) -> EventBus:
                           "(connect_event_bus(..., discovery=...))", param=options.flag)
     return await asyncio.wait_for(
         EmbeddedEventBus.connect(options.discovery, namespace=options.namespace, host=options.advertise_host,
-                                 name=options.name), options.connect_timeout)
+                                 name=options.name, auth=options.credentials.events_auth()),
+        options.connect_timeout)
 
 
 # scheme -> connect function; "" is a bare host:port.
@@ -137,6 +141,56 @@ def resolve_planes(discovery: str, discovery_dir: str, event_plane: str, etcd_en
     return discovery_url, event_plane_url
 
 
+PLANE_SECRET_ENV = "DYN_PLANE_SECRET"
+
+
+@dataclass(frozen=True)
+class PlaneCredentials:
+    """What a component proves itself with on each plane, read once from the files its options name.
+    Empty everywhere: no authentication (the planes as they were)."""
+
+    plane_secret: bytes = field(default=b"", repr=False)  # request plane and embedded event plane
+
+    def request_auth(self) -> PlaneAuth | None:
+        """The request plane's handshake (transport/auth.py), or None without a secret."""
+        return plane_auth(self.plane_secret, "request")
+
+    def events_auth(self) -> PlaneAuth | None:
+        """The embedded event plane's handshake, or None without a secret."""
+        return plane_auth(self.plane_secret, "events")
+
+
+def read_secret_file(path: str, flag: str) -> str:
+    """A secret file's text without surrounding whitespace (a trailing newline is no part of it);
+    ConfigError naming `flag` when it cannot be read or is empty."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})",
+                          param=flag) from e
+    if not text:
+        raise ConfigError(f"{flag} {path}: the file is empty", param=flag)
+    return text
+
+
+def _plane_secret(options: PlaneOptions, env: Mapping[str, str]) -> bytes:
+    if options.plane_secret_file:
+        where = "--plane-secret-file"
+        secret = read_secret_file(options.plane_secret_file, where)
+    else:
+        secret, where = env.get(PLANE_SECRET_ENV, "").strip(), PLANE_SECRET_ENV
+    if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(f"{where}: the plane secret is {len(secret.encode())} bytes; use at least "
+                          f"{MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)", param="--plane-secret-file")
+    return secret.encode()
+
+
+def resolve_credentials(options: PlaneOptions, env: Mapping[str, str] = os.environ) -> PlaneCredentials:
+    """The credentials a component's options name (reads the files; ConfigError naming the flag)."""
+    return PlaneCredentials(plane_secret=_plane_secret(options, env))
+
+
 @dataclass(frozen=True)
 class PlaneOptions:
     """The options every component (frontend, vLLM worker, mocker) chooses its planes with; a component's
@@ -157,15 +211,22 @@ class PlaneOptions:
     nats_server: str = option("", "NATS server URL (nats://host:port or host:port); giving it selects the "
                               f"NATS event plane ({DEFAULT_NATS_SERVER} with --event-plane nats alone).",
                               env="NATS_SERVER")
+    # Security of the planes (docs/security.md): files, so that no secret shows in `ps` or --help.
+    plane_secret_file: str = option("", "File holding the secret shared by every component of the "
+                                    "deployment: request-plane and embedded event-plane connections must "
+                                    "prove it (HMAC challenge-response; DYN_PLANE_SECRET gives it directly). "
+                                    "None: those ports accept anyone who reaches them.")
     # Set by _resolve_planes(): what connect_discovery / connect_event_bus are given.
     discovery_url: str = field(default="", init=False)
     event_plane_url: str = field(default="", init=False)
+    credentials: PlaneCredentials = field(default=None, init=False, repr=False)  # type: ignore[assignment]
 
-    def _resolve_planes(self) -> None:
+    def _resolve_planes(self, env: Mapping[str, str] = os.environ) -> None:
         discovery_url, event_plane_url = resolve_planes(self.discovery, self.discovery_dir, self.event_plane,
                                                         self.etcd_endpoints, self.nats_server)
         object.__setattr__(self, "discovery_url", discovery_url)  # the config is frozen
         object.__setattr__(self, "event_plane_url", event_plane_url)
+        object.__setattr__(self, "credentials", resolve_credentials(self, env))
 
 
 def announce_planes(role: str, namespace: str, discovery_url: str, event_plane_url: str | None,
@@ -178,6 +239,16 @@ def announce_planes(role: str, namespace: str, discovery_url: str, event_plane_u
     record = presence.own_record(str(role), namespace, discovery_kind(discovery_url), discovery_url,
                                  event_plane_kind(event_plane_url), event_plane_url or "")
     return presence.presence(os.path.join(default_discovery_dir(env), "presence"), record)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is this host only: its ports need no authentication."""
+    if host.strip("[]") == "localhost" or host.startswith("localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def discovery_kind(url: str) -> str:
@@ -236,12 +307,15 @@ async def connect_discovery(url: str, *, flag: str = DISCOVERY_FLAG,
 async def connect_event_bus(url: str, *, name: str | None = None,
                             connect_timeout: float = DEFAULT_EVENT_BUS_CONNECT_TIMEOUT,
                             flag: str = EVENT_BUS_FLAG, discovery: Discovery | None = None,
-                            namespace: str = "dynamo", advertise_host: str = "127.0.0.1") -> EventBus:
+                            namespace: str = "dynamo", advertise_host: str = "127.0.0.1",
+                            credentials: PlaneCredentials | None = None) -> EventBus:
     """The EventBus `url` names, connected within `connect_timeout` seconds. `name` identifies this
     client (monitoring, logs). `discovery`, `namespace` and `advertise_host` are the component's: the
-    embedded bus registers and finds its peers there (NATS ignores them). ConfigError naming `flag` for
-    an unknown scheme; the implementation's TransportError when it cannot connect."""
+    embedded bus registers and finds its peers there (NATS ignores them). `credentials`: the component's
+    (PlaneOptions.credentials; None: none). ConfigError naming `flag` for an unknown scheme; the
+    implementation's TransportError when it cannot connect."""
     connect = _EVENT_BUSES[url_scheme(url, _EVENT_BUSES, flag)]
     return await connect(url, EventBusOptions(name=name, connect_timeout=connect_timeout, flag=flag,
                                               discovery=discovery, namespace=namespace,
-                                              advertise_host=advertise_host))
+                                              advertise_host=advertise_host,
+                                              credentials=credentials or PlaneCredentials()))

@@ -119,7 +119,7 @@ async def serve(config: FrontendConfig) -> None:
         await stack.enter_async_context(announce_planes(FRONTEND, config.namespace, config.discovery_url,
                                                         config.event_plane_url))
         watcher = await _connect_discovery(config, stack)
-        client = RequestClient(connect_timeout=config.connect_timeout)
+        client = RequestClient(connect_timeout=config.connect_timeout, auth=config.credentials.request_auth())
         stack.push_async_callback(client.close)
         registry = CollectorRegistry()
         router = await build_router(config, watcher, stack, registry)
