@@ -47,15 +47,18 @@ EVENT_PLANE_KINDS = ["nats", "embedded"]
 EMBEDDED_EVENT_PLANE_URL = "embedded://"
 
 
-async def _etcd(url: str, connect_wait: float | None) -> Discovery:
-    from dynamo_lite.discovery.etcd import EtcdDiscovery
+async def _etcd(url: str, connect_wait: float | None, credentials: PlaneCredentials) -> Discovery:
+    from dynamo_lite.discovery.etcd import EtcdDiscovery, EtcdSecurity
 
+    c = credentials
+    security = EtcdSecurity(ca_file=c.etcd_ca_file, cert_file=c.etcd_cert_file, key_file=c.etcd_key_file,
+                            user=c.etcd_user, password=c.etcd_password)
     if connect_wait is None:
-        return await EtcdDiscovery.connect(url)
-    return await EtcdDiscovery.connect(url, wait=connect_wait)
+        return await EtcdDiscovery.connect(url, security=security)
+    return await EtcdDiscovery.connect(url, wait=connect_wait, security=security)
 
 
-async def _file(url: str, connect_wait: float | None) -> Discovery:
+async def _file(url: str, connect_wait: float | None, credentials: PlaneCredentials) -> Discovery:
     from dynamo_lite.discovery.embedded import EmbeddedDiscovery
 
     return await EmbeddedDiscovery.open(url.split("://", 1)[1])
@@ -77,7 +80,10 @@ class EventBusOptions:
 async def _nats(url: str, options: EventBusOptions) -> EventBus:
     from dynamo_lite.events.nats import NatsEventBus
 
-    return await NatsEventBus.connect(url, connect_timeout=options.connect_timeout, name=options.name)
+    c = options.credentials
+    return await NatsEventBus.connect(url, connect_timeout=options.connect_timeout, name=options.name,
+                                      token=c.nats_token, user=c.nats_user, password=c.nats_password,
+                                      creds_file=c.nats_creds_file, ca_file=c.nats_ca_file)
 
 
 async def _embedded(url: str, options: EventBusOptions) -> EventBus:
@@ -93,8 +99,8 @@ async def _embedded(url: str, options: EventBusOptions) -> EventBus:
 
 
 # scheme -> connect function; "" is a bare host:port.
-_DISCOVERY: dict[str, Callable[[str, float | None], Awaitable[Discovery]]] = {
-    "etcd": _etcd, "http": _etcd, "": _etcd, "file": _file}
+_DISCOVERY: dict[str, Callable[[str, float | None, PlaneCredentials], Awaitable[Discovery]]] = {
+    "etcd": _etcd, "http": _etcd, "https": _etcd, "": _etcd, "file": _file}
 _EVENT_BUSES: dict[str, Callable[[str, EventBusOptions], Awaitable[EventBus]]] = {
     "nats": _nats, "tls": _nats, "": _nats, "embedded": _embedded}
 
@@ -150,6 +156,16 @@ class PlaneCredentials:
     Empty everywhere: no authentication (the planes as they were)."""
 
     plane_secret: bytes = field(default=b"", repr=False)  # request plane and embedded event plane
+    etcd_ca_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_key_file: str = ""
+    etcd_user: str = ""
+    etcd_password: str = field(default="", repr=False)
+    nats_token: str = field(default="", repr=False)
+    nats_user: str = ""
+    nats_password: str = field(default="", repr=False)
+    nats_creds_file: str = ""
+    nats_ca_file: str = ""
 
     def request_auth(self) -> PlaneAuth | None:
         """The request plane's handshake (transport/auth.py), or None without a secret."""
@@ -188,7 +204,36 @@ def _plane_secret(options: PlaneOptions, env: Mapping[str, str]) -> bytes:
 
 def resolve_credentials(options: PlaneOptions, env: Mapping[str, str] = os.environ) -> PlaneCredentials:
     """The credentials a component's options name (reads the files; ConfigError naming the flag)."""
-    return PlaneCredentials(plane_secret=_plane_secret(options, env))
+    def secret(path: str, flag: str) -> str:
+        return read_secret_file(path, flag) if path else ""
+
+    def readable(path: str, flag: str) -> str:
+        if path and not os.access(os.path.expanduser(path), os.R_OK):
+            raise ConfigError(f"{flag} {path}: cannot read it", param=flag)
+        return os.path.expanduser(path)
+
+    def pair(first: str, first_flag: str, second: str, second_flag: str) -> None:
+        if bool(first) != bool(second):
+            given, missing = (first_flag, second_flag) if first else (second_flag, first_flag)
+            raise ConfigError(f"{given} needs {missing} too", param=missing)
+
+    o = options
+    pair(o.etcd_cert_file, "--etcd-cert-file", o.etcd_key_file, "--etcd-key-file")
+    pair(o.etcd_user, "--etcd-user", o.etcd_password_file, "--etcd-password-file")
+    pair(o.nats_user, "--nats-user", o.nats_password_file, "--nats-password-file")
+    if sum(map(bool, (o.nats_token_file, o.nats_user, o.nats_creds_file))) > 1:
+        raise ConfigError("--nats-token-file, --nats-user and --nats-creds-file exclude each other (a NATS "
+                          "server authorizes one way)", param="--nats-token-file")
+    return PlaneCredentials(
+        plane_secret=_plane_secret(o, env),
+        etcd_ca_file=readable(o.etcd_ca_file, "--etcd-ca-file"),
+        etcd_cert_file=readable(o.etcd_cert_file, "--etcd-cert-file"),
+        etcd_key_file=readable(o.etcd_key_file, "--etcd-key-file"), etcd_user=o.etcd_user,
+        etcd_password=secret(o.etcd_password_file, "--etcd-password-file"),
+        nats_token=secret(o.nats_token_file, "--nats-token-file"), nats_user=o.nats_user,
+        nats_password=secret(o.nats_password_file, "--nats-password-file"),
+        nats_creds_file=readable(o.nats_creds_file, "--nats-creds-file"),
+        nats_ca_file=readable(o.nats_ca_file, "--nats-ca-file"))
 
 
 @dataclass(frozen=True)
@@ -216,6 +261,26 @@ class PlaneOptions:
                                     "deployment: request-plane and embedded event-plane connections must "
                                     "prove it (HMAC challenge-response; DYN_PLANE_SECRET gives it directly). "
                                     "None: those ports accept anyone who reaches them.")
+    etcd_ca_file: str = option("", "etcd over TLS: the CA (PEM) that signed etcd's certificate (https:// "
+                               "endpoints without it trust the system CAs).", env="ETCD_CA_FILE")
+    etcd_cert_file: str = option("", "etcd over TLS: this component's client certificate (PEM), for an etcd "
+                                 "started with --client-cert-auth.", env="ETCD_CERT_FILE")
+    etcd_key_file: str = option("", "etcd over TLS: the private key (PEM) of --etcd-cert-file.",
+                                env="ETCD_KEY_FILE")
+    etcd_user: str = option("", "etcd user (etcd with auth enabled), with --etcd-password-file.",
+                            env="ETCD_USER")
+    etcd_password_file: str = option("", "File holding the password of --etcd-user.",
+                                     env="ETCD_PASSWORD_FILE")
+    nats_token_file: str = option("", "File holding the token of a NATS server with token authorization.",
+                                  env="NATS_TOKEN_FILE")
+    nats_user: str = option("", "NATS user (a server with user/password authorization), with "
+                            "--nats-password-file.", env="NATS_USER")
+    nats_password_file: str = option("", "File holding the password of --nats-user.",
+                                     env="NATS_PASSWORD_FILE")
+    nats_creds_file: str = option("", "NATS credentials file (JWT + NKey seed, as `nsc` writes it).",
+                                  env="NATS_CREDS_FILE")
+    nats_ca_file: str = option("", "NATS over TLS: the CA (PEM) that signed the server's certificate "
+                               "(tls:// URLs without it trust the system CAs).", env="NATS_CA_FILE")
     # Set by _resolve_planes(): what connect_discovery / connect_event_bus are given.
     discovery_url: str = field(default="", init=False)
     event_plane_url: str = field(default="", init=False)
@@ -295,13 +360,13 @@ def check_event_bus_url(url: str, flag: str = EVENT_BUS_FLAG) -> None:
     url_scheme(url, _EVENT_BUSES, flag)
 
 
-async def connect_discovery(url: str, *, flag: str = DISCOVERY_FLAG,
-                            connect_wait: float | None = None) -> Discovery:
+async def connect_discovery(url: str, *, flag: str = DISCOVERY_FLAG, connect_wait: float | None = None,
+                            credentials: PlaneCredentials | None = None) -> Discovery:
     """The Discovery `url` names, connected. `connect_wait`: how long to wait for the store to answer
-    (None: the implementation's default). ConfigError naming `flag` for an unknown scheme; the
-    implementation's TransportError when it cannot connect."""
+    (None: the implementation's default). `credentials`: the component's (etcd TLS and user). ConfigError
+    naming `flag` for an unknown scheme; the implementation's TransportError when it cannot connect."""
     connect = _DISCOVERY[url_scheme(url, _DISCOVERY, flag)]
-    return await connect(url, connect_wait)
+    return await connect(url, connect_wait, credentials or PlaneCredentials())
 
 
 async def connect_event_bus(url: str, *, name: str | None = None,

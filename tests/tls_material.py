@@ -59,7 +59,8 @@ def make_tls_files(directory: Path) -> TlsFiles:
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False),
+                                       data_encipherment=False, key_agreement=False, encipher_only=False,
+                                       decipher_only=False),
                          critical=True)
           .sign(ca_key, hashes.SHA256()))
     files = TlsFiles(ca=directory / "ca.pem", server_cert=directory / "server.pem",

@@ -300,7 +300,7 @@ async def serve_workers(engines: list[Engine], configs: list[WorkerShellConfig],
 async def _serve_on_planes(engines: list[Engine], configs: list[WorkerShellConfig], discovery_url: str,
                            event_bus_url: str | None, event_bus_connect_timeout: float,
                            client_name: str | None, shutdown: asyncio.Event) -> None:
-    discovery = await planes.connect_discovery(discovery_url)
+    discovery = await planes.connect_discovery(discovery_url, credentials=configs[0].credentials)
     events: EventBus | None = None
     try:
         if event_bus_url:

@@ -56,7 +56,7 @@ class EtcdUnreachable(Exception):
 async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExitStack) -> InstanceWatcher:
     try:
         async with asyncio.timeout(ETCD_CONNECT_TIMEOUT):
-            discovery = await connect_discovery(config.discovery_url)
+            discovery = await connect_discovery(config.discovery_url, credentials=config.credentials)
             stack.push_async_callback(discovery.close)
             watcher = InstanceWatcher(discovery, config.namespace, failed_cooldown=config.failed_cooldown)
             await watcher.start()
