@@ -148,6 +148,10 @@ def resolve_planes(discovery: str, discovery_dir: str, event_plane: str, etcd_en
 
 
 PLANE_SECRET_ENV = "DYN_PLANE_SECRET"
+# PlaneOptions' security fields: every component of a deployment takes them (serve passes them to all).
+SECURITY_FIELDS = ("plane_secret_file", "etcd_ca_file", "etcd_cert_file", "etcd_key_file", "etcd_user",
+                   "etcd_password_file", "nats_token_file", "nats_user", "nats_password_file",
+                   "nats_creds_file", "nats_ca_file")
 
 
 @dataclass(frozen=True)
