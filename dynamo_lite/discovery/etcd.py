@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
-from aetcd import rpc
+import grpc
+from aetcd import exceptions as aetcd_errors
+from aetcd import rpc, watcher
+from aetcd.client import _handle_errors
 
 from dynamo_lite.discovery.base import Discovery, Lease, WatchEvent, WatchEventKind
 from dynamo_lite.protocol.errors import TransportError
@@ -50,6 +56,66 @@ class DiscoveryError(TransportError):
     """etcd was unreachable within the deadline, or refused the request."""
 
 
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """TLS files and user of an etcd that requires them (all empty: plain, open etcd)."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    user: str = ""
+    password: str = field(default="", repr=False)
+    tls: bool = False  # https:// endpoints ask for TLS even without a CA file (the system CAs)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or bool(self.ca_file or self.cert_file)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+class _Client(aetcd.Client):
+    """aetcd 1.0's client opens only insecure channels (no TLS option): this one opens a TLS channel when
+    asked, and is otherwise aetcd's own connect (user/password authentication included)."""
+
+    def __init__(self, *args, channel_credentials: grpc.ChannelCredentials | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._channel_credentials = channel_credentials
+
+    @_handle_errors
+    async def connect(self) -> None:
+        if self._channel_credentials is None:
+            return await super().connect()
+        # aetcd 1.0's Client.connect, with rpc.secure_channel in place of rpc.insecure_channel.
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel = rpc.secure_channel(f"{self._host}:{self._port}", self._channel_credentials,
+                                              options=self._options.items())
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                            metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
     """"http://h:p", "h:p" or "h" (port 2379), comma-separated, into (host, port) pairs."""
     parsed = []
@@ -58,12 +124,36 @@ def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
         if not item:
             continue
         split = urlsplit(item if "://" in item else f"http://{item}")
-        if split.scheme not in ("http", "etcd", "") or not split.hostname:
+        if split.scheme not in ("http", "https", "etcd", "") or not split.hostname:
             raise ValueError(f"invalid etcd endpoint {item!r} (expected http://host:port or host:port)")
         parsed.append((split.hostname, split.port or 2379))
     if not parsed:
         raise ValueError(f"no etcd endpoint in {endpoints!r}")
     return parsed
+
+
+def _refused_user(error: BaseException) -> bool:
+    """etcd's answer to a missing or wrong user or password (auth enabled)."""
+    text = str(error).lower()
+    return isinstance(error, (aetcd_errors.InvalidArgumentError, aetcd_errors.UnauthenticatedError)) and any(
+        marker in text for marker in ("user name is empty", "authentication failed", "invalid auth token",
+                                      "user name not found", "invalid user"))
+
+
+def _permission_denied(error: BaseException) -> bool:
+    return "permission denied" in str(error).lower()
+
+
+def _tls_hint(error: str, security: EtcdSecurity) -> str:
+    """What to check when the last error looks like a TLS problem (or a TLS etcd spoken to in plain)."""
+    text = error.lower()
+    if not security.uses_tls and any(m in text for m in ("socket closed", "connection reset", "ssl", "eof")):
+        return "; if etcd serves TLS, use https:// endpoints and --etcd-ca-file / ETCD_CA_FILE"
+    tls_markers = ("ssl", "handshake", "certificate", "socket closed", "tsi_", "unwrap")
+    if security.uses_tls and any(m in text for m in tls_markers):
+        return ("; check --etcd-ca-file, and --etcd-cert-file / --etcd-key-file if etcd checks client "
+                "certificates (--client-cert-auth)")
+    return ""
 
 
 def _log_retry(attempt: int, message: str, *args: object) -> None:
@@ -139,7 +229,8 @@ class EtcdDiscovery(Discovery):
     """Discovery on one etcd cluster; build it with `await EtcdDiscovery.connect(endpoints)`."""
 
     def __init__(self, endpoints: list[tuple[str, int]], client: aetcd.Client, endpoint_index: int,
-                 op_timeout: float = DEFAULT_OP_TIMEOUT):
+                 op_timeout: float = DEFAULT_OP_TIMEOUT, security: EtcdSecurity | None = None):
+        self._security = security or EtcdSecurity()
         self._endpoints = endpoints
         self._client = client
         self._endpoint_index = endpoint_index
@@ -151,46 +242,70 @@ class EtcdDiscovery(Discovery):
     @property
     def endpoint(self) -> str:
         host, port = self._endpoints[self._endpoint_index]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._security.uses_tls else 'http'}://{host}:{port}"
 
     @classmethod
     async def connect(cls, endpoints: str, *, op_timeout: float = DEFAULT_OP_TIMEOUT,
-                      wait: float = DEFAULT_CONNECT_WAIT) -> EtcdDiscovery:
-        """Connect to the first endpoint that answers, retrying for `wait` seconds; DiscoveryError if none does."""
+                      wait: float = DEFAULT_CONNECT_WAIT,
+                      security: EtcdSecurity | None = None) -> EtcdDiscovery:
+        """Connect to the first endpoint that answers, retrying for `wait` seconds; DiscoveryError if none
+        does (with the last error seen), and at once if etcd refuses our user or password."""
         parsed = parse_endpoints(endpoints)
+        security = security or EtcdSecurity()
+        if any(item.strip().lower().startswith("https://") for item in endpoints.split(",")):
+            security = dataclasses.replace(security, tls=True)
+        errors: list[str] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         attempt = 0
         while True:
             attempt += 1
             probe = max(0.5, min(op_timeout, deadline - loop.time()))
-            found = await cls._first_reachable(parsed, 0, probe, op_timeout, quiet=attempt > 1)
+            found = await cls._first_reachable(parsed, 0, probe, op_timeout, quiet=attempt > 1,
+                                               security=security, errors=errors)
             if found is not None:
                 break
             if loop.time() + _backoff(attempt) >= deadline:
+                last = f" (last error: {errors[-1]}{_tls_hint(errors[-1], security)})" if errors else ""
                 raise DiscoveryError(
-                    f"etcd is unreachable: no endpoint of {endpoints!r} answered within {wait:g}s")
+                    f"etcd is unreachable: no endpoint of {endpoints!r} answered within {wait:g}s{last}")
             _log_retry(attempt, "waiting for etcd at %s (attempt %s)", endpoints, attempt)
             await asyncio.sleep(_backoff(attempt))
         index, client = found
-        logger.info("connected to etcd at http://%s:%s", *parsed[index])
-        return cls(parsed, client, index, op_timeout)
+        logger.info("connected to etcd at %s://%s:%s%s", "https" if security.uses_tls else "http",
+                    *parsed[index], f" as user {security.user}" if security.user else "")
+        return cls(parsed, client, index, op_timeout, security)
 
     @staticmethod
     async def _first_reachable(endpoints: list[tuple[str, int]], start: int, probe_timeout: float,
-                               op_timeout: float, quiet: bool = False) -> tuple[int, aetcd.Client] | None:
+                               op_timeout: float, quiet: bool = False, security: EtcdSecurity | None = None,
+                               errors: list[str] | None = None) -> tuple[int, aetcd.Client] | None:
+        security = security or EtcdSecurity()
+        scheme = "https" if security.uses_tls else "http"
         for offset in range(len(endpoints)):
             index = (start + offset) % len(endpoints)
             host, port = endpoints[index]
-            client = aetcd.Client(host=host, port=port, timeout=op_timeout, options=_CHANNEL_OPTIONS)
+            client = _Client(host=host, port=port, timeout=op_timeout, options=_CHANNEL_OPTIONS,
+                             username=security.user or None, password=security.password or None,
+                             channel_credentials=security.credentials() if security.uses_tls else None)
             try:
                 await asyncio.wait_for(client.status(), probe_timeout)
+                # Status needs no user: a read does, so a missing or wrong one is found here, not later.
+                await asyncio.wait_for(client.get(b"\0"), probe_timeout)
                 return index, client
             except (aetcd.ClientError, asyncio.TimeoutError) as e:
-                logger.log(logging.DEBUG if quiet else logging.WARNING,
-                           "etcd at http://%s:%s does not answer: %s", host, port, e)
+                if _permission_denied(e):  # the user may read only its namespace: that is fine
+                    return index, client
                 with contextlib.suppress(Exception):
                     await client.close()
+                if _refused_user(e):
+                    raise DiscoveryError(f"etcd at {scheme}://{host}:{port} refused this client: {e} "
+                                         "(etcd has auth enabled: give --etcd-user and "
+                                         "--etcd-password-file / ETCD_USER and ETCD_PASSWORD_FILE)") from e
+                if errors is not None:
+                    errors.append(f"{type(e).__name__}: {e}")
+                logger.log(logging.DEBUG if quiet else logging.WARNING,
+                           "etcd at %s://%s:%s does not answer: %s", scheme, host, port, e)
         return None
 
     async def _reselect(self, failed: aetcd.Client) -> None:
@@ -201,7 +316,7 @@ class EtcdDiscovery(Discovery):
             if self._client is not failed or self._closed:
                 return  # another task already moved on
             found = await self._first_reachable(self._endpoints, self._endpoint_index + 1, 1.0,
-                                                self._op_timeout)
+                                                self._op_timeout, security=self._security)
             if found is None or found[0] == self._endpoint_index:
                 if found is not None:
                     await found[1].close()

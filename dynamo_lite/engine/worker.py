@@ -107,7 +107,8 @@ class WorkerShell:
     async def start(self) -> InstanceRecord:
         # The port first: a taken port is then reported at once, not after the engine took its time to load.
         # Nobody sends requests before the address is registered, which needs the engine's info.
-        server = RequestServer(self._handle, self._config.host, self._config.request_plane_port)
+        auth = self._config.credentials.request_auth()
+        server = RequestServer(self._handle, self._config.host, self._config.request_plane_port, auth=auth)
         try:
             port = await server.start()
         except OSError as e:
@@ -117,6 +118,11 @@ class WorkerShell:
                               param="--request-plane-port") from e
         self._server = server
         self._address = f"{self._config.advertise_host}:{port}"
+        if auth is None and not planes.is_loopback(self._config.advertise_host):
+            logger.warning("request plane at %s is unauthenticated: whoever reaches the port can run "
+                           "requests here; give every component the same --plane-secret-file "
+                           "(docs/security.md)",
+                           self._address)
         self._info = await self._engine.start()
         await self._register()
         if self._events is not None:
@@ -381,7 +387,7 @@ async def serve_workers(engines: list[Engine], configs: list[WorkerShellConfig],
 async def _serve_on_planes(engines: list[Engine], configs: list[WorkerShellConfig], discovery_url: str,
                            event_bus_url: str | None, event_bus_connect_timeout: float,
                            client_name: str | None, shutdown: asyncio.Event) -> None:
-    discovery = await planes.connect_discovery(discovery_url)
+    discovery = await planes.connect_discovery(discovery_url, credentials=configs[0].credentials)
     events: EventBus | None = None
     try:
         if event_bus_url:
@@ -390,7 +396,8 @@ async def _serve_on_planes(engines: list[Engine], configs: list[WorkerShellConfi
                     planes.connect_event_bus(event_bus_url, name=client_name,
                                              connect_timeout=event_bus_connect_timeout, discovery=discovery,
                                              namespace=configs[0].namespace,
-                                             advertise_host=configs[0].advertise_host),
+                                             advertise_host=configs[0].advertise_host,
+                                             credentials=configs[0].credentials),
                     event_bus_connect_timeout)
             except ConfigError:
                 raise

@@ -47,6 +47,7 @@ from dynamo_lite.protocol.messages import json_encoder
 from dynamo_lite.protocol.peer_messages import (
     EventEndpoint, PeerAck, PeerHello, PeerMessage, PeerReply, PeerRequest, PeerServes, PeerSubscribe,
     PeerUnsubscribe, PeerWelcome, endpoint_json_decoder, peer_frame_decoder)
+from dynamo_lite.transport.auth import PlaneAuth
 from dynamo_lite.transport.framing import encode_frame, read_frame, tune_stream_socket
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class EmbeddedEventBus(EventBus):
     ownership of `discovery` (close the bus first)."""
 
     def __init__(self, discovery: Discovery, namespace: str, *, name: str = "", lease_ttl: float = LEASE_TTL,
-                 max_queued_bytes: int = MAX_QUEUED_BYTES, max_pending: int = MAX_PENDING_MESSAGES):
+                 max_queued_bytes: int = MAX_QUEUED_BYTES, max_pending: int = MAX_PENDING_MESSAGES,
+                 auth: PlaneAuth | None = None):
         self.bus_id = secrets.randbits(62) + 1
+        self.auth = auth  # the plane-secret handshake on every link, both ends (transport/auth.py)
         self.namespace = namespace
         self.name = name
         self._discovery = discovery
@@ -307,6 +310,8 @@ class EmbeddedEventBus(EventBus):
         subscriber: PeerSubscriber | None = None
         sender: asyncio.Task | None = None
         try:
+            if self.auth is not None and not await self.auth.accept(reader, writer):
+                return
             payload = await asyncio.wait_for(read_frame(reader), SETTLE_TIMEOUT)
             hello = peer_frame_decoder.decode(payload) if payload is not None else None
             if not isinstance(hello, PeerHello) or hello.namespace != self.namespace or self._closed:

@@ -193,6 +193,8 @@ class PeerLink:
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tune_stream_socket(writer)
+        if self.bus.auth is not None:  # PlaneAuthError is a TransportError: logged as a refused link
+            await self.bus.auth.dial(reader, writer, f"event bus peer {self.bus_id:x} ({self.endpoint.name})")
         # The hello lists our subscriptions as they are now, and from here on subscribe() writes on this
         # connection too (no await in between): none is missed.
         self._writer = writer

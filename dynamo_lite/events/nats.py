@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats.errors
@@ -30,6 +31,11 @@ FLUSH_TIMEOUT = 2.0
 _DISCONNECTED = (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
                  nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
                  nats.errors.ConnectionDrainingError, OSError)
+
+
+def _refused_credentials(error: BaseException) -> bool:
+    """nats-server's answer to a missing or wrong token, user or creds ('Authorization Violation')."""
+    return isinstance(error, nats.errors.AuthorizationError) or "authorization" in str(error).lower()
 
 
 class NatsSubscription(Subscription):
@@ -116,16 +122,39 @@ class NatsEventBus(EventBus):
 
     @classmethod
     async def connect(cls, servers: str, *, connect_timeout: float = CONNECT_TIMEOUT,
-                      name: str | None = None) -> NatsEventBus:
-        """Connect within connect_timeout (TransportError naming the servers otherwise)."""
+                      name: str | None = None, token: str = "", user: str = "", password: str = "",
+                      creds_file: str = "", ca_file: str = "") -> NatsEventBus:
+        """Connect within connect_timeout (TransportError naming the servers otherwise, and saying so when
+        the server refused our credentials). `token`, `user`/`password` or `creds_file` authenticate;
+        `ca_file` verifies a TLS server (tls:// URLs without it use the system CAs)."""
         urls = [s.strip() if "://" in s else f"nats://{s.strip()}" for s in servers.split(",") if s.strip()]
         if not urls:
             raise ValueError(f"no NATS server in {servers!r}")
         nc = Client()
+        errors: list[Exception] = []  # the last one
+        refusals: list[Exception] = []  # the first refusal of our credentials
+        refused = asyncio.Event()  # ends the connect at once: retrying cannot help
+        security: dict = {}
+        if token:
+            security["token"] = token
+        if user:
+            security.update(user=user, password=password)
+        if creds_file:
+            security["user_credentials"] = creds_file
+        if ca_file:
+            security["tls"] = ssl.create_default_context(cafile=ca_file)
 
         async def on_error(e: Exception) -> None:
             # Refused connections while reconnecting are expected and frequent: keep them quiet.
-            logger.debug("nats client error: %s", e)
+            errors.append(e)
+            del errors[:-1]
+            if _refused_credentials(e) and not refusals:  # a refusal of our credentials will not heal itself
+                refusals.append(e)
+                refused.set()
+                logger.error("NATS at %s refused this client: %s (--nats-token-file, --nats-user / "
+                             "--nats-password-file, --nats-creds-file)", servers, e)
+            else:
+                logger.debug("nats client error: %s", e)
 
         async def on_disconnected() -> None:
             if not nc.is_closed:
@@ -134,18 +163,34 @@ class NatsEventBus(EventBus):
         async def on_reconnected() -> None:
             logger.info("reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else servers)
 
+        connecting = asyncio.ensure_future(nc.connect(
+            servers=urls, name=name, error_cb=on_error, disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected, allow_reconnect=True, max_reconnect_attempts=-1,
+            reconnect_time_wait=RECONNECT_WAIT, connect_timeout=min(2, connect_timeout),
+            flush_timeout=FLUSH_TIMEOUT,
+            ping_interval=20, max_outstanding_pings=3, **security))
+        watching = asyncio.ensure_future(refused.wait())
         try:
-            await asyncio.wait_for(nc.connect(
-                servers=urls, name=name, error_cb=on_error, disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected, allow_reconnect=True, max_reconnect_attempts=-1,
-                reconnect_time_wait=RECONNECT_WAIT, connect_timeout=min(2, connect_timeout),
-                flush_timeout=FLUSH_TIMEOUT,
-                ping_interval=20, max_outstanding_pings=3), connect_timeout)
+            await asyncio.wait((connecting, watching), timeout=connect_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                raise asyncio.TimeoutError()
+            connecting.result()
         except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 1.0)
+            cause = next((c for c in (e, *refusals) if _refused_credentials(c)), None)
+            if cause is not None:
+                raise TransportError(f"NATS at {servers} refused this client's credentials ({cause}): give "
+                                     "the server's token, user or creds (--nats-token-file, --nats-user / "
+                                     "--nats-password-file, --nats-creds-file)") from e
+            detail = f": {errors[-1] or type(errors[-1]).__name__}" if errors else ""
             raise TransportError(
-                f"NATS is unreachable at {servers} (no answer within {connect_timeout:g}s)") from e
+                f"NATS is unreachable at {servers} (no answer within {connect_timeout:g}s{detail})") from e
+        finally:
+            watching.cancel()
         logger.info("connected to NATS at %s", servers)
         return cls(nc, servers)
 

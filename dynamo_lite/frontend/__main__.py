@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import sys
 
 import uvicorn
@@ -65,7 +66,7 @@ async def _connect_discovery(config: FrontendConfig, stack: contextlib.AsyncExit
 
     try:
         async with asyncio.timeout(ETCD_CONNECT_TIMEOUT):
-            discovery = await connect_discovery(config.discovery_url)
+            discovery = await connect_discovery(config.discovery_url, credentials=config.credentials)
             stack.push_async_callback(discovery.close)
             watcher = InstanceWatcher(discovery, config.namespace, failed_cooldown=config.failed_cooldown,
                                       probe=answers)
@@ -119,17 +120,33 @@ def bind_http_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def check_tls_files(config: FrontendConfig) -> None:
+    """Load --tls-cert-file / --tls-key-file once before anything starts, so that a missing file or a key
+    that does not match is one clear ConfigError, not an ssl traceback from inside uvicorn's startup."""
+    if not config.tls_cert_file:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.tls_cert_file,
+                                                                            config.tls_key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot serve HTTPS with --tls-cert-file {config.tls_cert_file} and --tls-key-file "
+                          f"{config.tls_key_file}: {getattr(e, 'strerror', None) or e}",
+                          param="--tls-cert-file") from e
+
+
 async def serve(config: FrontendConfig) -> None:
     shutdown = asyncio.Event()
     install_shutdown_signals(shutdown)
     async with contextlib.AsyncExitStack() as stack:
+        check_tls_files(config)
         sockets = bind_http_sockets(config.http_host, config.http_port)
         for sock in sockets:
             stack.callback(sock.close)
         # Before connecting: a worker on other planes is reported even while etcd is awaited.
         await stack.enter_async_context(announce_planes(FRONTEND, config.namespace, config.discovery_url,
                                                         config.event_plane_url))
-        client = RequestClient(connect_timeout=config.connect_timeout)
+        client = RequestClient(connect_timeout=config.connect_timeout,
+                               auth=config.credentials.request_auth())
         stack.push_async_callback(client.close)
         watcher = await _connect_discovery(config, stack, client)
         registry = CollectorRegistry()
@@ -139,8 +156,11 @@ async def serve(config: FrontendConfig) -> None:
         server = _Server(uvicorn.Config(app, host=config.http_host, port=config.http_port, loop="uvloop",
                                         http="httptools", access_log=False, lifespan="off",
                                         log_level=config.log_level.lower(),
-                                        timeout_graceful_shutdown=GRACEFUL_TIMEOUT))
-        logger.info("serving HTTP on %s:%d", config.http_host, config.http_port)
+                                        timeout_graceful_shutdown=GRACEFUL_TIMEOUT,
+                                        ssl_certfile=config.tls_cert_file or None,
+                                        ssl_keyfile=config.tls_key_file or None))
+        logger.info("serving %s on %s:%d", "HTTPS" if config.tls_cert_file else "HTTP", config.http_host,
+                    config.http_port)
         if config.api_key:
             logger.info("API key required on /v1 (%d key(s) configured)", len(config.api_key))
         serving = asyncio.create_task(server.serve(sockets=sockets))

@@ -62,6 +62,9 @@ class FrontendConfig(PlaneOptions):
                                           "KEY', else 401 (none = no check; /health, /live, /metrics, "
                                           "/tokenize, /detokenize and /version stay open, as in vLLM).",
                                       secret=True)
+    tls_cert_file: str = option("", "TLS: the server certificate (PEM, the chain after it) the frontend serves "
+                                "HTTPS with, together with --tls-key-file (none = plain HTTP).")
+    tls_key_file: str = option("", "TLS: the private key (PEM) of --tls-cert-file.")
     allowed_origins: tuple[str, ...] = option((), "CORS: origins allowed cross-origin access ('*' for any; "
                                                   "none = no cross-origin access).")
     allowed_methods: tuple[str, ...] = option(("*",), "CORS: methods allowed cross-origin.")
@@ -88,5 +91,9 @@ class FrontendConfig(PlaneOptions):
         if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
             raise ConfigError(f"unknown --reasoning-parser '{self.reasoning_parser}': choose one of "
                               f"{', '.join(REASONING_PARSERS)}", param="--reasoning-parser")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            given, missing = ("--tls-cert-file", "--tls-key-file") if self.tls_cert_file else \
+                ("--tls-key-file", "--tls-cert-file")
+            raise ConfigError(f"{given} needs {missing} too (HTTPS takes both)", param=missing)
         if self.enforce_disagg and not self.disaggregation:
             raise ConfigError("--enforce-disagg contradicts --no-disaggregation", param="--enforce-disagg")

@@ -79,6 +79,7 @@ class _EventPlane:
         self._discovery = discovery
         # Workers dial the embedded bus back: listen where the discovery store sees us (loopback on one host).
         self._advertise_host = default_advertise_host(config.discovery_url)
+        self._credentials = config.credentials
         self.bus: EventBus | None = None
         self._task: asyncio.Task | None = None
 
@@ -86,7 +87,8 @@ class _EventPlane:
         try:
             self.bus = await connect_event_bus(self.servers, connect_timeout=NATS_CONNECT_TIMEOUT,
                                                name="dynamo_lite-frontend", discovery=self._discovery,
-                                               namespace=self._namespace, advertise_host=self._advertise_host)
+                                               namespace=self._namespace, advertise_host=self._advertise_host,
+                                               credentials=self._credentials)
         except Exception as e:  # whatever the client raises, the answer is to retry later
             (logger.info if first else logger.debug)("NATS connect to %s failed: %s", self.servers, e)
             return False

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.launch.stack import ENGINES
 from dynamo_lite.presets import PRESET_HELP, Preset, fill_in, get_preset, local_model_path, pop_preset
+from dynamo_lite.planes import SECURITY_FIELDS
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name, parse_list
 from dynamo_lite.runtime.models import (
@@ -171,6 +172,15 @@ def frontend_argv(ns: argparse.Namespace) -> tuple[str, ...]:
     return tuple(out)
 
 
+def security_argv(ns: argparse.Namespace) -> list[str]:
+    """The planes' security options given to serve (planes.SECURITY_FIELDS), as worker arguments."""
+    out: list[str] = []
+    for field in dataclasses.fields(FrontendConfig):
+        if field.name in SECURITY_FIELDS and hasattr(ns, field.name):
+            out += [flag_name(field), str(getattr(ns, field.name))]
+    return out
+
+
 def _first_api_key(ns: argparse.Namespace) -> str | None:
     keys = getattr(ns, "api_key", None)
     if keys is None and os.environ.get(API_KEY_ENV):
@@ -234,6 +244,7 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
     prefill, decode = (ns.prefill_workers, ns.decode_workers) if disagg else (0, 0)
 
     frontend = frontend_argv(ns)
+    worker_args += security_argv(ns)  # the planes' credentials are every component's, not the frontend's
     try:  # the frontend's own checks (parser names, ranges), before anything starts
         config_from_args(FrontendConfig, ns)
     except ConfigError as e:

@@ -21,6 +21,7 @@ from contextlib import aclosing
 
 from dynamo_lite.protocol.errors import TransportError, WorkerFailedError
 from dynamo_lite.protocol.messages import Heartbeat, Reply, Request, WorkerStatsRequest
+from dynamo_lite.transport.auth import PlaneAuth, PlaneAuthError
 from dynamo_lite.transport.framing import decode_reply, encode_frame, read_frame, tune_stream_socket
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,10 @@ class _SilenceWatchdog:
 
 
 class RequestClient:
-    def __init__(self, *, connect_timeout: float = 5.0, max_idle_per_address: int = 32):
+    def __init__(self, *, connect_timeout: float = 5.0, max_idle_per_address: int = 32,
+                 auth: PlaneAuth | None = None):
         self._connect_timeout = connect_timeout
+        self._auth = auth  # the plane-secret handshake on each new connection (transport/auth.py)
         self._max_idle = max_idle_per_address
         self._idle: dict[str, list[_Connection]] = {}
         self._closed = False
@@ -223,7 +226,19 @@ class RequestClient:
         except (OSError, asyncio.TimeoutError) as e:
             raise WorkerFailedError(f"cannot connect to worker {address}: {e!r}") from e
         tune_stream_socket(writer)
+        if self._auth is not None:
+            await self._authenticate(reader, writer, address)
         return _Connection(reader, writer)
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            address: str) -> None:
+        try:
+            await self._auth.dial(reader, writer, f"worker {address}")
+        except (PlaneAuthError, ConnectionError, OSError) as e:
+            writer.close()
+            message = e.message if isinstance(e, PlaneAuthError) else f"worker {address}: {e!r} in handshake"
+            logger.error("request plane: %s", message)  # a deployment error: say it where operators look
+            raise WorkerFailedError(message) from e
 
     async def _send(self, conn: _Connection, frame: bytearray, address: str, *, may_be_stale: bool) -> bytes:
         """Write the request and read the first reply frame."""

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 from dynamo_lite.protocol.errors import DynamoLiteError, TransportError
 from dynamo_lite.protocol.messages import ErrorFrame, Heartbeat, Reply, Request
+from dynamo_lite.transport.auth import SECRET_OPTIONS, PlaneAuth
 from dynamo_lite.transport.framing import decode_request, encode_frame, read_frame, tune_stream_socket
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,12 @@ Handler = Callable[[Request], AsyncIterator[Reply]]
 
 HEARTBEAT_INTERVAL_S = 1.0
 _HEARTBEAT_FRAME = bytes(encode_frame(Heartbeat()))
+
+
+# What a peer without the plane secret (or a raw TCP client) gets instead of an answer to its request.
+_REFUSAL = encode_frame(ErrorFrame(message="request plane: this worker serves only peers that prove the "
+                                   f"plane secret ({SECRET_OPTIONS}, the same on every component)",
+                                   status=503))
 
 
 class _Connection:
@@ -45,11 +52,13 @@ class _Connection:
 
 class RequestServer:
     """Serve `handler` on host:port. `handler(request)` returns an async iterator of Reply frames,
-    the final one with last=True."""
+    the final one with last=True. With `auth`, a connection is served only once its peer has proven the
+    plane secret (transport/auth.py)."""
 
-    def __init__(self, handler: Handler, host: str, port: int = 0, *,
+    def __init__(self, handler: Handler, host: str, port: int = 0, *, auth: PlaneAuth | None = None,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL_S):
         self._handler = handler
+        self._auth = auth
         self._host = host
         self._port = port
         self._heartbeat_interval = heartbeat_interval  # 0 = no heartbeats
@@ -146,7 +155,11 @@ class RequestServer:
             return
         tune_stream_socket(writer)
         conn = _Connection(writer)
-        self._connections[task] = conn
+        self._connections[task] = conn  # before the handshake: close() hangs up on it too
+        if self._auth is not None and not await self._auth.accept(reader, writer, refusal=_REFUSAL):
+            self._connections.pop(task, None)
+            writer.close()
+            return
         # One reader task at a time: it waits for the next request while idle, and watches for EOF
         # while a stream runs. Cancelling it before it has a whole frame would lose stream bytes,
         # so it is only ever cancelled when the connection is dropped.

@@ -101,3 +101,13 @@ def test_ask_sends_the_first_api_key_given_or_from_the_environment(monkeypatch):
     monkeypatch.setenv("DYN_API_KEY", "e1,e2")
     assert parse_args([]).api_key == "e1"
     assert parse_args([]).frontend_args == ()  # the frontend reads DYN_API_KEY itself
+
+
+def test_plane_security_options_go_to_the_frontend_and_every_worker(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123")
+    args = parse_args(["--engine", "mocker", "--plane-secret-file", str(secret), "--etcd-user", "root",
+                       "--etcd-password-file", str(secret)])
+    for argv in (args.frontend_args, args.worker_args):
+        assert argv[argv.index("--plane-secret-file") + 1] == str(secret)
+        assert argv[argv.index("--etcd-user") + 1] == "root"
