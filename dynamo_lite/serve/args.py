@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from dynamo_lite.frontend.config import FrontendConfig
 from dynamo_lite.launch.stack import ENGINES
-from dynamo_lite.presets import PRESET_HELP, Preset, fill_in, get_preset, local_model_path, pop_preset
 from dynamo_lite.planes import SECURITY_FIELDS
+from dynamo_lite.presets import PRESET_HELP, Preset, fill_in, get_preset, local_model_path, pop_preset
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name, parse_list
 from dynamo_lite.runtime.models import (
