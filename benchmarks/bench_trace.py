@@ -12,11 +12,13 @@ printed as a table:
 
 Scaling (defaults): the first 1000 requests (330 s of trace); each 512-token block -> 64 tokens
 (= 4 mocker blocks of 16), output lengths / 8 capped at 64 (ignore_eos, so exact), timestamps / 5
-(~66 s of replay, ~15 req/s, mean prompt 1.7k tokens). The mocker's timing model
-(dynamo_lite/mocker/timing.py: 0.1 ms per prefill token + 5 ns per new x context token, 4 ms per
-decode step) runs at --speedup-ratio 2: an uncached mean prompt prefills in ~90 ms (the "unloaded"
-column measures it), and uncached prefill alone would keep each of the 4 workers ~35% busy, so
-queueing shows in TTFT and every cache hit shortens it. Timestamps / 10 with speedup 4 is the same
+(~66 s of replay, ~15 req/s, mean prompt 1.7k tokens). Both systems' mockers run the same step-time
+model (--timing, dynamo_lite/mocker/timing.py): `dynamo` (default) is Dynamo's mocker's own default
+polynomials, which dynamo_lite's mocker reproduces with --timing dynamo; `native` is dynamo_lite's
+(0.1 ms per prefill token + 5 ns per new x context token, 4 ms per decode step), handed to Dynamo as
+profile data. At --speedup-ratio 2 an uncached mean prompt prefills in ~90 ms (native; the
+"unloaded" column measures it), and uncached prefill alone would keep each of the 4 workers ~35%
+busy, so queueing shows in TTFT and every cache hit shortens it. Timestamps / 10 with speedup 4 is the same
 simulated load in half the time, but doubles the frontend's CPU load on a 2-core box.
 
     .venv/bin/python benchmarks/bench_trace.py --trace conversation_trace.jsonl \
@@ -87,8 +89,8 @@ def start_dynamo_lite(group: ProcGroup, args, mode: str, port: int) -> list[Proc
                            str(port), "--namespace", NAMESPACE, "--router-mode", mode)
     mocker = group.start("mocker", "dynamo_lite.mocker", "--model-path", str(args.model_path),
                          "--served-model-name", MODEL_NAME, "--num-workers", str(args.workers),
-                         "--block-size", str(args.mocker_block_size),
-                         "--speedup-ratio", str(args.speedup_ratio),
+                         "--block-size", str(args.mocker_block_size), "--num-gpu-blocks-override",
+                         str(args.mocker_blocks), "--speedup-ratio", str(args.speedup_ratio), "--timing", args.timing,
                          "--context-length", str(args.context_length), "--namespace", NAMESPACE)
     return [frontend, mocker]
 
@@ -102,7 +104,8 @@ def start_dynamo(group: ProcGroup, args, mode: str, port: int) -> list[Proc]:
     mocker = group.start_argv("dynamo-mocker", [
         py, "-m", "dynamo.mocker", "--model-path", str(args.model_path), "--model-name", MODEL_NAME,
         "--num-workers", str(args.workers), "--block-size", str(args.mocker_block_size),
-        "--speedup-ratio", str(args.speedup_ratio), *timing])
+        "--num-gpu-blocks-override", str(args.mocker_blocks), "--speedup-ratio", str(args.speedup_ratio),
+        *timing])
     return [frontend, mocker]
 
 
@@ -292,6 +295,8 @@ def main() -> None:
     parser.add_argument("--output-cap", type=int, default=64, help="then cap output lengths at this")
     parser.add_argument("--speedup-ratio", type=float, default=2.0, help="mocker --speedup-ratio")
     parser.add_argument("--mocker-block-size", type=int, default=16)
+    parser.add_argument("--mocker-blocks", type=int, default=16384,
+                        help="KV blocks per mocker worker, both systems (Dynamo's decode time reads the usage)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--context-length", type=int, default=32768,
                         help="mocker --context-length (scaled prompts reach ~15k tokens)")
@@ -305,9 +310,11 @@ def main() -> None:
     parser.add_argument("--aiperf-timeout", type=float, default=600.0)
     parser.add_argument("--dynamo-python", help="python of an ai-dynamo 1.6.1 venv: also run Dynamo")
     parser.add_argument("--dynamo-modes", default="kv")
-    parser.add_argument("--dynamo-timing", choices=["dynamo_lite", "dynamo"], default="dynamo_lite",
-                        help="Dynamo's mocker timing: dynamo_lite's model passed as --planner-profile-data "
-                             "(same simulated GPU on both sides), or Dynamo's own default")
+    parser.add_argument("--timing", choices=["dynamo", "native"], default="dynamo",
+                        help="step-time model of both systems' mockers: dynamo = Dynamo's default polynomials "
+                             "(dynamo_lite's mocker --timing dynamo reproduces them; Dynamo runs its own), "
+                             "native = dynamo_lite's model (Dynamo gets it as --planner-profile-data, which "
+                             "prices prefill by new tokens only, so the two are close, not equal)")
     args = parser.parse_args()
     if not args.trace.is_file():
         parser.error(f"--trace {args.trace}: no such file (the trace is not in this repository; "
@@ -321,7 +328,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="bench_trace_"))
     trace_file = run_dir / "scaled_trace.jsonl"
     write_trace(rows, trace_file)
-    if args.dynamo_python and args.dynamo_timing == "dynamo_lite":
+    if args.dynamo_python and args.timing == "native":
         args.dynamo_timing_file = write_dynamo_timing(run_dir / "dynamo_lite_timing.npz", args.context_length)
     hub_cache = build_hub_cache(args.model_path.expanduser(), run_dir / "hub") if args.aiperf else None
     ceiling = reuse_ceiling(rows, args.block_tokens)
@@ -338,7 +345,7 @@ def main() -> None:
         results += run_setup(setup, args, rows, prompts, trace_file, run_dir, hub_cache)
     print(f"\n{len(rows)} requests, {args.block_tokens} tokens/block, timestamps / {args.time_scale:g}, "
           f"outputs / {args.output_divisor:g} (cap {args.output_cap}), "
-          f"mocker block {args.mocker_block_size}, "
+          f"mocker block {args.mocker_block_size}, timing {args.timing}, "
           f"speedup {args.speedup_ratio:g}, {args.workers} workers")
     print_table(results, ceiling)
     print(f"logs: {run_dir}")

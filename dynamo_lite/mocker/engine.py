@@ -30,7 +30,7 @@ from dynamo_lite.mocker.block_pool import BlockPool
 from dynamo_lite.mocker.choices import generate_choices
 from dynamo_lite.mocker.config import MockerConfig, ModelFacts, load_model_facts
 from dynamo_lite.mocker.scheduler import Scheduler, SchedRequest, StepOutput
-from dynamo_lite.mocker.timing import StepTimeModel
+from dynamo_lite.mocker.timing import DynamoStepTimeModel, StepTimeModel, timing_model
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
 from dynamo_lite.protocol.hashing import hash_block
 from dynamo_lite.protocol.messages import BlockStored, FinishReason, GenerateFrame, GenerateRequest, KvEvent
@@ -88,11 +88,13 @@ class MockerStats:
 
 class MockerEngine(Engine):
     def __init__(self, config: MockerConfig, *, facts: ModelFacts | None = None, engine_id: str | None = None,
-                 timing: StepTimeModel | None = None):
+                 timing: StepTimeModel | DynamoStepTimeModel | None = None):
         self.config = config
         self.engine_id = engine_id or f"mocker-{uuid.uuid4().hex[:12]}"
         self._facts = facts
-        self._timing = timing or StepTimeModel(speedup_ratio=config.speedup_ratio)
+        self._timing = timing or timing_model(
+            config.timing, speedup_ratio=config.speedup_ratio,
+            capacity_tokens=config.num_gpu_blocks_override * config.block_size)
         self._pool = BlockPool(config.num_gpu_blocks_override, config.block_size,
                                config.enable_prefix_caching)
         self._scheduler: Scheduler | None = None
