@@ -92,6 +92,7 @@ class StepOutput:
     new_tokens: list[tuple[SchedRequest, int]] = field(default_factory=list)  # (request, sampled id)
     finished: list[SchedRequest] = field(default_factory=list)  # finish_reason set; blocks already freed
     preempted: list[SchedRequest] = field(default_factory=list)
+    admitted: list[SchedRequest] = field(default_factory=list)  # scheduled for the first time in this step
 
     @property
     def is_empty(self) -> bool:
@@ -156,9 +157,12 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
                 request = self.waiting[0]
+                first_admission = request.cached_tokens is None
                 n = self._admit(request, budget)
                 if n == 0:
                     break  # not enough free blocks: keep FCFS order, try again next step
+                if first_admission:
+                    out.admitted.append(request)
                 self.waiting.popleft()
                 self.running.append(request)
                 scheduled.append((request, n))
