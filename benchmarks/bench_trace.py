@@ -199,10 +199,12 @@ def parse_aiperf(out_dir: Path) -> dict:
         return float((summary.get(name) or {}).get("avg", float("nan")))
 
     ttft = summary.get("time_to_first_token") or {}
+    itl = summary.get("inter_token_latency") or {}
     prompt, cached = avg("total_usage_prompt_tokens"), avg("total_usage_prompt_cache_read_tokens")
     return {"ok": int(avg("request_count")), "prompt_tokens": prompt, "cached_tokens": cached,
             "cached_fraction": cached / prompt if prompt else float("nan"),
             "ttft_p50_ms": ttft.get("p50", float("nan")), "ttft_p99_ms": ttft.get("p99", float("nan")),
+            "itl_p50_ms": itl.get("p50", float("nan")), "itl_p99_ms": itl.get("p99", float("nan")),
             "first_error": json.dumps(summary["error_summary"])[:300] if summary.get("error_summary") else ""}
 
 
@@ -266,15 +268,35 @@ def mean_blocks(rows) -> float:
     return sum(len(r.hash_ids) for r in rows) / len(rows)
 
 
+STAGE_COLUMNS = ("parse", "tokenize", "route", "queue", "worker_queue", "prefill", "first_token", "detokenize")
+
+
+def print_stages(results: list[tuple[str, dict]]) -> None:
+    """Mean ms per frontend stage of the requests at or above TTFT p99 (and below p50, for contrast)."""
+    rows = [(label, which, r[key]) for label, r in results for which, key in (("p99+", "stages_p99"),
+                                                                             ("<p50", "stages_p50")) if r.get(key)]
+    if not rows:
+        return
+    print(f"\nstages (mean ms) of the requests with TTFT at or above p99, and below p50:")
+    print(f"{'setup':<34}{'':>5}{'n':>4}{'prompt':>7}{'cached':>7}"
+          + "".join(f"{name[:11]:>12}" for name in STAGE_COLUMNS) + f"{'TTFT':>8}")
+    for label, which, stages in rows:
+        print(f"{label:<34}{which:>5}{stages['requests']:>4}{stages['prompt_tokens']:>7.0f}"
+              f"{stages['cached_tokens']:>7.0f}"
+              + "".join(f"{stages.get(name, float('nan')):>12.1f}" for name in STAGE_COLUMNS)
+              + f"{stages['ttft']:>8.0f}")
+
+
 def print_table(results: list[tuple[str, dict]], ceiling: float) -> None:
-    print(f"\n{'setup':<34}{'ok':>6}{'cached':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'unloaded':>10}"
-          f"{'wall s':>8}{'load':>6}")
+    print(f"\n{'setup':<34}{'ok':>6}{'cached':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
+          f"{'unloaded':>10}{'wall s':>8}{'load':>6}")
     for label, r in results:
         if "ttft_p50_ms" not in r:
             print(f"{label:<34}  failed: {r.get('first_error', '')}")
             continue
         print(f"{label:<34}{r.get('ok', 0):>6}{r['cached_fraction']:>8.1%}{r['ttft_p50_ms']:>8.0f}ms"
-              f"{r['ttft_p99_ms']:>8.0f}ms{r.get('unloaded_ttft_ms', float('nan')):>8.0f}ms"
+              f"{r['ttft_p99_ms']:>8.0f}ms{r.get('itl_p50_ms', float('nan')):>7.1f}ms"
+              f"{r.get('itl_p99_ms', float('nan')):>7.1f}ms{r.get('unloaded_ttft_ms', float('nan')):>8.0f}ms"
               f"{r.get('wall_s', 0):>8.1f}{r.get('load', 0):>6.1f}")
         if r.get("first_error"):
             print(f"{'':<34}first error: {r['first_error']}")
@@ -348,6 +370,7 @@ def main() -> None:
           f"mocker block {args.mocker_block_size}, timing {args.timing}, "
           f"speedup {args.speedup_ratio:g}, {args.workers} workers")
     print_table(results, ceiling)
+    print_stages(results)
     print(f"logs: {run_dir}")
 
 
