@@ -247,8 +247,10 @@ def run_setup(setup: Setup, args, rows, prompts: PromptBuilder, trace_file: Path
                 load_before = os.getloadavg()[0]
                 began = time.monotonic()
                 if client == "replay":
-                    summary = summarize(asyncio.run(replay(base, MODEL_NAME, rows, prompts,
-                                                           request_timeout=args.request_timeout)))
+                    replies = asyncio.run(replay(base, MODEL_NAME, rows, prompts,
+                                                 request_timeout=args.request_timeout))
+                    write_results(replies, group.run_dir / "requests.jsonl")
+                    summary = summarize(replies)
                 else:
                     summary = run_aiperf(args, base, trace_file, group.run_dir / "aiperf", hub_cache)
                 summary["wall_s"] = time.monotonic() - began
@@ -262,6 +264,15 @@ def run_setup(setup: Setup, args, rows, prompts: PromptBuilder, trace_file: Path
             finally:
                 group.stop()
     return results
+
+
+def write_results(replies, path: Path) -> None:
+    """Each replayed request's figures (trace order), to look into a tail after the run."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in replies:
+            f.write(json.dumps({"ok": r.ok, "ttft": r.ttft, "prompt_tokens": r.prompt_tokens,
+                                "cached_tokens": r.cached_tokens, "send_lag": r.send_lag,
+                                "stages": r.stages, "error": r.error}) + "\n")
 
 
 def mean_blocks(rows) -> float:
