@@ -12,11 +12,13 @@ printed as a table:
 
 Scaling (defaults): the first 1000 requests (330 s of trace); each 512-token block -> 64 tokens
 (= 4 mocker blocks of 16), output lengths / 8 capped at 64 (ignore_eos, so exact), timestamps / 5
-(~66 s of replay, ~15 req/s, mean prompt 1.7k tokens). The mocker's timing model
-(dynamo_lite/mocker/timing.py: 0.1 ms per prefill token + 5 ns per new x context token, 4 ms per
-decode step) runs at --speedup-ratio 2: an uncached mean prompt prefills in ~90 ms (the "unloaded"
-column measures it), and uncached prefill alone would keep each of the 4 workers ~35% busy, so
-queueing shows in TTFT and every cache hit shortens it. Timestamps / 10 with speedup 4 is the same
+(~66 s of replay, ~15 req/s, mean prompt 1.7k tokens). Both systems' mockers run the same step-time
+model (--timing, dynamo_lite/mocker/timing.py): `dynamo` (default) is Dynamo's mocker's own default
+polynomials, which dynamo_lite's mocker reproduces with --timing dynamo; `native` is dynamo_lite's
+(0.1 ms per prefill token + 5 ns per new x context token, 4 ms per decode step), handed to Dynamo as
+profile data. At --speedup-ratio 2 an uncached mean prompt prefills in ~90 ms (native; the
+"unloaded" column measures it), and uncached prefill alone would keep each of the 4 workers ~35%
+busy, so queueing shows in TTFT and every cache hit shortens it. Timestamps / 10 with speedup 4 is the same
 simulated load in half the time, but doubles the frontend's CPU load on a 2-core box.
 
     .venv/bin/python benchmarks/bench_trace.py --trace conversation_trace.jsonl \
@@ -87,8 +89,8 @@ def start_dynamo_lite(group: ProcGroup, args, mode: str, port: int) -> list[Proc
                            str(port), "--namespace", NAMESPACE, "--router-mode", mode)
     mocker = group.start("mocker", "dynamo_lite.mocker", "--model-path", str(args.model_path),
                          "--served-model-name", MODEL_NAME, "--num-workers", str(args.workers),
-                         "--block-size", str(args.mocker_block_size),
-                         "--speedup-ratio", str(args.speedup_ratio),
+                         "--block-size", str(args.mocker_block_size), "--num-gpu-blocks-override",
+                         str(args.mocker_blocks), "--speedup-ratio", str(args.speedup_ratio), "--timing", args.timing,
                          "--context-length", str(args.context_length), "--namespace", NAMESPACE)
     return [frontend, mocker]
 
@@ -102,7 +104,8 @@ def start_dynamo(group: ProcGroup, args, mode: str, port: int) -> list[Proc]:
     mocker = group.start_argv("dynamo-mocker", [
         py, "-m", "dynamo.mocker", "--model-path", str(args.model_path), "--model-name", MODEL_NAME,
         "--num-workers", str(args.workers), "--block-size", str(args.mocker_block_size),
-        "--speedup-ratio", str(args.speedup_ratio), *timing])
+        "--num-gpu-blocks-override", str(args.mocker_blocks), "--speedup-ratio", str(args.speedup_ratio),
+        *timing])
     return [frontend, mocker]
 
 
@@ -196,10 +199,12 @@ def parse_aiperf(out_dir: Path) -> dict:
         return float((summary.get(name) or {}).get("avg", float("nan")))
 
     ttft = summary.get("time_to_first_token") or {}
+    itl = summary.get("inter_token_latency") or {}
     prompt, cached = avg("total_usage_prompt_tokens"), avg("total_usage_prompt_cache_read_tokens")
     return {"ok": int(avg("request_count")), "prompt_tokens": prompt, "cached_tokens": cached,
             "cached_fraction": cached / prompt if prompt else float("nan"),
             "ttft_p50_ms": ttft.get("p50", float("nan")), "ttft_p99_ms": ttft.get("p99", float("nan")),
+            "itl_p50_ms": itl.get("p50", float("nan")), "itl_p99_ms": itl.get("p99", float("nan")),
             "first_error": json.dumps(summary["error_summary"])[:300] if summary.get("error_summary") else ""}
 
 
@@ -242,8 +247,10 @@ def run_setup(setup: Setup, args, rows, prompts: PromptBuilder, trace_file: Path
                 load_before = os.getloadavg()[0]
                 began = time.monotonic()
                 if client == "replay":
-                    summary = summarize(asyncio.run(replay(base, MODEL_NAME, rows, prompts,
-                                                           request_timeout=args.request_timeout)))
+                    replies = asyncio.run(replay(base, MODEL_NAME, rows, prompts,
+                                                 request_timeout=args.request_timeout))
+                    write_results(replies, group.run_dir / "requests.jsonl")
+                    summary = summarize(replies)
                 else:
                     summary = run_aiperf(args, base, trace_file, group.run_dir / "aiperf", hub_cache)
                 summary["wall_s"] = time.monotonic() - began
@@ -259,19 +266,48 @@ def run_setup(setup: Setup, args, rows, prompts: PromptBuilder, trace_file: Path
     return results
 
 
+def write_results(replies, path: Path) -> None:
+    """Each replayed request's figures (trace order), to look into a tail after the run."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in replies:
+            f.write(json.dumps({"ok": r.ok, "ttft": r.ttft, "prompt_tokens": r.prompt_tokens,
+                                "cached_tokens": r.cached_tokens, "send_lag": r.send_lag,
+                                "stages": r.stages, "error": r.error}) + "\n")
+
+
 def mean_blocks(rows) -> float:
     return sum(len(r.hash_ids) for r in rows) / len(rows)
 
 
+STAGE_COLUMNS = ("parse", "tokenize", "route", "queue", "worker_queue", "prefill", "first_token", "detokenize")
+
+
+def print_stages(results: list[tuple[str, dict]]) -> None:
+    """Mean ms per frontend stage of the requests at or above TTFT p99 (and below p50, for contrast)."""
+    rows = [(label, which, r[key]) for label, r in results for which, key in (("p99+", "stages_p99"),
+                                                                             ("<p50", "stages_p50")) if r.get(key)]
+    if not rows:
+        return
+    print(f"\nstages (mean ms) of the requests with TTFT at or above p99, and below p50:")
+    print(f"{'setup':<34}{'':>5}{'n':>4}{'prompt':>7}{'cached':>7}"
+          + "".join(f"{name[:11]:>12}" for name in STAGE_COLUMNS) + f"{'TTFT':>8}")
+    for label, which, stages in rows:
+        print(f"{label:<34}{which:>5}{stages['requests']:>4}{stages['prompt_tokens']:>7.0f}"
+              f"{stages['cached_tokens']:>7.0f}"
+              + "".join(f"{stages.get(name, float('nan')):>12.1f}" for name in STAGE_COLUMNS)
+              + f"{stages['ttft']:>8.0f}")
+
+
 def print_table(results: list[tuple[str, dict]], ceiling: float) -> None:
-    print(f"\n{'setup':<34}{'ok':>6}{'cached':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'unloaded':>10}"
-          f"{'wall s':>8}{'load':>6}")
+    print(f"\n{'setup':<34}{'ok':>6}{'cached':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
+          f"{'unloaded':>10}{'wall s':>8}{'load':>6}")
     for label, r in results:
         if "ttft_p50_ms" not in r:
             print(f"{label:<34}  failed: {r.get('first_error', '')}")
             continue
         print(f"{label:<34}{r.get('ok', 0):>6}{r['cached_fraction']:>8.1%}{r['ttft_p50_ms']:>8.0f}ms"
-              f"{r['ttft_p99_ms']:>8.0f}ms{r.get('unloaded_ttft_ms', float('nan')):>8.0f}ms"
+              f"{r['ttft_p99_ms']:>8.0f}ms{r.get('itl_p50_ms', float('nan')):>7.1f}ms"
+              f"{r.get('itl_p99_ms', float('nan')):>7.1f}ms{r.get('unloaded_ttft_ms', float('nan')):>8.0f}ms"
               f"{r.get('wall_s', 0):>8.1f}{r.get('load', 0):>6.1f}")
         if r.get("first_error"):
             print(f"{'':<34}first error: {r['first_error']}")
@@ -292,6 +328,8 @@ def main() -> None:
     parser.add_argument("--output-cap", type=int, default=64, help="then cap output lengths at this")
     parser.add_argument("--speedup-ratio", type=float, default=2.0, help="mocker --speedup-ratio")
     parser.add_argument("--mocker-block-size", type=int, default=16)
+    parser.add_argument("--mocker-blocks", type=int, default=16384,
+                        help="KV blocks per mocker worker, both systems (Dynamo's decode time reads the usage)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--context-length", type=int, default=32768,
                         help="mocker --context-length (scaled prompts reach ~15k tokens)")
@@ -305,9 +343,11 @@ def main() -> None:
     parser.add_argument("--aiperf-timeout", type=float, default=600.0)
     parser.add_argument("--dynamo-python", help="python of an ai-dynamo 1.6.1 venv: also run Dynamo")
     parser.add_argument("--dynamo-modes", default="kv")
-    parser.add_argument("--dynamo-timing", choices=["dynamo_lite", "dynamo"], default="dynamo_lite",
-                        help="Dynamo's mocker timing: dynamo_lite's model passed as --planner-profile-data "
-                             "(same simulated GPU on both sides), or Dynamo's own default")
+    parser.add_argument("--timing", choices=["dynamo", "native"], default="dynamo",
+                        help="step-time model of both systems' mockers: dynamo = Dynamo's default polynomials "
+                             "(dynamo_lite's mocker --timing dynamo reproduces them; Dynamo runs its own), "
+                             "native = dynamo_lite's model (Dynamo gets it as --planner-profile-data, which "
+                             "prices prefill by new tokens only, so the two are close, not equal)")
     args = parser.parse_args()
     if not args.trace.is_file():
         parser.error(f"--trace {args.trace}: no such file (the trace is not in this repository; "
@@ -321,7 +361,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="bench_trace_"))
     trace_file = run_dir / "scaled_trace.jsonl"
     write_trace(rows, trace_file)
-    if args.dynamo_python and args.dynamo_timing == "dynamo_lite":
+    if args.dynamo_python and args.timing == "native":
         args.dynamo_timing_file = write_dynamo_timing(run_dir / "dynamo_lite_timing.npz", args.context_length)
     hub_cache = build_hub_cache(args.model_path.expanduser(), run_dir / "hub") if args.aiperf else None
     ceiling = reuse_ceiling(rows, args.block_tokens)
@@ -338,9 +378,10 @@ def main() -> None:
         results += run_setup(setup, args, rows, prompts, trace_file, run_dir, hub_cache)
     print(f"\n{len(rows)} requests, {args.block_tokens} tokens/block, timestamps / {args.time_scale:g}, "
           f"outputs / {args.output_divisor:g} (cap {args.output_cap}), "
-          f"mocker block {args.mocker_block_size}, "
+          f"mocker block {args.mocker_block_size}, timing {args.timing}, "
           f"speedup {args.speedup_ratio:g}, {args.workers} workers")
     print_table(results, ceiling)
+    print_stages(results)
     print(f"logs: {run_dir}")
 
 

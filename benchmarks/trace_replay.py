@@ -106,6 +106,25 @@ class RequestResult:
     completion_tokens: int = 0
     send_lag: float = 0.0  # how late the request left vs its schedule
     error: str = ""
+    itls: list[float] = field(default_factory=list)  # seconds between successive chunks with text
+    stages: dict[str, float] = field(default_factory=dict)  # the frontend's X-Stage-Timing, when it sends one
+
+
+# dynamo_lite's frontend answers it with the request's time per stage up to its first token (docs/http-api.md);
+# other servers ignore it.
+STAGE_HEADER = "X-Stage-Timing"
+REQUEST_HEADERS = {"Content-Type": "application/json", STAGE_HEADER: "1"}
+
+
+def parse_stages(value: str) -> dict[str, float]:
+    stages = {}
+    for item in value.split(";"):
+        name, _, seconds = item.partition("=")
+        try:
+            stages[name] = float(seconds)
+        except ValueError:
+            continue
+    return stages
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: bytes, scheduled: float, start: float,
@@ -115,11 +134,12 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, scheduled: floa
     result = RequestResult(ok=False, send_lag=sent - (start + scheduled))
     try:
         async with asyncio.timeout(timeout):
-            async with client.stream("POST", url, content=body,
-                                     headers={"Content-Type": "application/json"}) as response:
+            async with client.stream("POST", url, content=body, headers=REQUEST_HEADERS) as response:
                 if response.status_code != 200:
                     result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                     return result
+                result.stages = parse_stages(response.headers.get(STAGE_HEADER, ""))
+                last_text = 0.0
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
@@ -130,6 +150,11 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, scheduled: floa
                     choices = chunk.get("choices") or []
                     # A 1-token output may decode to no text (part of a UTF-8 character): then
                     # its finish chunk is its first token.
+                    if choices and choices[0].get("text"):
+                        now = time.monotonic()
+                        if last_text:
+                            result.itls.append(now - last_text)
+                        last_text = now
                     if result.ttft is None and choices and (choices[0].get("text")
                                                             or choices[0].get("finish_reason")):
                         result.ttft = time.monotonic() - sent
@@ -178,15 +203,33 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+def stage_breakdown(results: list[RequestResult], low: float, high: float = math.inf) -> dict[str, float]:
+    """Mean ms per frontend stage (and the client's TTFT) over the requests with low <= TTFT < high."""
+    chosen = [r for r in results if r.ok and r.stages and low <= r.ttft < high]
+    if not chosen:
+        return {}
+    names = sorted({name for r in chosen for name in r.stages})
+    out = {name: statistics.mean(r.stages.get(name, 0.0) for r in chosen) * 1e3 for name in names}
+    out["ttft"] = statistics.mean(r.ttft for r in chosen) * 1e3
+    out["requests"] = len(chosen)
+    out["prompt_tokens"] = statistics.mean(r.prompt_tokens for r in chosen)
+    out["cached_tokens"] = statistics.mean(r.cached_tokens for r in chosen)
+    return out
+
+
 def summarize(results: list[RequestResult]) -> dict:
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok]
+    itls = [gap for r in ok for gap in r.itls]
     prompt = sum(r.prompt_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
     errors = [r.error for r in results if not r.ok]
+    p50, p99 = percentile(ttfts, 50), percentile(ttfts, 99)
     return {"requests": len(results), "ok": len(ok), "prompt_tokens": prompt, "cached_tokens": cached,
             "cached_fraction": cached / prompt if prompt else float("nan"),
-            "ttft_p50_ms": percentile(ttfts, 50) * 1e3, "ttft_p99_ms": percentile(ttfts, 99) * 1e3,
+            "ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": p99 * 1e3,
+            "itl_p50_ms": percentile(itls, 50) * 1e3, "itl_p99_ms": percentile(itls, 99) * 1e3,
+            "stages_p99": stage_breakdown(ok, p99), "stages_p50": stage_breakdown(ok, 0.0, p50),
             "latency_p50_ms": percentile([r.latency for r in ok], 50) * 1e3,
             "send_lag_max_ms": max((r.send_lag for r in results), default=0.0) * 1e3,
             "first_error": errors[0] if errors else ""}

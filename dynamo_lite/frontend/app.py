@@ -36,6 +36,7 @@ from dynamo_lite.frontend.pipeline import ChoiceDelta, Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
 from dynamo_lite.frontend.preprocess import ChatParsers, plan_chat, plan_completion
 from dynamo_lite.frontend.responses_api import ResponsesService
+from dynamo_lite.frontend.stages import STAGE_HEADER
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from dynamo_lite.frontend.embeddings_api import EmbeddingsService
 from dynamo_lite.frontend.tokenize_api import TokenizeService
@@ -115,8 +116,10 @@ class OpenAIService:
             served = await self.models.get(body.model)
             model = served.name
             request_id = request_id_of(http_request)
+            parsed = time.monotonic()
             plan = await (plan_chat(served, body, request_id, self.parsers) if chat
                           else plan_completion(served, body, request_id))
+            self.dispatcher.stages.begin(plan.request_id, arrival, parsed, time.monotonic())
             generation = Generation(self.pipeline, plan, arrival)
             if body.stream:
                 return await self._stream(http_request, generation, endpoint, chat, body.include_usage,
@@ -139,6 +142,7 @@ class OpenAIService:
 
     def _count_tokens(self, generation: Generation) -> None:
         model = generation.plan.model.name
+        self.dispatcher.stages.finish(generation.plan.request_id, model)
         self.metrics.input_tokens.labels(model).inc(generation.prompt_tokens)
         self.metrics.output_tokens.labels(model).inc(generation.completion_tokens)
         if generation.engine_reported_usage:
@@ -153,11 +157,20 @@ class OpenAIService:
         plain = is_plain(generation)
         answers = None if plain else ChoiceAnswers(generation, chat)
 
+        timeline = self.dispatcher.stages.get(generation.plan.request_id)
+
         async def collect() -> list[str]:
             async with contextlib.aclosing(generation.deltas()) as deltas:
                 if answers is None:
-                    return [delta.text async for delta in deltas]
+                    parts = []
+                    async for delta in deltas:
+                        if not parts and timeline is not None:
+                            timeline.mark_first_delta()
+                        parts.append(delta.text)
+                    return parts
                 async for delta in deltas:
+                    if timeline is not None:
+                        timeline.mark_first_delta()
                     answers.collect(delta)
                 return []
 
@@ -180,7 +193,10 @@ class OpenAIService:
                                            stop_reason=generation.stop_reason)
             body = responses.text_completion(plan.request_id, name, [choice], usage)
         self._count(model, endpoint, 200, arrival)
-        return Response(body, media_type="application/json")
+        headers = None
+        if timeline is not None and STAGE_HEADER in http_request.headers:
+            headers = {STAGE_HEADER: timeline.header()}
+        return Response(body, media_type="application/json", headers=headers)
 
     async def _stream(self, http_request: Request, generation: Generation, endpoint: str, chat: bool,
                       include_usage: bool, arrival: float, usage_first: bool = False) -> Response:
@@ -190,6 +206,7 @@ class OpenAIService:
         deltas = generation.deltas()
         inflight = self.metrics.inflight.labels(model)
         inflight.inc()
+        timeline = self.dispatcher.stages.get(generation.plan.request_id)
         try:
             first: ChoiceDelta | None = await unless_disconnected(http_request, anext(deltas))
         except StopAsyncIteration:
@@ -199,6 +216,11 @@ class OpenAIService:
             await deltas.aclose()
             self._count_tokens(generation)
             raise
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if timeline is not None:
+            timeline.mark_first_delta()
+            if STAGE_HEADER in http_request.headers:
+                headers[STAGE_HEADER] = timeline.header()
         encoder = responses.ChunkEncoder(generation.plan.request_id, generation.plan.model.requested_name, chat,
                                          include_usage)
         closed = False
@@ -218,9 +240,7 @@ class OpenAIService:
             self._count(model, endpoint, status, arrival)
 
         sse = self._sse(generation, deltas, first, encoder, close, usage_first)
-        return _ClosingStreamingResponse(sse, close,
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ClosingStreamingResponse(sse, close, media_type="text/event-stream", headers=headers)
 
     async def _sse(self, generation: Generation, deltas: AsyncIterator[ChoiceDelta],
                    first: ChoiceDelta | None, encoder: responses.ChunkEncoder, close,

@@ -25,6 +25,7 @@ from types import TracebackType
 
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.metrics import FrontendMetrics
+from dynamo_lite.frontend.stages import StageTimer
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import EngineError, WorkerFailedError, worker_error
 from dynamo_lite.protocol.messages import ErrorFrame, GenerateFrame, GenerateRequest, InstanceRecord, Reply
@@ -50,6 +51,7 @@ class Dispatcher:
         self.metrics = metrics
         self.request_timeout = request_timeout  # seconds per frame; 0 = no limit
         self.heartbeat_timeout = heartbeat_timeout  # seconds without any frame, heartbeats too; 0 = no limit
+        self.stages = StageTimer(metrics)  # per-request stage timelines (app.py begins and ends them)
         self._inflight: dict[str, dict[int, int]] = {POOL_PREFILL: {}, POOL_DECODE: {}}
 
     def workers(self, model: str, pool: str) -> list[InstanceRecord]:
@@ -72,12 +74,19 @@ class Dispatcher:
               workers: Sequence[InstanceRecord]) -> Attempt:
         """Pick one of `workers` (non-empty) through the router, which starts tracking `request_id`."""
         by_id = {record.instance_id: record for record in workers}
+        began = time.monotonic()
         decision = self.router.route(model, request_id, token_ids, list(by_id))
+        self.stages.routed(_timeline_id(pool, request_id), time.monotonic() - began)
         return Attempt(self, pool, model, request_id, by_id[decision.worker_id], decision)
 
     def attempt_on(self, pool: str, model: str, request_id: str, record: InstanceRecord) -> Attempt:
         """An attempt on a worker the caller chose itself (the router tracks nothing for it)."""
         return Attempt(self, pool, model, request_id, record, RouteDecision(record.instance_id))
+
+
+def _timeline_id(pool: str, request_id: str) -> str:
+    """The request a stage timeline belongs to: a remote prefill runs as "<id>-prefill" (prefill_policy.py)."""
+    return request_id.removesuffix("-prefill") if pool == POOL_PREFILL else request_id
 
 
 class Attempt:
@@ -116,6 +125,7 @@ class Attempt:
             self._counted = True
             dispatcher._count(self.pool, self.model, self.worker.instance_id, +1)
         self.sent_at = time.monotonic()
+        dispatcher.stages.sent(_timeline_id(self.pool, self.request_id), self.sent_at)
         stream = dispatcher.client.stream(self.worker.address, request,
                                           silence_timeout=dispatcher.heartbeat_timeout)
         timeout = dispatcher.request_timeout
@@ -127,6 +137,9 @@ class Attempt:
                 if first_token and frame.token_ids:
                     first_token = False
                     dispatcher.router.first_token(self.request_id)
+                    if self.pool == POOL_DECODE:  # a remote prefill's token is not the answer's first
+                        dispatcher.stages.first_token(self.request_id, time.monotonic(), frame.queue_seconds,
+                                                      frame.prefill_seconds)
                 yield frame
                 if frame.last:
                     return

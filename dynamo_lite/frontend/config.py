@@ -36,6 +36,9 @@ class FrontendConfig(PlaneOptions):
     kv_overlap_score_weight: float = option(1.0, "kv router: weight of the prompt blocks a worker would have "
                                                  "to compute, against its active blocks (0 = load only).",
                                             minimum=0)
+    router_interference_weight: float = option(0.0, "kv router: extra cost per new prompt block for each "
+                                                    "request still prefilling on a worker (0 = off; "
+                                                    "docs/routing.md).", minimum=0)
     router_temperature: float = option(0.0, "kv router: 0 picks the lowest cost; > 0 samples workers from a "
                                             "softmax over normalized costs.", minimum=0)
     kv_cache_block_size: int = option(0, "kv router: tokens per KV block (0 = from the model card).",

@@ -13,6 +13,9 @@ TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 BLOCK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BYTE_BUCKETS = tuple(float(2 ** k) for k in range(16, 36, 2))  # 64 KiB .. 16 GiB
 UNKNOWN_MODEL = "unknown"  # the model label of requests that never resolved to a served model
+# Stages run from microseconds (routing) to the whole decode (stream).
+STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -67,6 +70,11 @@ class FrontendMetrics:
         self.kv_transfer_seconds = Histogram(f"{PREFIX}_kv_transfer_seconds", "Duration of a request's KV pull as "
                                              "the decode worker's engine measured it", ["model"],
                                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.stage_seconds = Histogram(f"{PREFIX}_stage_seconds", "Time of a request in each stage of the "
+                                       "frontend (frontend/stages.py): parse, tokenize, route, queue, "
+                                       "first_token (split by the worker into worker_queue and prefill), "
+                                       "detokenize, stream", ["model", "stage"], buckets=STAGE_BUCKETS,
+                                       registry=registry)
         self._worker_models: set[str] = set()
 
     def set_workers(self, counts: dict[str, int]) -> None:

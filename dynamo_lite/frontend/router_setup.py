@@ -48,7 +48,8 @@ async def build_router(config: FrontendConfig, watcher: InstanceWatcher, stack: 
 def kv_settings(config: FrontendConfig) -> KvRoutingSettings:
     return KvRoutingSettings(namespace=config.namespace, block_size=config.kv_cache_block_size,
                              overlap_weight=config.kv_overlap_score_weight, temperature=config.router_temperature,
-                             use_kv_events=config.kv_events, approx_ttl=config.router_ttl)
+                             use_kv_events=config.kv_events, approx_ttl=config.router_ttl,
+                             interference_weight=config.router_interference_weight)
 
 
 async def start_kv_routing(config: FrontendConfig, watcher: InstanceWatcher, stack: contextlib.AsyncExitStack,

@@ -6,11 +6,12 @@ import os
 import platform
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dynamo_lite.runtime.models import DEFAULT_MODEL_PATH, DEFAULT_SERVED_MODEL_NAME
+from dynamo_lite.serve.placement import cpu_list
 
 
 
@@ -72,7 +73,8 @@ class LaunchSettings:
             frontend_args=tuple(shlex.split(get("FRONTEND_ARGS"))),
             stop_timeout=float(get("STOP_TIMEOUT", "45")), run_dir=get("RUN_DIR"),
             runs_root=get("DL_RUNS_ROOT", os.path.join(os.getcwd(), "runs")),
-            python=get("PYTHON", python), omp_bind=get("VLLM_CPU_OMP_THREADS_BIND", "0"),
+            python=get("PYTHON", python),
+            omp_bind=get("VLLM_CPU_OMP_THREADS_BIND", lone_worker_cpus(sorted(os.sched_getaffinity(0)))),
             prefill_cpus=get("PREFILL_CPUS", "0"), decode_cpus=get("DECODE_CPUS", "1"),
             prefill_workers=get("PREFILL_WORKERS", "2"), decode_workers=get("DECODE_WORKERS", "1"),
             cpu_count=get("CPU_COUNT", str(len(os.sched_getaffinity(0)))),  # what `nproc` says
@@ -88,6 +90,19 @@ class LaunchSettings:
             self.runs_root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir.resolve()
+
+
+# With this many cores or more, a lone engine leaves only the first to the frontend, etcd and NATS.
+LONE_WORKER_MIN_CORES = 4
+
+
+def lone_worker_cpus(cpus: Sequence[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND of a lone CPU worker (agg.sh): every core of this process but the first
+    on a machine of LONE_WORKER_MIN_CORES or more (the engine's compute scales with its cores; the
+    frontend needs about one), the first core alone on a smaller one (the frontend gets the other)."""
+    if len(cpus) >= LONE_WORKER_MIN_CORES:
+        return cpu_list(cpus[1:])
+    return str(cpus[0]) if cpus else "0"
 
 
 def etcd_arch_env() -> dict[str, str]:

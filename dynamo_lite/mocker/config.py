@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from dynamo_lite.engine.config import WorkerShellConfig, derived
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import ConfigError
+from dynamo_lite.mocker.timing import TIMING_MODELS
 from dynamo_lite.protocol.messages import WorkerRole
 from dynamo_lite.runtime.config import option
 from dynamo_lite.runtime.models import DEFAULT_MODEL_PATH, refuse_hub_id
@@ -41,6 +42,9 @@ class MockerConfig(WorkerShellConfig):
                                          minimum=1)
     speedup_ratio: float = option(1.0, "Divide every simulated step time by this (100000: as fast as "
                                   "possible)", exclusive_minimum=0)
+    timing: str = option("native", "Step-time model: native (attention over cached context costs) or dynamo "
+                         "(NVIDIA Dynamo's mocker's default polynomials; see mocker/timing.py)",
+                         choices=TIMING_MODELS)
     enable_prefix_caching: bool = option(True, "Reuse cached KV blocks across requests and publish KV events")
     context_length: int = option(0, "Longest prompt + output in tokens (0: max_position_embeddings from "
                                  f"config.json, else {DEFAULT_CONTEXT_LENGTH})", minimum=0)

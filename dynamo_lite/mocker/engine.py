@@ -30,7 +30,7 @@ from dynamo_lite.mocker.block_pool import BlockPool
 from dynamo_lite.mocker.choices import generate_choices
 from dynamo_lite.mocker.config import MockerConfig, ModelFacts, load_model_facts
 from dynamo_lite.mocker.scheduler import Scheduler, SchedRequest, StepOutput
-from dynamo_lite.mocker.timing import StepTimeModel
+from dynamo_lite.mocker.timing import DynamoStepTimeModel, StepTimeModel, timing_model
 from dynamo_lite.protocol.errors import EngineError, InvalidRequestError
 from dynamo_lite.protocol.hashing import hash_block
 from dynamo_lite.protocol.messages import BlockStored, FinishReason, GenerateFrame, GenerateRequest, KvEvent
@@ -58,9 +58,11 @@ UNSIMULATED_CONSTRAINTS = ("structured_output", "allowed_token_ids", "logit_bias
 class _TokenStream:
     """Hand-off from the step loop to one generate() consumer: cheaper than an asyncio.Queue per token."""
 
-    __slots__ = ("tokens", "finish_reason", "block_ids", "error", "waiter")
+    __slots__ = ("tokens", "finish_reason", "block_ids", "error", "waiter", "arrived", "admitted", "first_token")
 
     def __init__(self) -> None:
+        # Loop times: handed to the engine, first scheduled (its step's simulated start), first token out.
+        self.arrived = self.admitted = self.first_token = 0.0
         self.tokens: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.block_ids: list[int] = []  # blocks held at finish (a prefill's transfer params name them)
@@ -88,11 +90,13 @@ class MockerStats:
 
 class MockerEngine(Engine):
     def __init__(self, config: MockerConfig, *, facts: ModelFacts | None = None, engine_id: str | None = None,
-                 timing: StepTimeModel | None = None):
+                 timing: StepTimeModel | DynamoStepTimeModel | None = None):
         self.config = config
         self.engine_id = engine_id or f"mocker-{uuid.uuid4().hex[:12]}"
         self._facts = facts
-        self._timing = timing or StepTimeModel(speedup_ratio=config.speedup_ratio)
+        self._timing = timing or timing_model(
+            config.timing, speedup_ratio=config.speedup_ratio,
+            capacity_tokens=config.num_gpu_blocks_override * config.block_size)
         self._pool = BlockPool(config.num_gpu_blocks_override, config.block_size,
                                config.enable_prefix_caching)
         self._scheduler: Scheduler | None = None
@@ -149,9 +153,10 @@ class MockerEngine(Engine):
         sched_request, remote_decode = self._admit(request)
         stream: _TokenStream = sched_request.sink  # type: ignore[assignment]
         self._active.add(sched_request)
+        loop = asyncio.get_running_loop()
+        stream.arrived = loop.time()
         scheduler.add_request(sched_request)
         wake.set()
-        loop = asyncio.get_running_loop()
         first = True
         try:
             while True:
@@ -165,6 +170,9 @@ class MockerEngine(Engine):
                 if first:
                     frame.prompt_tokens = sched_request.prompt_len
                     frame.cached_tokens = sched_request.cached_tokens or 0
+                    if stream.admitted and stream.first_token:
+                        frame.queue_seconds = max(0.0, stream.admitted - stream.arrived)
+                        frame.prefill_seconds = max(0.0, stream.first_token - stream.admitted)
                     first = False
                 if stream.finish_reason is None:
                     yield frame
@@ -280,15 +288,18 @@ class MockerEngine(Engine):
                 seconds = self._timing.step_seconds(out)
                 self._count(out, seconds)
                 now = loop.time()
-                busy_until = max(busy_until, now - MAX_CATCH_UP_SECONDS) + seconds
+                started = max(busy_until, now - MAX_CATCH_UP_SECONDS)
+                for request in out.admitted:
+                    request.sink.admitted = started  # type: ignore[union-attr]
+                busy_until = started + seconds
                 delay = busy_until - now
                 if delay >= MIN_SLEEP_SECONDS:
                     await asyncio.sleep(delay)
-                    self._deliver(out)
+                    self._deliver(out, loop.time())
                     self._publish_events()
                     slice_start = loop.time()
                     continue
-                self._deliver(out)
+                self._deliver(out, busy_until)
                 self._publish_events()
                 if now - slice_start >= STEP_SLICE_SECONDS:
                     await asyncio.sleep(0)
@@ -309,9 +320,11 @@ class MockerEngine(Engine):
         stats.preemptions += len(out.preempted)
         stats.simulated_seconds += seconds
 
-    def _deliver(self, out: StepOutput) -> None:
+    def _deliver(self, out: StepOutput, now: float) -> None:
         for request, token in out.new_tokens:
             stream = request.sink
+            if not stream.first_token:  # type: ignore[union-attr]
+                stream.first_token = now  # type: ignore[union-attr]
             stream.tokens.append(token)  # type: ignore[union-attr]
             stream.wake()  # type: ignore[union-attr]
         for request in out.finished:

@@ -87,9 +87,12 @@ class StepOutput:
     prefill_tokens: int = 0  # tokens computed for requests still in prefill
     prefill_attention: int = 0  # sum over prefill chunks of new_tokens * context after the chunk
     decode_requests: int = 0  # requests that computed exactly their last sampled token
+    sampled_requests: int = 0  # requests that sampled a token (decodes and prefills that completed)
+    sampled_context_tokens: int = 0  # their context (prompt + output before this token), summed
     new_tokens: list[tuple[SchedRequest, int]] = field(default_factory=list)  # (request, sampled id)
     finished: list[SchedRequest] = field(default_factory=list)  # finish_reason set; blocks already freed
     preempted: list[SchedRequest] = field(default_factory=list)
+    admitted: list[SchedRequest] = field(default_factory=list)  # scheduled for the first time in this step
 
     @property
     def is_empty(self) -> bool:
@@ -154,9 +157,12 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
                 request = self.waiting[0]
+                first_admission = request.cached_tokens is None
                 n = self._admit(request, budget)
                 if n == 0:
                     break  # not enough free blocks: keep FCFS order, try again next step
+                if first_admission:
+                    out.admitted.append(request)
                 self.waiting.popleft()
                 self.running.append(request)
                 scheduled.append((request, n))
@@ -234,6 +240,8 @@ class Scheduler:
             return  # a prefill chunk that did not reach the end: nothing to sample yet
         # first + floor(random() * span) rather than randrange: a tenth of the cost, as reproducible.
         token = self.first_token_id + int(request.rng.random() * self._token_span)
+        out.sampled_requests += 1
+        out.sampled_context_tokens += computed
         tokens.append(token)
         out.new_tokens.append((request, token))
         produced = len(tokens) - request.prompt_len

@@ -180,6 +180,10 @@ class GenerateFrame(msgspec.Struct, kw_only=True, omit_defaults=True, tag="gen")
     # the transfer took, when the engine can attribute them to it (None: not measured).
     kv_transfer_bytes: int | None = None
     kv_transfer_seconds: float | None = None
+    # First frame, when the engine measures them: seconds the request waited in the engine's queue before
+    # it was first scheduled, and from then to its first token (prefill). The frontend's stage metrics.
+    queue_seconds: float | None = None
+    prefill_seconds: float | None = None
     last: bool = False
 
 

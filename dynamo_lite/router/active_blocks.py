@@ -41,6 +41,7 @@ class _WorkerLoad:
     refcounts: dict[int, int] = field(default_factory=dict)
     extra_blocks: int = 0  # unshared blocks (partial last blocks) of prefilling requests
     decoding_requests: int = 0
+    prefilling_requests: int = 0
     requests: set[str] = field(default_factory=set)
 
 
@@ -65,6 +66,7 @@ class ActiveBlockTracker:
         for block_hash in prompt_hashes:
             refcounts[block_hash] = refcounts.get(block_hash, 0) + 1
         load.extra_blocks += extra_blocks
+        load.prefilling_requests += 1
         load.requests.add(request_id)
         self._requests[request_id] = _RequestLoad(worker_id, tuple(prompt_hashes), extra_blocks)
 
@@ -76,6 +78,7 @@ class ActiveBlockTracker:
         load = self._workers[request.worker_id]
         self._release_prompt(load, request)
         request.prefilling = False
+        load.prefilling_requests -= 1
         load.decoding_requests += 1
 
     def finish(self, request_id: str) -> None:
@@ -86,6 +89,7 @@ class ActiveBlockTracker:
         load = self._workers[request.worker_id]
         if request.prefilling:
             self._release_prompt(load, request)
+            load.prefilling_requests -= 1
         else:
             load.decoding_requests -= 1
         load.requests.discard(request_id)
@@ -107,6 +111,11 @@ class ActiveBlockTracker:
         if load is None:
             return 0
         return len(load.refcounts) + load.extra_blocks + self.decode_blocks * load.decoding_requests
+
+    def prefilling_requests(self, worker_id: int) -> int:
+        """Requests on the worker that have not had their first token yet."""
+        load = self._workers.get(worker_id)
+        return 0 if load is None else load.prefilling_requests
 
     def active_requests(self, worker_id: int) -> int:
         load = self._workers.get(worker_id)

@@ -38,14 +38,24 @@ def prompt_block_count(prompt_tokens: int, block_size: int) -> int:
 
 
 def worker_costs(workers: Sequence[int], prompt_blocks: int, overlaps: Mapping[int, int],
-                 active_blocks: Callable[[int], int], overlap_weight: float) -> list[WorkerCost]:
-    """The cost of sending the prompt to each of `workers`, in the order given."""
+                 active_blocks: Callable[[int], int], overlap_weight: float,
+                 prefilling: Callable[[int], int] | None = None,
+                 interference_weight: float = 0.0) -> list[WorkerCost]:
+    """The cost of sending the prompt to each of `workers`, in the order given.
+
+    With interference_weight > 0 a worker also costs interference_weight * new_blocks for each request
+    prefilling there: their prefills would share steps with this prompt's chunks, each step as long as all
+    its chunks together, so a long prompt sent beside short ones delays every one of them.
+    """
     costs = []
     for worker_id in workers:
         overlap = min(overlaps.get(worker_id, 0), prompt_blocks)
         new_blocks = prompt_blocks - overlap
         active = active_blocks(worker_id)
-        costs.append(WorkerCost(worker_id, overlap, new_blocks, active, overlap_weight * new_blocks + active))
+        cost = overlap_weight * new_blocks + active
+        if interference_weight and prefilling is not None:
+            cost += interference_weight * new_blocks * prefilling(worker_id)
+        costs.append(WorkerCost(worker_id, overlap, new_blocks, active, cost))
     return costs
 
 

@@ -62,7 +62,7 @@ class KvRouter:
                  approximate: bool = False, approx_ttl: float = 120.0,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  decode_blocks: int = 1, resync_retry: float = 2.0, pending_limit: int = 256,
-                 removed_grace: float = 60.0) -> None:
+                 removed_grace: float = 60.0, interference_weight: float = 0.0) -> None:
         if block_size <= 0:
             raise ValueError("block_size must be > 0")
         if overlap_weight < 0 or temperature < 0 or approx_ttl <= 0:
@@ -75,6 +75,7 @@ class KvRouter:
         self.resync_retry = resync_retry
         self.pending_limit = pending_limit
         self.removed_grace = removed_grace
+        self.interference_weight = interference_weight
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self.indexer = KvIndexer(block_size)
@@ -243,7 +244,8 @@ class KvRouter:
             self._expire_routed(self._clock())
         overlaps = self.indexer.find_matches(hashes) if hashes else {}
         return worker_costs(workers, prompt_block_count(prompt_tokens, self.block_size), overlaps,
-                            self.tracker.active_blocks, self.overlap_weight)
+                            self.tracker.active_blocks, self.overlap_weight, self.tracker.prefilling_requests,
+                            self.interference_weight)
 
     def _remember_routed(self, worker_id: int, hashes: list[int]) -> None:
         expiry = self._clock() + self.approx_ttl

@@ -37,6 +37,8 @@ class KvRoutingSettings:
     temperature: float = 0.0  # 0 = lowest cost wins; > 0 = softmax sampling over normalized costs
     use_kv_events: bool = True  # False: approximate mode (the router remembers what it routed)
     approx_ttl: float = 120.0  # seconds a routed prefix counts as cached in approximate mode
+    # Cost per (new prompt block x request prefilling on the worker): see router/cost.py.
+    interference_weight: float = 0.0
     resync_timeout: float = 2.0  # seconds to wait for a worker's block set
     resync_backoff: float = 0.5  # first delay before retrying a failed resync (doubles each time)
     resync_backoff_max: float = 10.0
@@ -170,4 +172,5 @@ class KvRoutingService(Router):
                     settings.overlap_weight, settings.temperature,
                     "" if settings.use_kv_events else f", approximate (ttl {settings.approx_ttl:g}s)")
         return KvRouter(block_size, overlap_weight=settings.overlap_weight, temperature=settings.temperature,
-                        approximate=not settings.use_kv_events, approx_ttl=settings.approx_ttl, rng=self._rng)
+                        approximate=not settings.use_kv_events, approx_ttl=settings.approx_ttl, rng=self._rng,
+                        interference_weight=settings.interference_weight)

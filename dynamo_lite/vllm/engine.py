@@ -310,6 +310,7 @@ class VllmEngine(Engine):
                         frame = frames[0]
                         frame.prompt_tokens = len(request.token_ids)
                         frame.cached_tokens = output.num_cached_tokens or 0
+                        frame.queue_seconds, frame.prefill_seconds = queue_and_prefill(output)
                         if output.prompt_logprobs is not None:
                             frame.prompt_logprobs = prompt_logprobs(request.token_ids, output.prompt_logprobs)
                         if window is not None:
@@ -418,3 +419,17 @@ class VllmEngine(Engine):
                 await asyncio.gather(handler, return_exceptions=True)
             await asyncio.to_thread(llm.shutdown)
             logger.info("vLLM engine stopped")
+
+
+def queue_and_prefill(output) -> tuple[float | None, float | None]:
+    """Seconds the request waited in the engine core's queue and then took to its first token, from vLLM's
+    RequestStateStats (engine-core monotonic timestamps; present unless stats logging is off)."""
+    stats = getattr(output, "metrics", None)
+    queued = getattr(stats, "queued_ts", 0.0) or 0.0
+    scheduled = getattr(stats, "scheduled_ts", 0.0) or 0.0
+    first_token = getattr(stats, "first_token_ts", 0.0) or 0.0
+    if not scheduled:
+        return None, None
+    queue = max(0.0, scheduled - queued) if queued else None
+    prefill = max(0.0, first_token - scheduled) if first_token else None
+    return queue, prefill

@@ -131,6 +131,9 @@ async def test_greedy_chat_answers_paris(engine, tokenizer):
     prompt = chat_token_ids(tokenizer, QUESTION)
     frames = await collect(engine, request("paris", prompt, max_tokens=32))
     assert frames[0].prompt_tokens == len(prompt)
+    # The engine core's queue and prefill times (vLLM's RequestStateStats), for the frontend's stage metrics.
+    assert frames[0].queue_seconds is not None and frames[0].queue_seconds >= 0
+    assert frames[0].prefill_seconds is not None and 0 < frames[0].prefill_seconds < 30
     assert frames[-1].last and frames[-1].finish_reason == "stop"
     assert not any(f.last for f in frames[:-1])
     answer = tokenizer.decode([t for f in frames for t in f.token_ids], skip_special_tokens=True)

@@ -312,3 +312,21 @@ def test_approximate_mode_remembers_routes_until_the_ttl():
     clock.now += 5.0
     assert costs_by_id(router.explain(PROMPT, [W1, W2])) == {W1: (0, 0, 5.0), W2: (0, 0, 5.0)}
     assert router.indexer.block_count() == 0
+
+
+def test_interference_weight_keeps_a_long_prompt_off_a_worker_with_prefills_in_flight():
+    from dynamo_lite.router.kv_router import KvRouter
+
+    for weight, expected in ((0.0, 1), (1.0, 2)):
+        router = KvRouter(4, interference_weight=weight)
+        # Worker 1: two short prompts still prefilling (4 active blocks); worker 2: one longer one (9 blocks).
+        router.route("a", list(range(8)), [1])
+        router.route("b", list(range(100, 108)), [1])
+        router.route("c", list(range(200, 236)), [2])  # 9 blocks prefilling on worker 2
+        # A 40-block prompt: w/o interference worker 1 (4 active) beats worker 2 (9 active); with it, worker 1
+        # costs 40 x 2 prefilling more, worker 2 only 40 x 1.
+        assert router.route("long", list(range(1000, 1160)), [1, 2]).worker_id == expected
+        assert router.tracker.prefilling_requests(1) == (3 if expected == 1 else 2)
+        router.first_token("a")
+        router.finished("b")
+        assert router.tracker.prefilling_requests(1) == (1 if expected == 1 else 0)
