@@ -79,7 +79,10 @@ def _from_openai_error(response: Response) -> Response:
         message = json_of(response)["error"]["message"]
     except (ValueError, KeyError, TypeError):  # not an OpenAI error body
         message = "request failed"
-    return anthropic_error(response.status_code, message)
+    translated = anthropic_error(response.status_code, message)
+    if "retry-after" in response.headers:  # an overloaded frontend's hint (frontend/admission.py)
+        translated.headers["Retry-After"] = response.headers["retry-after"]
+    return translated
 
 
 def _text(content: str | list[TextBlock]) -> str:
