@@ -25,6 +25,7 @@ from dynamo_lite.protocol.errors import DynamoLiteError
 from dynamo_lite.protocol.messages import json_encoder
 
 ENDPOINT = "messages"
+ANTHROPIC_PATH = "/v1/messages"  # errors on this path are in Anthropic's shape, the middleware's too
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

@@ -13,8 +13,15 @@ import pytest
 from dynamo_lite.protocol.messages import LoadReport
 from dynamo_lite.router.base import RouteDecision
 from dynamo_lite.router.policies import RoundRobinRouter
-from tests.integration.test_frontend_app import (MODEL, REPLY, TOKENIZER, ScriptedEngine, chat_body, model_dir,
-                                                 running_stack)
+from tests.integration.test_frontend_app import (
+    MODEL,
+    REPLY,
+    TOKENIZER,
+    ScriptedEngine,
+    chat_body,
+    model_dir,
+    running_stack,
+)
 
 __all__ = ["model_dir"]  # the module-scoped fixture, shared
 
