@@ -32,6 +32,7 @@ from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnec
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, UNKNOWN_MODEL, FrontendMetrics
 from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
+from dynamo_lite.frontend.openapi import build_openapi
 from dynamo_lite.frontend.choice_answers import ChoiceAnswers, is_plain
 from dynamo_lite.frontend.pipeline import ChoiceDelta, Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
@@ -377,6 +378,9 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/version", tokenization.version, methods=["GET"])
     embeddings = EmbeddingsService(service.dispatcher, service.models, service.metrics, service.admission)
     app.add_route("/v1/embeddings", embeddings.embeddings, methods=["POST"])
+    document = json_encoder.encode(build_openapi())  # built once: it only depends on the schemas
+    app.add_route("/openapi.json", lambda request: Response(document, media_type="application/json"),
+                  methods=["GET"])
     install_middleware(app, deps.config)
     app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
     app.add_exception_handler(RequestValidationError, errors.handle_request_validation)
