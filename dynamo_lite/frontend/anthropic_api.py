@@ -25,6 +25,7 @@ from dynamo_lite.protocol.errors import DynamoLiteError
 from dynamo_lite.protocol.messages import json_encoder
 
 ENDPOINT = "messages"
+ANTHROPIC_PATH = "/v1/messages"  # errors on this path are in Anthropic's shape, the middleware's too
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -79,7 +80,10 @@ def _from_openai_error(response: Response) -> Response:
         message = json_of(response)["error"]["message"]
     except (ValueError, KeyError, TypeError):  # not an OpenAI error body
         message = "request failed"
-    return anthropic_error(response.status_code, message)
+    translated = anthropic_error(response.status_code, message)
+    if "retry-after" in response.headers:  # an overloaded frontend's hint (frontend/admission.py)
+        translated.headers["Retry-After"] = response.headers["retry-after"]
+    return translated
 
 
 def _text(content: str | list[TextBlock]) -> str:

@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend import errors, responses
+from dynamo_lite.frontend.admission import Admission, AdmissionSettings, Ticket, is_busy
 from dynamo_lite.frontend.anthropic_api import MessagesService
 from dynamo_lite.frontend.attempt import POOL_DECODE, POOL_PREFILL, Dispatcher
 from dynamo_lite.frontend.config import FrontendConfig
@@ -31,6 +32,7 @@ from dynamo_lite.frontend.disconnect import ClientDisconnected, unless_disconnec
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, UNKNOWN_MODEL, FrontendMetrics
 from dynamo_lite.frontend.middleware import install_middleware, request_id_of
 from dynamo_lite.frontend.models import ModelRegistry
+from dynamo_lite.frontend.openapi import build_openapi
 from dynamo_lite.frontend.choice_answers import ChoiceAnswers, is_plain
 from dynamo_lite.frontend.pipeline import ChoiceDelta, Generation, PipelineDeps
 from dynamo_lite.frontend.prefill_policy import DisaggSettings, PrefillPolicy
@@ -40,7 +42,7 @@ from dynamo_lite.frontend.stages import STAGE_HEADER
 from dynamo_lite.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from dynamo_lite.frontend.embeddings_api import EmbeddingsService
 from dynamo_lite.frontend.tokenize_api import TokenizeService
-from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError
+from dynamo_lite.protocol.errors import DynamoLiteError, InvalidRequestError, OverloadedError
 from dynamo_lite.protocol.messages import json_encoder
 from dynamo_lite.router.base import Router
 from dynamo_lite.transport.client import RequestClient
@@ -81,11 +83,25 @@ class OpenAIService:
                            max_prefill_queue=config.max_prefill_queue, enforce=config.enforce_disagg),
             self.dispatcher, self.metrics)
         self.pipeline = PipelineDeps(dispatcher=self.dispatcher, prefill=self.prefill, metrics=self.metrics)
+        admission = AdmissionSettings(max_concurrency=config.max_concurrency, busy_kv_usage=config.busy_kv_usage,
+                                      busy_waiting_requests=config.busy_waiting_requests,
+                                      queue_timeout=config.queue_timeout, max_queued=config.max_queued_requests)
+        self.admission = Admission(admission, self._workers_busy, self.metrics)
+        if admission.checks_busy and not (config.router_mode == "kv" and config.kv_events):
+            logger.warning("--busy-kv-usage / --busy-waiting-requests read the workers' load reports, which only "
+                           "the kv router with KV events follows (--router-mode kv): no worker will count as busy")
         self.started = int(time.time())
         self.parsers = ChatParsers(tool_call=config.tool_call_parser, reasoning=config.reasoning_parser)
         # The one path by which the router hears of workers leaving (a KvRoutingService follows the
         # watcher from its start already; following again changes nothing).
         deps.router.follow(deps.watcher)
+
+    def _workers_busy(self, model: str) -> bool:
+        """Every backend worker of `model` is over a busy threshold (none registered: not busy; the
+        pipeline answers that 503 itself)."""
+        workers = self.dispatcher.workers(model, POOL_DECODE)
+        settings, router = self.admission.settings, self.deps.router
+        return bool(workers) and all(is_busy(router.load_report(r.instance_id), settings) for r in workers)
 
     # ------------------------------------------------------------------ generation endpoints
 
@@ -120,17 +136,23 @@ class OpenAIService:
             plan = await (plan_chat(served, body, request_id, self.parsers) if chat
                           else plan_completion(served, body, request_id))
             self.dispatcher.stages.begin(plan.request_id, arrival, parsed, time.monotonic())
+            ticket = await unless_disconnected(http_request, self.admission.admit(model))
             generation = Generation(self.pipeline, plan, arrival)
             if body.stream:
+                # The stream releases the ticket when it ends (or fails to start).
                 return await self._stream(http_request, generation, endpoint, chat, body.include_usage,
-                                          arrival, usage_first)
-            return await self._complete(http_request, generation, endpoint, chat, arrival)
+                                          arrival, usage_first, ticket)
+            try:
+                return await self._complete(http_request, generation, endpoint, chat, arrival)
+            finally:
+                ticket.release()
         except ClientDisconnected:
             response = Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; counted as 499
         except pydantic.ValidationError as e:
             response = errors.pydantic_error_response(e)
         except DynamoLiteError as e:
-            if e.status >= 500:
+            # A refusal under overload is counted (rejected_requests), not logged: a flood would flood the log.
+            if e.status >= 500 and not isinstance(e, OverloadedError):
                 logger.warning("%s request for %s failed: %s", endpoint, model, e.message)
             response = errors.dynamo_error_response(e)
         self._count(model, endpoint, response.status_code, arrival)
@@ -199,7 +221,7 @@ class OpenAIService:
         return Response(body, media_type="application/json", headers=headers)
 
     async def _stream(self, http_request: Request, generation: Generation, endpoint: str, chat: bool,
-                      include_usage: bool, arrival: float, usage_first: bool = False) -> Response:
+                      include_usage: bool, arrival: float, usage_first: bool, ticket: Ticket) -> Response:
         """SSE. The first delta is awaited before answering, so a request that cannot start (no
         worker, every worker failing) still gets a proper status code instead of a broken stream."""
         model = generation.plan.model.name
@@ -213,6 +235,7 @@ class OpenAIService:
             first = None
         except BaseException:
             inflight.dec()
+            ticket.release()
             await deltas.aclose()
             self._count_tokens(generation)
             raise
@@ -236,6 +259,7 @@ class OpenAIService:
             with anyio.CancelScope(shield=True):
                 await deltas.aclose()
             inflight.dec()
+            ticket.release()
             self._count_tokens(generation)
             self._count(model, endpoint, status, arrival)
 
@@ -373,8 +397,11 @@ def create_app(deps: FrontendDeps) -> FastAPI:
     app.add_route("/tokenize", tokenization.tokenize, methods=["POST"])
     app.add_route("/detokenize", tokenization.detokenize, methods=["POST"])
     app.add_route("/version", tokenization.version, methods=["GET"])
-    embeddings = EmbeddingsService(service.dispatcher, service.models, service.metrics)
+    embeddings = EmbeddingsService(service.dispatcher, service.models, service.metrics, service.admission)
     app.add_route("/v1/embeddings", embeddings.embeddings, methods=["POST"])
+    document = json_encoder.encode(build_openapi())  # built once: it only depends on the schemas
+    app.add_route("/openapi.json", lambda request: Response(document, media_type="application/json"),
+                  methods=["GET"])
     install_middleware(app, deps.config)
     app.add_exception_handler(DynamoLiteError, errors.handle_dynamo_error)
     app.add_exception_handler(RequestValidationError, errors.handle_request_validation)

@@ -60,6 +60,27 @@ class FrontendConfig(PlaneOptions):
                                        "(0 = no limit).", minimum=0)
     enforce_disagg: bool = option(False, "Disaggregated serving only: with no prefill worker registered, answer "
                                          "503 instead of serving aggregated.")
+    # Admission control (frontend/admission.py): every limit 0 = off (the default).
+    max_concurrency: int = option(0, "Requests per model this frontend serves at once; more wait in the admission "
+                                     "queue (0 = no limit).", minimum=0)
+    busy_kv_usage: float = option(0.0, "A worker whose last load report shows this KV cache usage fraction "
+                                       "(0-1) or more is busy; requests wait while every worker of their model "
+                                       "is busy (0 = off; needs --router-mode kv with KV events).",
+                                  minimum=0, maximum=1)
+    busy_waiting_requests: int = option(0, "A worker whose last load report shows this many requests waiting in "
+                                           "its engine or more is busy (0 = off; needs --router-mode kv with KV "
+                                           "events).", minimum=0)
+    queue_timeout: float = option(30.0, "Seconds a request may wait in the admission queue before it is refused "
+                                        "with 503 and Retry-After (0 = refuse at once).", minimum=0)
+    max_queued_requests: int = option(1024, "Requests per model that may wait in the admission queue; more are "
+                                            "refused with 503 at once.", minimum=0)
+    # What one HTTP request may cost (frontend/http_limits.py): 0 = no limit.
+    max_body_bytes: int = option(32 * 1024 * 1024, "Largest request body accepted; larger ones are answered 413 "
+                                                   "(0 = no limit).", minimum=0)
+    max_header_bytes: int = option(64 * 1024, "Largest total size of a request's headers (names and values); "
+                                              "larger ones are answered 431 (0 = no limit).", minimum=0)
+    body_read_timeout: float = option(60.0, "Seconds a client may take to send its whole request body; a slower "
+                                            "one is answered 408 (0 = wait forever).", minimum=0)
     # Operations (as vLLM's server has them): API keys, CORS.
     api_key: tuple[str, ...] = option((), "API keys: requests under /v1 must send one as 'Authorization: Bearer "
                                           "KEY', else 401 (none = no check; /health, /live, /metrics, "

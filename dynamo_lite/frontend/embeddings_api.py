@@ -20,12 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dynamo_lite.frontend import errors
+from dynamo_lite.frontend.admission import UNLIMITED, Admission
 from dynamo_lite.frontend.attempt import POOL_DECODE, Dispatcher
 from dynamo_lite.frontend.metrics import UNKNOWN_MODEL, FrontendMetrics
 from dynamo_lite.frontend.middleware import request_id_of
 from dynamo_lite.frontend.models import ModelRegistry, ServedModel
 from dynamo_lite.protocol.errors import (DynamoLiteError, EngineError, InvalidRequestError,
-                                         NoWorkerAvailableError, WorkerFailedError, worker_error)
+                                         NoWorkerAvailableError, OverloadedError, WorkerFailedError,
+                                         worker_error)
 from dynamo_lite.protocol.messages import EmbedReply, EmbedRequest, ErrorFrame, json_encoder
 
 logger = logging.getLogger(__name__)
@@ -80,10 +82,12 @@ def encode_embedding(values: list[float], encoding_format: str) -> list[float] |
 
 
 class EmbeddingsService:
-    def __init__(self, dispatcher: Dispatcher, models: ModelRegistry, metrics: FrontendMetrics):
+    def __init__(self, dispatcher: Dispatcher, models: ModelRegistry, metrics: FrontendMetrics,
+                 admission: Admission | None = None):
         self._dispatcher = dispatcher
         self._models = models
         self._metrics = metrics
+        self._admission = admission
 
     async def embeddings(self, http_request: Request) -> Response:
         """Counted in the request metrics as chat and completions are: by model, endpoint and status."""
@@ -99,6 +103,7 @@ class EmbeddingsService:
                                           "worker started with --runner pooling", param="model")
             prompts = prompts_of(served, body.input)
             request_id = "embd-" + request_id_of(http_request).value + "-" + uuid.uuid4().hex[:8]
+            ticket = await self._admission.admit(model) if self._admission is not None else UNLIMITED
             inflight = metrics.inflight.labels(model)
             inflight.inc()
             try:
@@ -106,10 +111,11 @@ class EmbeddingsService:
                                                                dimensions=body.dimensions))
             finally:
                 inflight.dec()
+                ticket.release()
         except pydantic.ValidationError as e:
             response = errors.pydantic_error_response(e)
         except DynamoLiteError as e:
-            if e.status >= 500:
+            if e.status >= 500 and not isinstance(e, OverloadedError):
                 logger.warning("embeddings request for %s failed: %s", model, e.message)
             response = errors.dynamo_error_response(e)
         else:

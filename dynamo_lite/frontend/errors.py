@@ -34,7 +34,11 @@ def error_response(status: int, message: str, error_type: str, param: str | None
 
 
 def dynamo_error_response(error: DynamoLiteError) -> Response:
-    return error_response(error.status, error.message, error.error_type, error.param, error.code)
+    response = error_response(error.status, error.message, error.error_type, error.param, error.code)
+    retry_after = getattr(error, "retry_after", None)  # an overloaded frontend says when to come back
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "tuple", "set"}

@@ -75,6 +75,15 @@ class FrontendMetrics:
                                        "first_token (split by the worker into worker_queue and prefill), "
                                        "detokenize, stream", ["model", "stage"], buckets=STAGE_BUCKETS,
                                        registry=registry)
+        # Admission control (frontend/admission.py); nothing is recorded while it is off.
+        self.queued_requests = Gauge(f"{PREFIX}_queued_requests", "Requests waiting in the admission queue",
+                                     ["model"], registry=registry)
+        self.rejected_requests = Counter(f"{PREFIX}_rejected_requests", "Requests refused with 503 by admission "
+                                         "control, by reason: queue_full, concurrency_limit, workers_busy",
+                                         ["model", "reason"], registry=registry)
+        self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds", "Time requests waited in the admission "
+                                    "queue (0 for those admitted at once), admitted or refused after waiting",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=registry)
         self._worker_models: set[str] = set()
 
     def set_workers(self, counts: dict[str, int]) -> None:

@@ -1,8 +1,9 @@
-"""The frontend's HTTP middleware, as vLLM's server has it: API keys, request ids, CORS.
+"""The frontend's HTTP middleware, as vLLM's server has it: API keys, request ids, CORS (and the
+size and time limits of frontend/http_limits.py).
 
 Pure ASGI classes (no BaseHTTPMiddleware): they look at the headers and pass the request on, adding
 nothing to the streaming path. Outermost first: the request id (so every answer, a 401 included,
-carries it), CORS (so a browser can read a 401 too), then the API key check.
+carries it), the size and time limits, CORS (so a browser can read a 401 too), then the API key check.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dynamo_lite.frontend import errors
-from dynamo_lite.frontend.anthropic_api import anthropic_error
+from dynamo_lite.frontend.anthropic_api import ANTHROPIC_PATH, anthropic_error
 from dynamo_lite.frontend.config import FrontendConfig
+from dynamo_lite.frontend.http_limits import HttpLimitsMiddleware
 
 REQUEST_ID_HEADER = b"x-request-id"
 # vLLM's server checks keys on these paths only: /health, /live, /metrics, /tokenize, /detokenize,
 # /version and /debug/route stay open (probes and scrapers need no key; nothing there generates).
 GUARDED_PREFIXES = ("/v1",)
-# Anthropic's SDK sends its key as `x-api-key`, not as a bearer token: both are taken there.
-ANTHROPIC_PATH = "/v1/messages"
+# Anthropic's SDK sends its key as `x-api-key`, not as a bearer token: both are taken on ANTHROPIC_PATH.
 
 
 @dataclass(frozen=True)
@@ -137,4 +138,7 @@ def install_middleware(app, config: FrontendConfig) -> None:
                            allow_methods=list(config.allowed_methods),
                            allow_headers=list(config.allowed_headers),
                            allow_credentials=config.allow_credentials)
+    # Inside the request id (a 413 carries it too), outside CORS and keys: nothing reads a body too large.
+    app.add_middleware(HttpLimitsMiddleware, max_header_bytes=config.max_header_bytes,
+                       max_body_bytes=config.max_body_bytes, body_read_timeout=config.body_read_timeout)
     app.add_middleware(RequestIdMiddleware)

@@ -44,6 +44,18 @@ class NoWorkerAvailableError(DynamoLiteError):
     error_type = "service_unavailable"
 
 
+class OverloadedError(DynamoLiteError):
+    """The frontend refused a request to protect itself and its workers (admission control): the client
+    should retry after `retry_after` seconds. `code` says why (queue_full, concurrency_limit, workers_busy)."""
+
+    status = 503
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, code: str, retry_after: int):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class WorkerFailedError(DynamoLiteError):
     """A worker connection broke or a stream ended without its last frame (migratable)."""
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dynamo_lite.discovery.watcher import InstanceChange, InstanceWatcher
-from dynamo_lite.protocol.messages import InstanceRecord
+from dynamo_lite.protocol.messages import InstanceRecord, LoadReport
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class Router(abc.ABC):
 
     def record_usage(self, model: str, prompt_tokens: int, cached_tokens: int) -> None:
         """A finished request's usage as the engine reported it (prompt tokens, of which served from cache)."""
+
+    def load_report(self, worker_id: int) -> LoadReport | None:
+        """The worker's last load report from the event plane; None: none received (or not followed)."""
+        return None
 
     def follow(self, watcher: InstanceWatcher) -> None:
         """Hear from `watcher` about workers coming and going: the one path by which worker_added and

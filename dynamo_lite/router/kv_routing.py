@@ -72,6 +72,9 @@ class KvRoutingService(Router):
         """The last load report of each live worker (from the event intake)."""
         return self.intake.load_reports
 
+    def load_report(self, worker_id: int) -> LoadReport | None:
+        return self.intake.load_reports.get(worker_id)
+
     async def attach_events(self, bus: EventBus) -> None:
         """Feed the routers from the event plane (not in approximate mode)."""
         if self.settings.use_kv_events:

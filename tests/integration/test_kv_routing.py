@@ -210,6 +210,9 @@ async def test_events_reach_the_router_and_it_routes_the_prefix_back(event_plane
         service.finished("r1")
         await wait_for(lambda: b.instance_id in service.load_reports, "a load report from b")
         assert service.load_reports[b.instance_id].total_blocks == 4096
+        # What admission control's busy thresholds read (Router.load_report).
+        assert service.load_report(b.instance_id) is service.load_reports[b.instance_id]
+        assert service.load_report(12345) is None
 
 
 async def test_a_lost_batch_triggers_a_resync_and_the_view_matches_the_worker(event_plane, model_dir):
