@@ -370,8 +370,8 @@ async def test_n_choices_interleave_with_their_own_finish_and_one_last_frame(mod
         assert len({tuple(tokens) for tokens in streams.values()}) == 3  # each its own seed
         finishes = sorted((f.index, f.finish_reason) for f in frames if f.finish_reason is not None)
         assert finishes == [(0, "length"), (1, "length"), (2, "length")]
-        again = await collect(engine, choices_request(n=3))  # reproducible
-        assert sorted((f.index, f.token_ids) for f in again) == sorted((f.index, f.token_ids) for f in frames)
+        again = await collect(engine, choices_request(n=3))  # reproducible, however the frames fall
+        assert {i: [t for f in again if f.index == i for t in f.token_ids] for i in range(3)} == streams
         assert engine.load().running_requests == 0
 
 
