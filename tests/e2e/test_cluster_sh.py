@@ -12,6 +12,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -34,6 +35,19 @@ def _unavailable() -> str | None:
     if not os.path.exists(SSHD):
         return "openssh-server is not installed (scripts/setup.sh --full)"
     return None
+
+
+def _wait_for_sshd(sshd: subprocess.Popen, head: str, node_ip: str, log_path, timeout: float = 15) -> None:
+    """Until sshd accepts connections from the head host: cluster.sh's first ssh must not race its start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sshd.poll() is not None:
+            pytest.fail(f"sshd exited with {sshd.returncode}: {log_path.read_text()}")
+        if _run("ip", "netns", "exec", head, "bash", "-c", f"exec 3<>/dev/tcp/{node_ip}/22",
+                check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"sshd did not listen on {node_ip}:22 within {timeout} s: {log_path.read_text()}")
 
 
 @pytest.fixture
@@ -67,6 +81,7 @@ def two_hosts(tmp_path):
         with open(tmp_path / "sshd.log", "w") as log:
             sshd = subprocess.Popen(["ip", "netns", "exec", node, SSHD, "-D", "-e", "-f",
                                      str(tmp_path / "sshd_config")], stdout=subprocess.DEVNULL, stderr=log)
+        _wait_for_sshd(sshd, head, node_ip, tmp_path / "sshd.log")
         yield {"head": head, "node": node, "head_ip": head_ip, "node_ip": node_ip, "dir": tmp_path}
     finally:
         _kill_leftovers(subnet)
