@@ -19,8 +19,8 @@ Failures:
   the model card's migration_limit allows, otherwise the error reaches the client. With n > 1 each
   unfinished choice continues as its own request (its prompt holds its own tokens so far), the new
   requests at once on the new worker, their deltas merged. A structured output (response_format, a
-  forced tool call, a grammar) does not migrate yet, and its error reaches the client: the new worker's
-  grammar would restart mid-answer (vllm/structured_resume.py is to resume it; not yet effective).
+  forced tool call, a grammar) migrates too: the request says how many of its prompt's tokens were
+  generated, and the new worker's grammar starts after them (vllm/structured_resume.py).
 """
 
 from __future__ import annotations
@@ -163,13 +163,6 @@ class Generation:
                         raise
                 elif self.migrations >= self.plan.model.card.migration_limit:
                     raise
-                elif self.plan.sampling.structured_output is not None:
-                    # The new worker's grammar would start again at the tokens already generated (they are
-                    # its prompt). vllm/structured_resume.py is to advance it past them, but on the real
-                    # engine it did not take effect yet (tests/e2e/test_api_serving_modes.py): fail clearly.
-                    raise WorkerFailedError(f"{e.message}; a structured-output request cannot migrate "
-                                            "(its grammar would restart mid-answer)",
-                                            instance_id=e.instance_id) from e
                 else:
                     self.migrations += 1
                     self._deps.metrics.migrations.labels(self._model_label).inc()

@@ -67,6 +67,14 @@ class RoutedStack:
         (address,) = {i["address"] for i in healthy_instances(self.base_url, SERVED_MODEL_NAME)} - live
         self.workers[address], self.cores[address] = proc, core
 
+    def replace_dead_workers(self) -> None:
+        for address, proc in list(self.workers.items()):
+            if not proc.alive():
+                del self.workers[address]
+                wait_until(lambda: address not in {i["address"] for i in healthy_instances(
+                    self.base_url, SERVED_MODEL_NAME)}, 60, f"{address} gone from {self.base_url}/health", [])
+                self.start_worker(self.cores.pop(address))
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, etcd_endpoint, nats_url):
@@ -155,3 +163,27 @@ def test_streamed_answer_migrates_when_its_worker_dies(stack):
     again = client.chat.completions.create(**{**body, "max_tokens": 8})
     assert again.choices[0].message.content
 
+
+FACTS = {"type": "object", "properties": {"facts": {"type": "array", "minItems": 4, "maxItems": 4,
+                                                    "items": {"type": "string", "maxLength": 60}}},
+         "required": ["facts"], "additionalProperties": False}
+
+
+def test_structured_choices_migrate_with_their_grammar_resumed(stack):
+    """n = 2 JSON-schema answers streamed, their worker killed mid-answer: each choice goes on as its own
+    request on the other worker, whose grammar starts after the tokens already sent (a grammar started
+    afresh would open a second JSON object inside the first). Both answers are whole and valid."""
+    stack.replace_dead_workers()  # the test before killed one
+    client = stack.client()
+    body = dict(model=SERVED_MODEL_NAME, max_tokens=300, n=2, temperature=0.7, seed=7,  # n > 1: sampled
+                messages=[{"role": "user", "content": "Give four facts about lighthouses as JSON."}],
+                response_format={"type": "json_schema", "json_schema": {"name": "facts", "schema": FACTS,
+                                                                       "strict": True}})
+    migrations = stack.metric("dynamo_lite_frontend_migrations_total")
+    chunks = [c.choices[0] for c in _kill_mid_stream(stack, client.chat.completions.create(**body, stream=True))
+              if c.choices]
+    for index in (0, 1):
+        mine = [c for c in chunks if c.index == index]
+        assert mine[-1].finish_reason == "stop"
+        jsonschema.validate(json.loads("".join(c.delta.content or "" for c in mine)), FACTS)
+    assert stack.metric("dynamo_lite_frontend_migrations_total") == migrations + 1

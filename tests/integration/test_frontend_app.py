@@ -598,8 +598,8 @@ async def test_migration_after_a_worker_dies_mid_stream(model_dir, stream):
         assert f'dynamo_lite_frontend_migrations_total{{model="{MODEL}"}} 1.0' in metrics
 
 
-async def test_structured_output_request_fails_instead_of_migrating(model_dir):
-    """Migrated, the new worker's grammar would start again at the generated tokens: a clear error."""
+async def test_structured_output_request_migrates_with_its_grammar_resumed(model_dir):
+    """The new worker is told how many prompt tokens were generated: its grammar starts after them."""
     router = PreferRouter()
     async with running_stack(router) as stack:
         server, address = await dying_worker_server(tokens_before_death=4)
@@ -609,11 +609,14 @@ async def test_structured_output_request_fails_instead_of_migrating(model_dir):
         await stack.add_worker(engine, migration_limit=1)
         response = await stack.http.post("/v1/chat/completions", json=chat_body(
             max_tokens=50, response_format={"type": "json_object"}))
-        assert response.status_code == 503
-        assert "structured-output request cannot migrate" in response.json()["error"]["message"]
-        assert engine.requests == []
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == REPLY
+        [moved] = engine.requests
+        assert moved.token_ids == chat_prompt_ids("Say hello") + REPLY_IDS[:4]
+        assert moved.resumed_tokens == 4
+        assert moved.sampling.structured_output is not None
         metrics = (await stack.http.get("/metrics")).text
-        assert f'dynamo_lite_frontend_migrations_total{{model="{MODEL}"}}' not in metrics
+        assert f'dynamo_lite_frontend_migrations_total{{model="{MODEL}"}} 1.0' in metrics
 
 
 async def test_no_migration_when_the_limit_is_zero(model_dir):
