@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 
-from dynamo_lite.events.base import EventBus, Subscription
+from dynamo_lite.events.base import EventBus, Handler, QueuedSubscription, ServedSubscription, Subscription
 from dynamo_lite.protocol.errors import TransportError
 
 logger = logging.getLogger(__name__)
-
-Handler = Callable[[bytes], Awaitable[bytes]]
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -33,54 +31,21 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(pattern_tokens) == len(subject_tokens)
 
 
-class MemorySubscription(Subscription):
+class MemorySubscription(QueuedSubscription):
     def __init__(self, bus: MemoryEventBus, subject: str):
-        self.subject = subject
+        super().__init__(subject)
         self._bus = bus
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._closed = False
 
-    def deliver(self, data: bytes) -> None:
-        if not self._closed:
-            self._queue.put_nowait(data)
-
-    async def _payloads(self) -> AsyncIterator[bytes]:
-        while True:
-            data = await self._queue.get()
-            if data is None:
-                return
-            yield data
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._payloads()
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    async def _release(self) -> None:
         self._bus._subscriptions.discard(self)
-        self._queue.put_nowait(None)
 
 
-class MemoryServedSubscription(Subscription):
-    """A responder registered with serve(). Iterating yields nothing and ends when it is closed."""
-
+class MemoryServedSubscription(ServedSubscription):
     def __init__(self, bus: MemoryEventBus, subject: str, handler: Handler):
-        self.subject = subject
-        self.handler = handler
+        super().__init__(subject, handler)
         self._bus = bus
-        self._closed = asyncio.Event()
 
-    async def _wait_closed(self) -> AsyncIterator[bytes]:
-        await self._closed.wait()
-        return
-        yield  # an async generator that never yields
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._wait_closed()
-
-    async def close(self) -> None:
-        self._closed.set()
+    async def _release(self) -> None:
         self._bus._servers.discard(self)
 
 

@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSub
 
-from dynamo_lite.events.base import EventBus, Subscription
+from dynamo_lite.events.base import EventBus, Handler, ServedSubscription, Subscription
 from dynamo_lite.protocol.errors import TransportError
 
 logger = logging.getLogger(__name__)
@@ -60,15 +60,13 @@ class NatsSubscription(Subscription):
             await self._sub.unsubscribe()
 
 
-class NatsServedSubscription(Subscription):
-    """A request-reply responder. Iterating yields nothing and ends when it is closed."""
+class NatsServedSubscription(ServedSubscription):
+    """A request-reply responder: each request is answered by its own task."""
 
-    def __init__(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]):
-        self._subject = subject
-        self._handler = handler
+    def __init__(self, subject: str, handler: Handler):
+        super().__init__(subject, handler)
         self._sub: _NatsSub | None = None
         self._inflight: set[asyncio.Task] = set()
-        self._closed = asyncio.Event()
 
     async def on_request(self, msg: Msg) -> None:
         # One task per request, so a slow answer does not hold up the next request.
@@ -78,32 +76,21 @@ class NatsServedSubscription(Subscription):
 
     async def _answer(self, msg: Msg) -> None:
         try:
-            reply = await self._handler(msg.data)
+            reply = await self.handler(msg.data)
         except Exception:
-            logger.exception("handler for %s failed; the requester will time out", self._subject)
+            logger.exception("handler for %s failed; the requester will time out", self.subject)
             return
         if not msg.reply:
             return  # a plain publish, nobody waits for an answer
         try:
             await msg.respond(reply)
         except _DISCONNECTED as e:
-            logger.debug("reply on %s dropped: %s", self._subject, e)
+            logger.debug("reply on %s dropped: %s", self.subject, e)
         except nats.errors.MaxPayloadError:
             logger.error("reply on %s is %d bytes, more than the NATS server's max_payload: raise max_payload "
-                         "in the server config", self._subject, len(reply))
+                         "in the server config", self.subject, len(reply))
 
-    async def _wait_closed(self) -> AsyncIterator[bytes]:
-        await self._closed.wait()
-        return
-        yield  # an async generator that never yields
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._wait_closed()
-
-    async def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
+    async def _release(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
@@ -239,7 +226,7 @@ class NatsEventBus(EventBus):
             raise TransportError(f"request on {subject} failed: NATS at {self._servers}: {e}") from e
         return msg.data
 
-    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> Subscription:
+    async def serve(self, subject: str, handler: Handler) -> Subscription:
         self._check_open()
         served = NatsServedSubscription(subject, handler)
         served._sub = await self._nc.subscribe(subject, cb=served.on_request)
