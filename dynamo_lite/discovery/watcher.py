@@ -1,8 +1,8 @@
 """InstanceWatcher: the frontend's live view of workers (instance records) and model cards.
 
-It reads everything under /{ns}/ once, then watches from the next revision, so a frontend that
-starts after its workers sees them at once and never misses or repeats a change. On a watch
-reset it re-reads the prefix and reports the difference. A connection failure seen by the
+It follows everything under /{ns}/ with a PrefixFollower (a snapshot, then a watch from the next
+revision), so a frontend that starts after its workers sees them at once and never misses or repeats
+a change; on a watch reset the follower re-reads the prefix and reports the difference. A connection failure seen by the
 request plane (`mark_failed`) hides an instance at once: it comes back after `failed_cooldown`
 seconds only if its key is still in the store (its lease still alive) and, when the watcher has a
 `probe`, only once the instance answers it (a hung worker whose lease outlives the cooldown stays out,
@@ -12,7 +12,6 @@ one more cooldown per failed probe).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import math
@@ -21,7 +20,8 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from dynamo_lite.discovery.base import Discovery, WatchEvent, WatchEventKind
+from dynamo_lite.discovery.base import Discovery
+from dynamo_lite.discovery.prefix_follower import PrefixFollower
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import InstanceRecord, ModelCard, card_json_decoder, instance_json_decoder
 
@@ -37,7 +37,6 @@ class InstanceChange(enum.StrEnum):
 
 Listener = Callable[[InstanceChange, InstanceRecord], None]
 Probe = Callable[[InstanceRecord], Awaitable[bool]]  # does this instance answer now?
-MAX_RELIST_BACKOFF = 2.0
 
 
 class InstanceWatcher:
@@ -56,15 +55,14 @@ class InstanceWatcher:
         self._cooldown_timers: dict[int, asyncio.TimerHandle] = {}
         self._listeners: list[Listener] = []
         self._changed = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._follower = PrefixFollower(discovery, self._root, self._put, self._delete)
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Read the snapshot (errors propagate), then follow changes in a background task."""
-        revision = await self._relist()
-        self._task = asyncio.get_running_loop().create_task(self._follow(revision), name="instance-watcher")
+        await self._follower.start()
 
     async def close(self) -> None:
         self._closed = True
@@ -73,11 +71,7 @@ class InstanceWatcher:
         self._cooldown_timers.clear()
         for probe in self._probes:
             probe.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._follower.close()
 
     # ------------------------------------------------------------------ queries
 
@@ -218,72 +212,36 @@ class InstanceWatcher:
 
     # ------------------------------------------------------------------ store changes
 
-    async def _follow(self, revision: int) -> None:
-        while not self._closed:
-            reset = False
-            try:
-                async with contextlib.aclosing(self._discovery.watch_prefix(self._root, revision)) as events:
-                    async for event in events:
-                        if event.kind == WatchEventKind.RESET:
-                            reset = True
-                            break
-                        self._apply(event)
-                        revision = event.revision + 1
-            except Exception:  # a Discovery should not raise here; re-reading is the safe answer
-                logger.exception("watch of %s failed; re-reading the snapshot", self._root)
-                reset = True
-            if not reset:
-                logger.info("watch of %s ended (discovery closed)", self._root)
-                return
-            logger.warning("watch of %s was reset; re-reading the snapshot", self._root)
-            revision = await self._relist_until_done()
+    def _put(self, key: str, value: bytes) -> None:
+        self._apply(key, value)
 
-    async def _relist_until_done(self) -> int:
-        attempt = 0
-        while True:
-            try:
-                return await self._relist()
-            except Exception as e:
-                attempt += 1
-                delay = min(MAX_RELIST_BACKOFF, 0.1 * 2 ** min(attempt, 5))
-                logger.warning("re-reading %s failed (attempt %s), retrying in %.1fs: %s",
-                               self._root, attempt, delay, e)
-                await asyncio.sleep(delay)
+    def _delete(self, key: str) -> None:
+        self._apply(key, None)
 
-    async def _relist(self) -> int:
-        """Replace the view with a snapshot, notifying the differences. Returns the next revision."""
-        items, revision = await self._discovery.get_prefix(self._root)
-        present = {key for key, _ in items}
-        for key in [k for k in (*self._instances, *self._cards) if k not in present]:
-            self._apply(WatchEvent(WatchEventKind.DELETE, key, b"", revision))
-        for key, value in items:
-            self._apply(WatchEvent(WatchEventKind.PUT, key, value, revision))
-        self._signal_change()
-        return revision + 1
-
-    def _apply(self, event: WatchEvent) -> None:
-        if event.key.startswith(self._instances_prefix):
-            self._apply_instance(event)
-        elif event.key.startswith(self._models_prefix):
-            self._apply_card(event)
+    def _apply(self, key: str, value: bytes | None) -> None:
+        """A key put (value) or deleted (None) under the namespace."""
+        if key.startswith(self._instances_prefix):
+            self._apply_instance(key, value)
+        elif key.startswith(self._models_prefix):
+            self._apply_card(key, value)
         else:
             return
         self._signal_change()
 
-    def _apply_instance(self, event: WatchEvent) -> None:
-        old = self._instances.get(event.key)
+    def _apply_instance(self, key: str, value: bytes | None) -> None:
+        old = self._instances.get(key)
         new = None
-        if event.kind == WatchEventKind.PUT:
+        if value is not None:
             try:
-                new = instance_json_decoder.decode(event.value)
+                new = instance_json_decoder.decode(value)
             except msgspec.DecodeError as e:
-                logger.warning("skipping undecodable instance record at %s: %s", event.key, e)
+                logger.warning("skipping undecodable instance record at %s: %s", key, e)
         if new == old:
             return
         if new is None:
-            del self._instances[event.key]
+            del self._instances[key]
         else:
-            self._instances[event.key] = new
+            self._instances[key] = new
         if old is not None:
             if self._is_live(old.instance_id):
                 logger.info("instance %x removed (%s %s at %s)", old.instance_id, old.component, old.model,
@@ -296,15 +254,15 @@ class InstanceWatcher:
                         new.address)
             self._notify(InstanceChange.ADDED, new)
 
-    def _apply_card(self, event: WatchEvent) -> None:
-        if event.kind == WatchEventKind.PUT:
+    def _apply_card(self, key: str, value: bytes | None) -> None:
+        if value is not None:
             try:
-                keys.parse_instance_id(event.key)  # card keys end with the instance id
-                self._cards[event.key] = card_json_decoder.decode(event.value)
+                keys.parse_instance_id(key)  # card keys end with the instance id
+                self._cards[key] = card_json_decoder.decode(value)
                 return
             except (msgspec.DecodeError, ValueError) as e:
-                logger.warning("skipping undecodable model card at %s: %s", event.key, e)
-        self._cards.pop(event.key, None)
+                logger.warning("skipping undecodable model card at %s: %s", key, e)
+        self._cards.pop(key, None)
 
     def _notify(self, kind: InstanceChange, record: InstanceRecord) -> None:
         for listener in self._listeners:
