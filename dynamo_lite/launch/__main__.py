@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
         say(f"error: {e}")
         return 1
 
-    sup = Supervisor(settings.make_run_dir(name), stop_timeout=settings.stop_timeout, say=say)
+    sup = Supervisor(settings.make_run_dir(name), stop_timeout=settings.stop_timeout, say=say,
+                     die_with_parent=True)
     sup.env.update(MODEL_PATH=settings.model_path, SERVED_MODEL_NAME=settings.served_model_name,
                    VLLM_CPU_KVCACHE_SPACE=settings.kv_cache_space, RUN_DIR=str(sup.run_dir))
 

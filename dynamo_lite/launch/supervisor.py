@@ -4,17 +4,21 @@ scripts, scripts/run.sh, scripts/pd_smoke.py and the tests share.
 Every process runs in its own session with its output in a log file. Its own session means a Ctrl-C
 in the terminal reaches only the launcher, which then stops the processes in order, and a final
 SIGKILL of the process group also reaches the children a process leaves behind (a vLLM worker's
-engine core). A wait that fails, because its bound passed or because a watched process died, raises
+engine core). A supervisor made with die_with_parent (serve and the launch module) also has the kernel
+send its children SIGTERM when the launcher itself dies, even by SIGKILL, so nothing is orphaned.
+A wait that fails, because its bound passed or because a watched process died, raises
 `LaunchError` with the process's name, pid, exit status and the tail of its log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -104,16 +108,37 @@ class Process:
             self.popen.wait(10)
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _terminate_with_parent() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM (and drains as on Ctrl-C) when the thread that started it
+    dies. Built in the parent, so the child between fork and exec only makes two system calls."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
+
+
 def start_process(name: str, argv: Sequence[str], log_path: Path, *, env: Mapping[str, str] | None = None,
-                  cwd: str | Path | None = None, cpus: Iterable[int] | None = None) -> Process:
+                  cwd: str | Path | None = None, cpus: Iterable[int] | None = None,
+                  die_with_parent: bool = False) -> Process:
     """Start `argv` in its own session, stdout and stderr appended to `log_path`, stdin closed.
-    `env` replaces the environment when given; `cpus` pins the process (and what it starts later)."""
+    `env` replaces the environment when given; `cpus` pins the process (and what it starts later).
+    `die_with_parent` (Linux): SIGTERM it when the calling thread dies; only for a caller that starts
+    processes from its main thread and lives as long as they should."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    preexec = _terminate_with_parent() if die_with_parent and sys.platform == "linux" else None
     with open(log_path, "ab") as log:
         try:
             popen = subprocess.Popen(list(argv), cwd=cwd, env=None if env is None else dict(env),
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=preexec)
         except OSError as e:
             raise LaunchError(f"cannot start {name} ({argv[0]}): {e}") from e
     proc = Process(name, argv, popen, log_path)
@@ -187,8 +212,9 @@ class Supervisor:
     etcd is still up), never left behind. Use it as a context manager, or call stop_all()."""
 
     def __init__(self, run_dir: Path, *, stop_timeout: float, env: Mapping[str, str] | None = None,
-                 say: Callable[[str], None] = _quiet):
+                 say: Callable[[str], None] = _quiet, die_with_parent: bool = False):
         self.run_dir = Path(run_dir)
+        self.die_with_parent = die_with_parent  # see start_process
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop_timeout = stop_timeout
         self.env = dict(os.environ if env is None else env)
@@ -206,7 +232,7 @@ class Supervisor:
               cwd: str | Path | None = None, cpus: Iterable[int] | None = None) -> Process:
         """Start `argv` with the supervisor's environment plus `env`, logging to RUN_DIR/NAME.log."""
         proc = start_process(name, argv, self.run_dir / f"{name}.log", env={**self.env, **(env or {})},
-                             cwd=cwd, cpus=cpus)
+                             cwd=cwd, cpus=cpus, die_with_parent=self.die_with_parent)
         self.procs.append(proc)
         with open(self.run_dir / "pids", "a") as pids:
             pids.write(f"{proc.pid} {name}\n")

@@ -63,7 +63,8 @@ def main(argv: list[str]) -> int:
         return ARGUMENT_ERROR_STATUS
     engines = [EngineSpec(name, role, p) for (name, role), p in zip(names, placements)]
 
-    sup = Supervisor(settings.make_run_dir("serve"), stop_timeout=settings.stop_timeout, say=say)
+    sup = Supervisor(settings.make_run_dir("serve"), stop_timeout=settings.stop_timeout, say=say,
+                     die_with_parent=True)
     private_dir = None
     if DISCOVERY_DIR_ENV not in env:  # one private directory: two serve runs never see each other
         private_dir = tempfile.mkdtemp(prefix="dynamo_lite-serve-")

@@ -105,6 +105,25 @@ def test_two_mocker_workers_serve_on_their_own_cores_and_sigint_stops_every_chil
     assert f"stopping {len(pids)} process(es)" in err.read_text()
 
 
+def test_children_stop_when_serve_itself_is_killed(serve_env, tmp_path):
+    """SIGKILL gives serve no chance to stop its children: the kernel sends them SIGTERM instead."""
+    port = free_tcp_port()
+    err = tmp_path / "err.log"
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(serve("--engine", "mocker", "--workers", "1", "--port", str(port)),
+                                env=serve_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(lambda: "press Ctrl-C" in err.read_text(), 90, "serve to get ready", interval=0.2)
+        pids = started_pids(tmp_path / "run")
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: all(gone(pid) for pid in pids.values()), 60, "serve's children to stop", interval=0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert group_members(set(pids.values())) == []
+
+
 def test_ask_once_answers_and_exits_0(serve_env, tmp_path):
     serve_env["DYN_API_KEY"] = "from-env"  # the frontend's env twin: --ask sends that key
     result = subprocess.run(serve("--engine", "mocker", "--ask", "What is the capital of France?", "--once",
