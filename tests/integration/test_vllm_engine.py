@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest_asyncio
 from dynamo_lite.protocol.errors import InvalidRequestError
 from dynamo_lite.protocol.hashing import block_hashes
 from dynamo_lite.runtime.models import default_model_path
-from dynamo_lite.protocol.messages import BlockStored, GenerateFrame, GenerateRequest, SamplingOptions
+from dynamo_lite.protocol.messages import (BlockStored, GenerateFrame, GenerateRequest, SamplingOptions,
+                                           StructuredOutput)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -50,6 +52,10 @@ def request(request_id: str, token_ids: list[int], max_tokens: int, **sampling) 
 
 async def collect(engine, req: GenerateRequest) -> list[GenerateFrame]:
     return [frame async for frame in engine.generate(req)]
+
+
+def tokens_of(frames: list[GenerateFrame]) -> list[int]:
+    return [token for frame in frames for token in frame.token_ids]
 
 
 class EventLog:
@@ -294,3 +300,24 @@ async def test_logprobs_top_alternatives_include_the_sampled_token(engine, token
     # The top 2, and the prompt's token besides when it is not among them.
     assert all(e.token_id == t and e.rank >= 1 and len(e.top) == (2 if e.rank <= 2 else 3)
                for e, t in zip(echo[1:], prompt[1:]))
+
+
+FACTS = {"type": "object", "properties": {"facts": {"type": "array", "minItems": 4, "maxItems": 4,
+                                                    "items": {"type": "string", "maxLength": 60}}},
+         "required": ["facts"], "additionalProperties": False}
+
+
+async def test_a_migrated_json_answer_resumes_its_grammar_after_the_generated_tokens(engine, tokenizer):
+    """What a migration hands the new worker: the prompt followed by the answer's first tokens, and how
+    many of them were generated. The grammar (vllm/structured_resume.py) starts after them, so the
+    continuation completes the same JSON; a grammar started afresh would open a new object inside it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    prompt = chat_token_ids(tokenizer, [{"role": "user", "content": "Give four facts about lighthouses as JSON."}])
+    schema = StructuredOutput(json=json.dumps(FACTS))
+    whole = tokens_of(await collect(engine, request("json-whole", prompt, 300, structured_output=schema)))
+    first = whole[:12]
+    moved = GenerateRequest(request_id="json-moved", token_ids=prompt + first, resumed_tokens=len(first),
+                            sampling=SamplingOptions(max_tokens=300, temperature=0.0, structured_output=schema))
+    rest = tokens_of(await collect(engine, moved))
+    answer = json.loads(tokenizer.decode(first + rest, skip_special_tokens=True))
+    jsonschema.validate(answer, FACTS)
