@@ -14,12 +14,12 @@
 # --dry-run prints the docker command instead of running it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=container/common.sh
+source "${ROOT}/container/common.sh"
 VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "${ROOT}/pyproject.toml")"
 CPU_BASE="python:3.11.11-slim-bookworm"
 CUDA_BASE="nvidia/cuda:13.0.0-runtime-ubuntu24.04"
 CPU_TORCH_INDEX="https://download.pytorch.org/whl/cpu"
-
-die() { printf 'container/build.sh: error: %s\n' "$*" >&2; exit 2; }
 
 case "$(uname -m)" in
     aarch64|arm64) platform=linux/arm64 ;;
@@ -28,15 +28,14 @@ esac
 variant=cpu tag="" push=0 dry_run=0 extra=()
 while (( $# )); do
     case "$1" in
-        --platform) platform="${2:?--platform needs linux/amd64 or linux/arm64}"; shift 2 ;;
-        --platform=*) platform="${1#*=}"; shift ;;
+        --platform|--platform=*) value --platform "$@"; platform="${VALUE}"; shift "${shift_by}" ;;
         --cuda) variant=cuda; shift ;;
         --dgx-spark) variant=spark; shift ;;
-        --tag) tag="${2:?--tag needs a value}"; shift 2 ;;
+        --tag|--tag=*) value --tag "$@"; tag="${VALUE}"; shift "${shift_by}" ;;
         --push) push=1; shift ;;
         --dry-run) dry_run=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) show_help ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -57,9 +56,4 @@ cmd=(docker build --platform "${platform}" -f "${ROOT}/container/Dockerfile" -t 
      --build-arg "PIP_EXTRA_INDEX_URL=${index}" --build-arg "VARIANT=${variant}")
 (( push )) && cmd+=(--push)
 cmd+=("${extra[@]}" "${ROOT}")
-if (( dry_run )); then
-    printf '%q ' "${cmd[@]}"; echo
-    exit 0
-fi
-command -v docker >/dev/null 2>&1 || die "docker not found"
-exec "${cmd[@]}"
+run_docker "${dry_run}" "${cmd[@]}"

@@ -13,17 +13,18 @@
 #
 # The stop timeout (75 s) is above the workers' 30 s drain, so `docker stop` lets requests finish.
 set -euo pipefail
+# shellcheck source=container/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 image="dynamo-lite:0.1.0-cpu" gpus=0 worker=0 host_network=0 dry_run=0 command=()
-die() { printf 'container/run.sh: error: %s\n' "$*" >&2; exit 2; }
 while (( $# )); do
     case "$1" in
-        --image) image="${2:?--image needs a value}"; shift 2 ;;
+        --image|--image=*) value --image "$@"; image="${VALUE}"; shift "${shift_by}" ;;
         --gpus) gpus=1; shift ;;
         --worker) worker=1; shift ;;
         --host-network) host_network=1; shift ;;
         --dry-run) dry_run=1; shift ;;
         --) shift; command=("$@"); break ;;
-        -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) show_help ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -45,9 +46,4 @@ if (( worker )); then
     (( ${#command[@]} )) || command=(python -m dynamo_lite.vllm)
 fi
 cmd+=("${image}" "${command[@]}")
-if (( dry_run )); then
-    printf '%q ' "${cmd[@]}"; echo
-    exit 0
-fi
-command -v docker >/dev/null 2>&1 || die "docker not found"
-exec "${cmd[@]}"
+run_docker "${dry_run}" "${cmd[@]}"

@@ -19,6 +19,11 @@ PROMQL_WORDS = {
 }
 # Labels Prometheus adds to every scraped sample (the target's), and the histogram bucket label.
 SCRAPE_LABELS = {"instance", "job", "le"}
+# The admission-control metrics (frontend/admission.py): labelled samples appear only once admission control
+# is on and has queued or refused a request, so their labels are checked where that happens
+# (tests/integration/test_dashboard_admission.py).
+ADMISSION_METRICS = {"dynamo_lite_frontend_queued_requests", "dynamo_lite_frontend_rejected_requests_total",
+                     "dynamo_lite_frontend_queue_wait_seconds_bucket"}
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _RANGE = re.compile(r"\[[^\]]*\]")
@@ -90,3 +95,39 @@ def exported_names(*texts: str) -> tuple[set[str], set[str]]:
                 names.add(sample.name)
                 labels |= set(sample.labels)
     return names, labels
+
+
+def declared_names() -> tuple[set[str], set[str]]:
+    """(sample names, label names) the code's own metric definitions give: the frontend's, the KV router's
+    (both on the frontend's registry) and the worker side port's collector. No process is needed, so a
+    renamed metric or label fails a unit test. The label names come from prometheus_client's
+    `_labelnames`: a labelled family lists none until a child exists, and the public API has no other way
+    to read them without setting a value."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from dynamo_lite.engine.worker_metrics import WorkerMetricsCollector
+    from dynamo_lite.frontend.metrics import FrontendMetrics
+    from dynamo_lite.router.metrics import KvRouterMetrics
+
+    names: set[str] = set()
+    labels: set[str] = set()
+    registry = CollectorRegistry()
+    for owner in (FrontendMetrics(registry), KvRouterMetrics(registry)):
+        for metric in vars(owner).values():
+            if isinstance(metric, MetricWrapperBase):
+                names |= {metric._name + suffix for suffix in _SUFFIXES[metric._type]}
+                labels |= set(metric._labelnames)
+    for family in WorkerMetricsCollector._families().values():
+        names |= {family.name + suffix for suffix in _SUFFIXES[family.type]}
+        labels |= set(family._labelnames)
+    return names, labels
+
+
+def panels_charting(metric: str, path: Path = DASHBOARD) -> list[str]:
+    """Titles of the dashboard's panels with a query naming `metric`."""
+    titles = []
+    for panel in json.loads(path.read_text())["panels"]:
+        if any(metric in split_query(target["expr"])[0] for target in panel.get("targets", [])):
+            titles.append(panel["title"])
+    return titles

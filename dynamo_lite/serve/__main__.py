@@ -42,6 +42,9 @@ def summary(stack: Stack, args: ServeArgs, engines: list[EngineSpec]) -> str:
                  if a == "--router-mode"), "round-robin")
     places = ", ".join(f"{e.name} {e.placement.describe()}" for e in engines)
     model = args.served_model_name
+    if args.side_port:  # each worker's /live, /ready, /metrics (serve/side_ports.py)
+        ports = ", ".join(f"{e.name} {args.side_port + i}" for i, e in enumerate(engines))
+        places += f"\n  side ports: {ports}"
     return (f"Serving {model} at {stack.url}/v1\n"
             f"  {shape}, {mode} routing, engine {args.engine}: {places}\n"
             f"  logs in {stack.sup.run_dir}\n"

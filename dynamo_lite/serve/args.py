@@ -27,6 +27,7 @@ from dynamo_lite.runtime.models import (
     refuse_hub_id,
 )
 from dynamo_lite.serve.placement import parse_cpu_list
+from dynamo_lite.serve.side_ports import check_room, pop_side_port
 
 PROG = "python -m dynamo_lite.serve"
 # Frontend options serve sets itself (--host/--port, the planes, the namespace it gives every process).
@@ -51,7 +52,8 @@ class ServeArgs:
     api_key: str | None          # the frontend's first API key (--api-key, else DYN_API_KEY): --ask sends it
     once: bool                   # stop once ready (and answered)
     frontend_args: tuple[str, ...]
-    worker_args: tuple[str, ...]
+    worker_args: tuple[str, ...]  # without --metrics-endpoint-port: side_port holds it
+    side_port: int | None = None  # the first worker's side port, the next get +1 each (serve/side_ports.py)
 
     @property
     def served_model_name(self) -> str:
@@ -243,6 +245,12 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
     workers = 0 if disagg else (ns.workers or 1)
     prefill, decode = (ns.prefill_workers, ns.decode_workers) if disagg else (0, 0)
 
+    try:  # one side port per worker process (serve/side_ports.py)
+        side_port, worker_args = pop_side_port(worker_args, os.environ)
+        check_room(side_port or 0, workers + prefill + decode)
+    except ValueError as e:
+        parser.error(str(e))
+
     frontend = frontend_argv(ns)
     worker_args += security_argv(ns)  # the planes' credentials are every component's, not the frontend's
     try:  # the frontend's own checks (parser names, ranges), before anything starts
@@ -255,4 +263,4 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
                      prefill_workers=prefill, decode_workers=decode, host=ns.host, port=ns.port,
                      namespace=ns.namespace, cpus=ns.cpus, startup_timeout=ns.startup_timeout,
                      ask=ns.ask, once=ns.once, api_key=_first_api_key(ns),
-                     frontend_args=frontend, worker_args=tuple(worker_args))
+                     frontend_args=frontend, worker_args=tuple(worker_args), side_port=side_port)

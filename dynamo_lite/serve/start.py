@@ -21,6 +21,7 @@ from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.serve.args import ServeArgs
 from dynamo_lite.serve.placement import Placement
 from dynamo_lite.serve.progress import Progress
+from dynamo_lite.serve.side_ports import side_port_args
 
 ARGUMENT_ERROR_STATUS = 2  # argparse's exit status: how a worker refuses its arguments
 
@@ -59,10 +60,11 @@ def start_workers(stack: Stack, args: ServeArgs, engines: Sequence[EngineSpec]) 
     if args.namespace is not None:
         extra += ["--namespace", args.namespace]
     procs = {}
-    for spec in engines:
+    for index, spec in enumerate(engines):
         p = spec.placement
-        procs[spec.name] = stack.start_worker(spec.name, p.omp_bind(), spec.role, extra, env=p.env(),
-                                              cpus=p.cpus or None)
+        procs[spec.name] = stack.start_worker(spec.name, p.omp_bind(), spec.role,
+                                              [*extra, *side_port_args(args.side_port, index)],
+                                              env=p.env(), cpus=p.cpus or None)
     return procs
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -54,6 +55,33 @@ def group_members(pgids: set[int]) -> list[int]:
     return members
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive TCP ports free on every interface right now."""
+    for _ in range(50):
+        first = free_tcp_port()
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def ready(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def chat(port: int, question: str, api_key: str | None = None) -> str:
     body = json.dumps({"model": SERVED_MODEL_NAME, "max_tokens": 8,
                        "messages": [{"role": "user", "content": question}]}).encode()
@@ -70,6 +98,9 @@ def test_two_mocker_workers_serve_on_their_own_cores_and_sigint_stops_every_chil
     if len(os.sched_getaffinity(0)) < 2:
         pytest.fail("this test needs 2 CPU cores")
     port = free_tcp_port()
+    # One side port given (as a pod or compose file sets it): each worker gets its own, base + index.
+    side = free_port_run(2)
+    serve_env["DYN_METRICS_ENDPOINT_PORT"] = str(side)
     out, err = tmp_path / "out.log", tmp_path / "err.log"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         proc = subprocess.Popen(serve("--engine", "mocker", "--workers", "2", "--cpus", "0-1",
@@ -80,6 +111,8 @@ def test_two_mocker_workers_serve_on_their_own_cores_and_sigint_stops_every_chil
         assert f"Serving {SERVED_MODEL_NAME} at http://127.0.0.1:{port}/v1" in out.read_text()
         assert "worker0 (CPU 0)  ready in" in err.read_text()
         assert "worker1 (CPU 1)  ready in" in err.read_text()
+        assert f"side ports: worker0 {side}, worker1 {side + 1}" in out.read_text()
+        assert ready(side) == ready(side + 1) == 200
         assert chat(port, "What is the capital of France?", api_key="k1")
         with pytest.raises(urllib.error.HTTPError) as refused:  # the frontend got --api-key
             chat(port, "What is the capital of France?")
@@ -88,6 +121,9 @@ def test_two_mocker_workers_serve_on_their_own_cores_and_sigint_stops_every_chil
         assert list(pids) == ["worker0", "worker1", "frontend"]  # no etcd, no NATS: the embedded planes
         assert "planes: discovery embedded (no etcd or NATS needed), events embedded" in err.read_text()
         assert os.sched_getaffinity(pids["worker0"]) == {0} and os.sched_getaffinity(pids["worker1"]) == {1}
+        for name, index in (("worker0", 0), ("worker1", 1)):
+            argv = Path(f"/proc/{pids[name]}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--metrics-endpoint-port") + 1] == str(side + index).encode()
         frontend_argv = Path(f"/proc/{pids['frontend']}/cmdline").read_bytes().split(b"\0")
         assert frontend_argv[frontend_argv.index(b"--router-mode") + 1] == b"kv"
         assert frontend_argv[frontend_argv.index(b"--api-key") + 1] == b"k1"

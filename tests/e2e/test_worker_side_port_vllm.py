@@ -12,8 +12,14 @@ import pytest
 
 from tests.dashboard import SCRAPE_LABELS, dashboard_queries, exported_names, split_query
 from tests.e2e.conftest import Stack, _new_group
-from tests.e2e.harness import (DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, healthy_instances, metric_samples,
-                               metric_sum, wait_until)
+from tests.e2e.harness import (
+    DEFAULT_MODEL_PATH,
+    SERVED_MODEL_NAME,
+    healthy_instances,
+    metric_samples,
+    metric_sum,
+    wait_until,
+)
 from tests.services import free_tcp_port
 
 pytestmark = pytest.mark.vllm
@@ -61,7 +67,7 @@ def _start_watching(group, port: int, ready_while_alive) -> Stack:
 
 
 def test_alive_while_loading_ready_once_registered(vllm_side_port):
-    stack, side, seen_loading = vllm_side_port
+    _, side, seen_loading = vllm_side_port
     assert seen_loading == [503]
     assert httpx.get(f"{side}/ready", timeout=5).status_code == 200
     assert httpx.get(f"{side}/live", timeout=5).status_code == 200

@@ -50,15 +50,15 @@ def test_hadolint_fails_a_dockerfile_with_what_ours_avoids(tmp_path):
 
 def test_the_image_runs_unprivileged_with_a_health_check_and_pinned_bases():
     text = DOCKERFILE.read_text()
-    users = re.findall(r"^USER (\S+)", text, re.M)
+    users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users and users[-1] == "1000:1000"  # the manifests' runAsUser
-    assert re.search(r"^HEALTHCHECK .*\n\s+CMD .*/live", text, re.M)
-    [base] = re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD .*/live", text, re.MULTILINE)
+    [base] = re.findall(r"^ARG BASE_IMAGE=(\S+)", text, re.MULTILINE)
     build = (ROOT / "container" / "build.sh").read_text()
-    bases = [base, *re.findall(r'^(?:CPU|CUDA)_BASE="(\S+)"', build, re.M)]
+    bases = [base, *re.findall(r'^(?:CPU|CUDA)_BASE="(\S+)"', build, re.MULTILINE)]
     assert len(bases) == 3
     for image in bases:
-        name, _, tag = image.partition(":")
+        _, _, tag = image.partition(":")
         assert re.match(r"\d+\.\d+\.\d+-", tag), f"{image} is not pinned to an exact release"
     assert "--drain-timeout" in text and "STOPSIGNAL SIGTERM" in text
 
@@ -128,3 +128,23 @@ def test_compose_services_by_profile():
         assert _seconds(service["stop_grace_period"]) > float(env["DYN_DRAIN_TIMEOUT"]) + 30
         assert env["ETCD_ENDPOINTS"] == "http://etcd:2379" and env["NATS_SERVER"] == "nats://nats:4222"
         assert set(service["depends_on"]) == {"etcd", "nats"}
+
+
+@pytest.mark.parametrize("script, first_line", [
+    ("build.sh", "Build the dynamo_lite image for one target"),
+    ("run.sh", "Run the dynamo_lite image"),
+])
+def test_both_scripts_share_help_errors_and_value_options(script, first_line):
+    """container/common.sh: --help is the header comment, bad arguments exit 2 naming the script, and an
+    option's value comes as `--opt VALUE` or `--opt=VALUE`."""
+    help_text = run("bash", f"container/{script}", "--help").stdout
+    assert help_text.startswith(first_line) and "--dry-run" in help_text and "set -euo" not in help_text
+    bad = run("bash", f"container/{script}", "--bogus", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr == f"container/{script}: error: unknown argument --bogus (see --help)\n"
+    option = "--tag" if script == "build.sh" else "--image"
+    missing = run("bash", f"container/{script}", option, check=False)
+    assert missing.returncode == 2 and f"{option} needs a value" in missing.stderr
+    spaced = run("bash", f"container/{script}", option, "x:1", "--dry-run").stdout
+    joined = run("bash", f"container/{script}", f"{option}=x:1", "--dry-run").stdout
+    assert " x:1 " in spaced and spaced.split("--name")[0] == joined.split("--name")[0]

@@ -87,7 +87,7 @@ def test_overlays_exist():
 
 
 def test_every_object_passes_the_kubernetes_schemas(variant):
-    name, objects = variant
+    _, objects = variant
     for obj in objects:
         # Raises ValidationError naming the field (strict: an unknown or misspelt field fails too).
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
