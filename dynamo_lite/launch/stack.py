@@ -14,6 +14,7 @@ from dynamo_lite.launch.settings import DEFAULT_MODEL_PATH, LaunchSettings, etcd
 from dynamo_lite.launch.supervisor import (LaunchError, Process, Supervisor, http_get, http_ok,
                                            port_open)
 from dynamo_lite.runtime.net import free_tcp_port
+from dynamo_lite.serve.side_ports import check_room, pop_side_port, side_port_args
 
 INFRA_START_TIMEOUT = 30.0
 FRONTEND_START_TIMEOUT = 60.0
@@ -70,6 +71,7 @@ class Stack:
         self.engine = engine
         self.say = supervisor.say
         self.http_port: int | None = None
+        self.workers_started = 0  # the next worker's side port is the given one + this (serve/side_ports.py)
 
     @property
     def url(self) -> str:
@@ -203,7 +205,18 @@ class Stack:
             env["DYN_ADVERTISE_HOST"] = s.worker_advertise_host
         elif not s.worker_detects_address:
             env["DYN_ADVERTISE_HOST"] = s.advertise_host
-        return self.sup.start(name, [*argv, *s.worker_args, *e.role_flags[role], *extra], env=env, cpus=cpus)
+        # Each worker on this host gets its own side port: the one given (WORKER_ARGS, extra or
+        # DYN_METRICS_ENDPOINT_PORT) for the first, the next for each one after.
+        try:
+            side_port, _ = pop_side_port([*s.worker_args, *extra], {**self.sup.env, **env})
+            check_room(side_port or 0, self.workers_started + 1)
+        except ValueError as error:
+            raise LaunchError(str(error)) from None
+        worker_args, extra = pop_side_port(s.worker_args, {})[1], pop_side_port(extra, {})[1]
+        side_port_flag = side_port_args(side_port, self.workers_started)
+        self.workers_started += 1
+        return self.sup.start(name, [*argv, *worker_args, *e.role_flags[role], *extra, *side_port_flag],
+                              env=env, cpus=cpus)
 
     def health(self) -> dict:
         """The frontend's /health body ({} while it answers nothing or not 200: no model served yet)."""

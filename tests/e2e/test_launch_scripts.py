@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +40,21 @@ def launch_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def free_port_pair() -> int:
+    """A port p with p + 1 free too, below the kernel's ephemeral range (where the workers' own free
+    ports come from), so the second worker's side port is not taken by chance."""
+    for _ in range(100):
+        port = random.randint(20000, 30000)
+        try:
+            for candidate in (port, port + 1):
+                with socket.socket() as sock:
+                    sock.bind(("0.0.0.0", candidate))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no two adjacent free ports in 20000-30001")
+
+
 def started_pids(run_dir: Path) -> dict[str, int]:
     return {name: int(pid) for pid, name in (line.split() for line in (run_dir / "pids").read_text().splitlines())}
 
@@ -55,7 +72,8 @@ def complete(port: str) -> dict:
     ("disagg_router.sh", ["etcd", "nats", "frontend", "prefill0", "decode0"]),
 ])
 def test_script_serves_and_sigint_stops_everything_newest_first(launch_env, tmp_path, script, names):
-    launch_env.update(PREFILL_WORKERS="1", DECODE_WORKERS="1")
+    side_port = free_port_pair()  # each worker's /ready: this port for the first, the next for the second
+    launch_env.update(PREFILL_WORKERS="1", DECODE_WORKERS="1", DYN_METRICS_ENDPOINT_PORT=str(side_port))
     out = tmp_path / "out.log"
     with open(out, "wb") as log:
         script_proc = subprocess.Popen(["bash", str(REPO / "launch" / script), "--engine", "mocker"],
@@ -65,6 +83,9 @@ def test_script_serves_and_sigint_stops_everything_newest_first(launch_env, tmp_
         assert complete(launch_env["HTTP_PORT"])["choices"][0]["text"]
         pids = started_pids(tmp_path / "run")
         assert list(pids) == names
+        for index in range(len(names) - 3):  # after etcd, nats and the frontend
+            with urllib.request.urlopen(f"http://127.0.0.1:{side_port + index}/ready", timeout=10) as ready:
+                assert ready.status == 200
         script_proc.send_signal(signal.SIGINT)
         assert script_proc.wait(60) == 130
     finally:
