@@ -1,15 +1,22 @@
 """etcd with auth enabled (user + password), restarted under a connected client: etcd's simple auth tokens
 live in its memory, so every token it gave out is invalid after a restart. A component must get a new one
-by itself: its reads and writes work again, its lease is kept alive (not lost), and its watch resumes."""
+by itself: its reads and writes work again, its lease is kept alive (not lost), and its watch resumes;
+a running frontend and worker carry on (the frontend sees a worker started after the restart, the old
+worker keeps its instance id)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+
+import httpx
 
 from dynamo_lite import planes
 from dynamo_lite.discovery.base import WatchEventKind
+from tests.e2e.harness import DEFAULT_MODEL_PATH, ProcGroup, healthy_instances, wait_until
 from tests.integration.test_plane_security import ROOT_PASSWORD, auth_etcd, credentials
+from tests.services import free_tcp_port
 
 __all__ = ["auth_etcd"]  # the module-scoped fixture, shared
 
@@ -56,3 +63,41 @@ async def test_a_client_reauthenticates_after_etcd_restarts(auth_etcd, tmp_path)
         watching.cancel()
     finally:
         await discovery.close()
+
+
+def test_a_running_frontend_and_worker_carry_on_after_etcd_with_auth_restarts(auth_etcd, tmp_path):
+    password = tmp_path / "etcd.password"
+    password.write_text(ROOT_PASSWORD + "\n")
+    env = {"PYTHONUNBUFFERED": "1", "ETCD_ENDPOINTS": auth_etcd.url, "ETCD_USER": "root",
+           "ETCD_PASSWORD_FILE": str(password), "NATS_SERVER": "", "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    group = ProcGroup(tmp_path / "procs", env)
+    namespace, port = f"auth-{uuid.uuid4().hex[:6]}", free_tcp_port()
+    url = f"http://127.0.0.1:{port}"
+    worker_args = ["--model-path", str(DEFAULT_MODEL_PATH), "--served-model-name", "mock-model",
+                   "--namespace", namespace, "--lease-ttl", "3"]
+
+    def instance_ids() -> set[int]:
+        try:
+            return {i["instance_id"] for i in healthy_instances(url, "mock-model")}
+        except httpx.HTTPError:
+            return set()
+
+    try:
+        frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port",
+                               str(port), "--namespace", namespace)
+        first = group.start("mocker-1", "dynamo_lite.mocker", *worker_args)
+        wait_until(lambda: len(instance_ids()) == 1, 30, "the first worker on /health", [frontend, first])
+        (before,) = instance_ids()
+        auth_etcd.restart(0.5)
+        second = group.start("mocker-2", "dynamo_lite.mocker", *worker_args)
+        # The frontend's watch resumed (with a new token): it sees the worker registered after the restart.
+        wait_until(lambda: len(instance_ids()) == 2, WAIT, "the second worker on /health",
+                   [frontend, first, second])
+        time.sleep(6.0)  # twice the first worker's lease: kept alive with a new token, not re-registered
+        assert before in instance_ids(), (before, instance_ids())
+        assert "authenticated again as user root" in first.log_tail() + frontend.log_tail()
+        answer = httpx.post(f"{url}/v1/completions", timeout=30,
+                            json={"model": "mock-model", "prompt": "Hello", "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+    finally:
+        group.stop()
