@@ -30,13 +30,13 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 
 
-def _etcd_ready(port: int) -> bool:
-    status, body = http_get(f"http://127.0.0.1:{port}/health", timeout=1.0)
+def _etcd_ready(host: str, port: int) -> bool:
+    status, body = http_get(f"http://{host}:{port}/health", timeout=1.0)
     return status == 200 and b"true" in body
 
 
-def _nats_ready(port: int) -> bool:
-    return is_nats("127.0.0.1", port)
+def _nats_ready(host: str, port: int) -> bool:
+    return is_nats(host, port)
 
 
 @dataclass
@@ -96,12 +96,13 @@ def _running(handle: ServiceHandle) -> Iterator[ServiceHandle]:
 
 
 @contextlib.contextmanager
-def start_etcd(port: int | None = None) -> Iterator[ServiceHandle]:
-    """A single-member etcd on 127.0.0.1:port (a free port if None) with a temporary data dir."""
-    port = port or free_tcp_port()
+def start_etcd(port: int | None = None, host: str = "127.0.0.1") -> Iterator[ServiceHandle]:
+    """A single-member etcd on host:port (a free port if None) with a temporary data dir; `host` other
+    than loopback for clients in other network namespaces (tests/e2e/chaos.py)."""
+    port = port or free_tcp_port(host)
     peer_port = free_tcp_port()
     data_dir = tempfile.mkdtemp(prefix="dynamo-lite-etcd-")
-    client_url = f"http://127.0.0.1:{port}"
+    client_url = f"http://{host}:{port}"
     peer_url = f"http://127.0.0.1:{peer_port}"
     argv = [
         ETCD_BINARY,
@@ -115,19 +116,20 @@ def start_etcd(port: int | None = None) -> Iterator[ServiceHandle]:
         "--initial-cluster-state", "new",
         "--log-level", "warn",
     ]
-    with _running(ServiceHandle("etcd", client_url, port, data_dir, argv, _etcd_ready)) as handle:
+    with _running(ServiceHandle("etcd", client_url, port, data_dir, argv,
+                                lambda p: _etcd_ready(host, p))) as handle:
         yield handle
 
 
 @contextlib.contextmanager
-def start_nats(port: int | None = None) -> Iterator[ServiceHandle]:
-    """A nats-server with JetStream on 127.0.0.1:port (a free port if None), temporary store dir."""
-    port = port or free_tcp_port()
+def start_nats(port: int | None = None, host: str = "127.0.0.1") -> Iterator[ServiceHandle]:
+    """A nats-server with JetStream on host:port (a free port if None), temporary store dir."""
+    port = port or free_tcp_port(host)
     data_dir = tempfile.mkdtemp(prefix="dynamo-lite-nats-")
     argv = [
-        NATS_BINARY, "-js", "-a", "127.0.0.1", "-p", str(port),
+        NATS_BINARY, "-js", "-a", host, "-p", str(port),
         "--store_dir", os.path.join(data_dir, "store"),
     ]
-    with _running(ServiceHandle("nats-server", f"nats://127.0.0.1:{port}", port, data_dir, argv,
-                                _nats_ready)) as handle:
+    with _running(ServiceHandle("nats-server", f"nats://{host}:{port}", port, data_dir, argv,
+                                lambda p: _nats_ready(host, p))) as handle:
         yield handle

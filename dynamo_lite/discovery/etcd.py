@@ -3,6 +3,8 @@
 Connection failures are retried here, not by callers: unary calls retry until their deadline,
 lease keep-alives retry until the store answers again (and mark the lease `lost` if the store
 says it no longer exists), and watches resume from the revision after the last event they yielded.
+With auth enabled, a token etcd no longer knows (it restarted: simple tokens live in its memory; the
+token's ttl passed; the auth store changed) is renewed here by authenticating again, once per call.
 A watch that cannot resume (compacted revision, a store that came back empty or as another
 cluster) yields a RESET WatchEvent and ends, as the Discovery interface requires.
 """
@@ -138,6 +140,21 @@ def _refused_user(error: BaseException) -> bool:
     return isinstance(error, (aetcd_errors.InvalidArgumentError, aetcd_errors.UnauthenticatedError)) and any(
         marker in text for marker in ("user name is empty", "authentication failed", "invalid auth token",
                                       "user name not found", "invalid user"))
+
+
+# What etcd answers a request whose auth token it no longer accepts (etcd's ErrInvalidAuthToken,
+# ErrAuthOldRevision); its own Go client authenticates again on these, and so do we.
+_STALE_TOKEN_MARKERS = ("invalid auth token", "revision of auth store is old")
+
+
+def _stale_token(error: BaseException) -> bool:
+    if isinstance(error, rpc.AioRpcError):
+        text = (error.details() or "").lower()
+    elif isinstance(error, aetcd.ClientError):
+        text = str(error).lower()
+    else:
+        return False
+    return any(marker in text for marker in _STALE_TOKEN_MARKERS)
 
 
 def _permission_denied(error: BaseException) -> bool:
@@ -325,6 +342,25 @@ class EtcdDiscovery(Discovery):
             logger.warning("switched etcd endpoint to %s", self.endpoint)
         await failed.close()  # ends watches on the old client; they resume on the new one
 
+    async def _renew_token(self, failed: aetcd.Client) -> bool:
+        """Replace `failed`, whose auth token etcd refused, with a client that has authenticated afresh on
+        the same endpoint; False if none can be had now (the caller fails, and is retried as ever)."""
+        async with self._reselect_lock:
+            if self._closed:
+                return False
+            if self._client is not failed:
+                return True  # another task renewed it already
+            found = await self._first_reachable([self._endpoints[self._endpoint_index]], 0, self._op_timeout,
+                                                self._op_timeout, quiet=True, security=self._security)
+            if found is None:
+                return False
+            self._client = found[1]
+        logger.warning("etcd at %s refused our auth token (restarted, or the token expired): authenticated "
+                       "again as user %s", self.endpoint, self._security.user)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(failed.close(), self._op_timeout)  # its watches resume on the new one
+        return True
+
     async def _call(self, what: str, op: Callable[[aetcd.Client], Awaitable[T]], *, retry: bool = True,
                     timeout: float | None = None) -> T:
         """Run op on the current client within timeout (op_timeout), retrying connection failures if asked."""
@@ -333,6 +369,7 @@ class EtcdDiscovery(Discovery):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self._op_timeout)
         attempt = 0
+        renewed = False
         while True:
             client = self._client
             remaining = deadline - loop.time()
@@ -345,7 +382,13 @@ class EtcdDiscovery(Discovery):
                                          f"({type(e).__name__}: {e})") from e
                 await self._reselect(client)
                 await asyncio.sleep(_backoff(attempt))
-            except aetcd.ClientError as e:
+            except (aetcd.ClientError, rpc.AioRpcError) as e:
+                if _stale_token(e) and not renewed:
+                    renewed = True
+                    if await self._renew_token(client):
+                        continue
+                if isinstance(e, rpc.AioRpcError):
+                    raise  # a raw stub call's error: its caller words it
                 raise DiscoveryError(f"etcd {what} failed at {self.endpoint}: {e}") from e
 
     async def grant_lease(self, ttl: float) -> Lease:
@@ -397,6 +440,7 @@ class EtcdDiscovery(Discovery):
                     yield WatchEvent(WatchEventKind.RESET, "")
                     return
                 identity = cluster_id
+                client = self._client  # the probe may have replaced it (a renewed auth token)
                 watch = await client.watch_prefix(key, start_revision=next_revision)
             except aetcd.RevisionCompactedError:
                 yield WatchEvent(WatchEventKind.RESET, "")

@@ -26,6 +26,7 @@ from dynamo_lite.discovery.etcd import DEFAULT_CONNECT_WAIT
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.app import FrontendDeps, create_app
 from dynamo_lite.frontend.config import FrontendConfig
+from dynamo_lite.frontend.http_limits import http_protocol
 from dynamo_lite.frontend.router_setup import build_router
 from dynamo_lite.planes import announce_planes, connect_discovery, discovery_kind
 from dynamo_lite.presets import PRESET_HELP, apply_frontend_preset
@@ -154,7 +155,7 @@ async def serve(config: FrontendConfig) -> None:
         app = create_app(FrontendDeps(watcher=watcher, client=client, router=router,
                                       registry=registry, config=config))
         server = _Server(uvicorn.Config(app, host=config.http_host, port=config.http_port, loop="uvloop",
-                                        http="httptools", access_log=False, lifespan="off",
+                                        http=http_protocol(config.header_read_timeout), access_log=False, lifespan="off",
                                         log_level=config.log_level.lower(),
                                         timeout_graceful_shutdown=GRACEFUL_TIMEOUT,
                                         ssl_certfile=config.tls_cert_file or None,

@@ -79,6 +79,10 @@ class FrontendConfig(PlaneOptions):
                                                    "(0 = no limit).", minimum=0)
     max_header_bytes: int = option(64 * 1024, "Largest total size of a request's headers (names and values); "
                                               "larger ones are answered 431 (0 = no limit).", minimum=0)
+    header_read_timeout: float = option(20.0, "Seconds a client may take to send a request's line and headers, "
+                                              "from the connection's start (or the request's first byte on a "
+                                              "kept-alive connection); a slower one is answered 408 and closed "
+                                              "(0 = wait forever).", minimum=0)
     body_read_timeout: float = option(60.0, "Seconds a client may take to send its whole request body; a slower "
                                             "one is answered 408 (0 = wait forever).", minimum=0)
     # Operations (as vLLM's server has them): API keys, CORS.

@@ -1,6 +1,11 @@
 """Limits on what one HTTP request may cost the frontend before any handler runs: header size, body
-size, and the time a client may take to send its body.
+size, and the time a client may take to send its headers and its body.
 
+- request line and headers not received whole --header-read-timeout seconds after the connection
+  opened (or, on a kept-alive connection, after the request's first byte): 408 and the connection
+  closed; closed without a word if the client sent nothing at all. uvicorn has no such timeout (its
+  keep-alive timer stops at the first byte), so a client trickling its headers ("slowloris") would
+  hold a connection forever; this is `http_protocol`, uvicorn's own httptools protocol plus a timer;
 - headers larger than --max-header-bytes in all (names and values): 431, before the body is read;
 - a body larger than --max-body-bytes: 413 at once when Content-Length says so, else as soon as the
   bytes received pass the limit (a chunked upload never makes the frontend buffer more than the limit);
@@ -16,29 +21,24 @@ Idle keep-alive connections are closed by uvicorn (its timeout_keep_alive, 5 s).
 from __future__ import annotations
 
 import asyncio
+import http
+import logging
 import time
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dynamo_lite.frontend import errors
 from dynamo_lite.frontend.anthropic_api import ANTHROPIC_PATH, anthropic_error
-from dynamo_lite.protocol.errors import DynamoLiteError
+from dynamo_lite.protocol.errors import (
+    DynamoLiteError,
+    RequestHeadersTooLargeError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+)
 
-
-class RequestTooLargeError(DynamoLiteError):
-    status = 413
-    error_type = "invalid_request_error"
-
-
-class RequestHeadersTooLargeError(DynamoLiteError):
-    status = 431
-    error_type = "invalid_request_error"
-
-
-class RequestTimeoutError(DynamoLiteError):
-    status = 408
-    error_type = "invalid_request_error"
+logger = logging.getLogger(__name__)
 
 
 def _too_large(limit: int) -> RequestTooLargeError:
@@ -112,3 +112,67 @@ class HttpLimitsMiddleware:
             return message
 
         return limited_receive
+
+
+class _HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on each request's line and headers (the module doc).
+    Its own keep-alive timer still closes connections idle between requests."""
+
+    header_read_timeout = 0.0  # set by http_protocol()
+    _header_timer: asyncio.TimerHandle | None = None
+    _request_begun = False  # a byte of the request whose headers are awaited has arrived
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._request_begun = True
+        if self._header_timer is None:  # a later request on a kept-alive connection
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._request_begun = False
+        super().on_headers_complete()
+
+    def _arm(self) -> None:
+        if self.header_read_timeout > 0:
+            self._header_timer = self.loop.call_later(self.header_read_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        if self._request_begun:
+            logger.info("%s: request headers not received within %gs (--header-read-timeout): 408, closed",
+                        peer, self.header_read_timeout)
+            error = RequestTimeoutError(f"the request headers did not arrive within "
+                                        f"{self.header_read_timeout:g}s (--header-read-timeout)",
+                                        code="request_timeout")
+            response = errors.dynamo_error_response(error)
+            status = http.HTTPStatus(response.status_code)
+            head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()]
+            head += [name + b": " + value + b"\r\n" for name, value in response.raw_headers]
+            self.transport.write(b"".join(head) + b"connection: close\r\n\r\n" + response.body)
+        else:
+            logger.debug("%s sent nothing within %gs (--header-read-timeout): closed", peer,
+                         self.header_read_timeout)
+        self.transport.close()
+
+
+def http_protocol(header_read_timeout: float) -> type[asyncio.Protocol]:
+    """The protocol class for uvicorn.Config(http=...): httptools with --header-read-timeout (0 = off)."""
+    return type("HeaderTimeoutProtocol", (_HeaderTimeoutProtocol,),
+                {"header_read_timeout": header_read_timeout})

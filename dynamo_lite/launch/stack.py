@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from dynamo_lite.serve.side_ports import check_room, pop_side_port, side_port_ar
 
 INFRA_START_TIMEOUT = 30.0
 FRONTEND_START_TIMEOUT = 60.0
+# The frontend's HTTPS certificate option and its environment twin (frontend/config.py).
+TLS_CERT_FLAG, TLS_CERT_ENV = "--tls-cert-file", "DYN_TLS_CERT_FILE"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,28 @@ def is_nats(host: str, port: int) -> bool:
         return False
 
 
+def frontend_tls_cert(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """The certificate file the frontend started with `argv` and `env` serves HTTPS with ("" = plain
+    HTTP): its last --tls-cert-file, as argparse takes it, else its environment twin."""
+    cert = env.get(TLS_CERT_ENV, "")
+    for i, arg in enumerate(argv):
+        if arg == TLS_CERT_FLAG and i + 1 < len(argv):
+            cert = argv[i + 1]
+        elif arg.startswith(TLS_CERT_FLAG + "="):
+            cert = arg.split("=", 1)[1]
+    return cert
+
+
+def pinned_context(cert_file: str) -> ssl.SSLContext:
+    """A client context that trusts exactly the certificates in `cert_file` (the frontend's own, whoever
+    issued it) and not its host name: the launcher reaches the frontend it started on loopback or on
+    HTTP_HOST, which a certificate made for the public name need not carry."""
+    context = ssl.create_default_context(cafile=cert_file)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the trust anchor
+    context.check_hostname = False
+    return context
+
+
 def check_model(settings: LaunchSettings) -> None:
     """Fail early (before starting anything) if MODEL_PATH is not a model folder."""
     if (Path(settings.model_path) / "config.json").is_file():
@@ -72,14 +97,19 @@ class Stack:
         self.say = supervisor.say
         self.http_port: int | None = None
         self.workers_started = 0  # the next worker's side port is the given one + this (serve/side_ports.py)
+        self.tls_cert = ""  # the frontend's HTTPS certificate, once started with one
+        self.client_context: ssl.SSLContext | None = None  # what this launcher verifies it with
 
     @property
     def url(self) -> str:
-        """Where this host reaches the frontend: HTTP_HOST when it names one address, else loopback."""
+        """Where this host reaches the frontend: HTTP_HOST when it names one address, else loopback;
+        https:// when the frontend serves TLS."""
         host = self.settings.http_host
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1"
-        return f"http://[{host}]:{self.http_port}" if ":" in host else f"http://{host}:{self.http_port}"
+        scheme = "https" if self.tls_cert else "http"
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self.http_port}"
 
     def _export(self, name: str, value: str) -> None:
         """What the scripts exported: every process started after this sees it."""
@@ -172,9 +202,17 @@ class Stack:
         argv = [s.python, "-m", "dynamo_lite.frontend", "--http-port", str(self.http_port)]
         if s.http_host:
             argv += ["--http-host", s.http_host]
-        proc = self.sup.start("frontend", [*argv, *s.frontend_args, *args])
-        self.sup.wait_until(lambda: http_ok(f"{self.url}/live"), FRONTEND_START_TIMEOUT,
-                            f"the frontend on {self.url}/live", [proc])
+        argv = [*argv, *s.frontend_args, *args]
+        self.tls_cert = frontend_tls_cert(argv, self.sup.env)
+        if self.tls_cert:
+            try:
+                self.client_context = pinned_context(self.tls_cert)
+            except (OSError, ssl.SSLError) as e:
+                raise LaunchError(f"cannot read the frontend's certificate {self.tls_cert} "
+                                  f"({TLS_CERT_FLAG} / {TLS_CERT_ENV}): {e}") from e
+        proc = self.sup.start("frontend", argv)
+        self.sup.wait_until(lambda: http_ok(f"{self.url}/live", context=self.client_context),
+                            FRONTEND_START_TIMEOUT, f"the frontend on {self.url}/live", [proc])
         self.say(f"frontend: ready at {self.url}")
         return proc
 
@@ -220,7 +258,7 @@ class Stack:
 
     def health(self) -> dict:
         """The frontend's /health body ({} while it answers nothing or not 200: no model served yet)."""
-        status, body = http_get(f"{self.url}/health")
+        status, body = http_get(f"{self.url}/health", context=self.client_context)
         return json.loads(body) if status == 200 else {}
 
     def served_instances(self, role: str | None = None) -> list[dict]:

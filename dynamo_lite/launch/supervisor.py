@@ -17,6 +17,7 @@ import ctypes
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -189,10 +190,10 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """(status, body) of a GET; status 0 when nothing answers."""
+def http_get(url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET (an https:// one verified with `context`); status 0 when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -200,9 +201,9 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> bool:
     """True if a GET of `url` answers 2xx."""
-    return 200 <= http_get(url, timeout)[0] < 300
+    return 200 <= http_get(url, timeout, context)[0] < 300
 
 
 # --- a group of processes ----------------------------------------------------------------------------------

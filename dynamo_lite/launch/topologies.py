@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -122,7 +123,8 @@ def run(stack: Stack, opts: Options) -> None:
     s, url = stack.settings, stack.url
     stack.say(f"POST {url}/v1/chat/completions: {QUESTION}")
     try:
-        answer = ask(url, s.served_model_name, QUESTION, stack.sup.run_dir / "answer.json")
+        answer = ask(url, s.served_model_name, QUESTION, stack.sup.run_dir / "answer.json",
+                     context=stack.client_context)
     except LaunchError:
         stack.show_logs("frontend", "worker")
         raise
@@ -139,9 +141,10 @@ Stop it: press Ctrl-C here (or run: kill {os.getpid()}). Everything started by t
           flush=True)
 
 
-def ask(url: str, model: str, question: str, reply_file: Path, api_key: str | None = None) -> str:
-    """One greedy chat completion (sent with `api_key` as its bearer token when given); the reply is kept
-    in `reply_file`. LaunchError unless it has text."""
+def ask(url: str, model: str, question: str, reply_file: Path, api_key: str | None = None,
+        context: ssl.SSLContext | None = None) -> str:
+    """One greedy chat completion (sent with `api_key` as its bearer token when given; an https:// `url`
+    verified with `context`); the reply is kept in `reply_file`. LaunchError unless it has text."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
                        "max_tokens": 48, "temperature": 0}).encode()
     headers = {"Content-Type": "application/json"}
@@ -149,7 +152,7 @@ def ask(url: str, model: str, question: str, reply_file: Path, api_key: str | No
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=120) as resp:
+        with urllib.request.urlopen(request, timeout=120, context=context) as resp:
             code, reply = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         code, reply = e.code, e.read()

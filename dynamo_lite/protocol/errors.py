@@ -27,6 +27,28 @@ class InvalidRequestError(DynamoLiteError):
     error_type = "invalid_request_error"
 
 
+class RequestTooLargeError(DynamoLiteError):
+    """The request body is larger than the frontend accepts (--max-body-bytes)."""
+
+    status = 413
+    error_type = "invalid_request_error"
+
+
+class RequestHeadersTooLargeError(DynamoLiteError):
+    """The request headers are larger than the frontend accepts (--max-header-bytes)."""
+
+    status = 431
+    error_type = "invalid_request_error"
+
+
+class RequestTimeoutError(DynamoLiteError):
+    """The client took too long to send its request's headers or body (--header-read-timeout,
+    --body-read-timeout)."""
+
+    status = 408
+    error_type = "invalid_request_error"
+
+
 class ModelNotFoundError(DynamoLiteError):
     status = 404
     error_type = "not_found_error"

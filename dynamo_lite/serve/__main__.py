@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
         print(summary(stack, args, engines), flush=True)
         if args.ask:
             answer = ask(stack.url, args.served_model_name, args.ask, sup.run_dir / "answer.json",
-                         args.api_key)
+                         args.api_key, context=stack.client_context)
             print(f"\nQ: {args.ask}\nA: {answer}\n", flush=True)
         if args.once:
             say("--once: stopping everything")

@@ -7,6 +7,10 @@ allows 3 migrations. `Load` keeps a steady number of streaming completions runni
 its own; each stream asks for `max_tokens` with ignore_eos, so it is whole when it ends with
 finish_reason "length" after exactly that many tokens. `run_scenario` tags the streams it starts,
 applies one fault, and measures the seconds from the fault's end until every worker serves again.
+
+With `remote_worker`, one of the workers runs on a host of its own (`WorkerHost`: a network namespace
+joined to this one by a veth pair; needs root and `ip netns`), whose network `cut_network` cuts; etcd
+and NATS then listen on this side's veth address so that both "hosts" reach them.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
+import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +34,14 @@ import httpx
 
 from dynamo_lite.launch.supervisor import DEFAULT_STOP_TIMEOUT, Process, Supervisor, http_ok, wait_until
 from tests.e2e.harness import DEFAULT_MODEL_PATH, REPO, healthy_instances, metric_sum
+from tests.e2e.test_disagg_netns import _netns_unavailable as netns_unavailable
 from tests.services import ServiceHandle, free_tcp_port, start_etcd, start_nats
+
+__all__ = ["ChaosStack", "Load", "ScenarioReport", "WorkerHost", "netns_unavailable", "run_scenario"]
 
 MODEL = "chaos-model"
 MIGRATION_LIMIT = 3
+REMOTE_SIDE_PORT = 9400  # the remote worker's /metrics, in its own namespace's port space
 
 
 @dataclass
@@ -140,11 +151,67 @@ class Load:
             result.error = f"incomplete: finish_reason {finish!r}, {tokens} of {self.max_tokens} tokens"
 
 
+def _ip(*args: str) -> None:
+    subprocess.run(args, capture_output=True, text=True, timeout=30, check=True)
+
+
+class WorkerHost:
+    """A second "host": network namespace NS, joined to this one by a veth pair (this side `link` =
+    `gateway`/24, the namespace's eth0 = `address`/24). close() deletes the namespace and the pair.
+
+    cut() makes both ends of the pair drop every packet they would send (a pfifo queue of length 0:
+    this machine has neither nft nor iptables, nor netem), so the network vanishes the way a dead switch
+    port does: no reset, no error, connections stay open and hear nothing; restore() removes the queues.
+    The subnet is in 198.18.0.0/15 (reserved for benchmarks), away from any real network."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.ns, self.link = f"dlchaos-{tag}", f"dlc{tag}"
+        taken = subprocess.run(["ip", "-4", "-o", "addr"], check=False, capture_output=True, text=True,
+                               timeout=10).stdout
+        third = random.choice([n for n in range(256) if f"198.18.{n}." not in taken])
+        self.gateway, self.address = f"198.18.{third}.1", f"198.18.{third}.2"
+        self._created = False
+        self.cut_now = False
+
+    def create(self) -> None:
+        _ip("ip", "netns", "add", self.ns)
+        self._created = True
+        _ip("ip", "link", "add", "dev", self.link, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+        _ip("ip", "addr", "add", f"{self.gateway}/24", "dev", self.link)
+        _ip("ip", "link", "set", "dev", self.link, "up")
+        _ip("ip", "-n", self.ns, "addr", "add", f"{self.address}/24", "dev", "eth0")
+        _ip("ip", "-n", self.ns, "link", "set", "dev", "eth0", "up")
+        _ip("ip", "-n", self.ns, "link", "set", "dev", "lo", "up")
+
+    def exec_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.ns]
+
+    def cut(self) -> None:
+        self.cut_now = True
+        _ip("tc", "qdisc", "replace", "dev", self.link, "root", "pfifo", "limit", "0")
+        _ip(*self.exec_prefix(), "tc", "qdisc", "replace", "dev", "eth0", "root", "pfifo", "limit", "0")
+
+    def restore(self) -> None:
+        _ip("tc", "qdisc", "del", "dev", self.link, "root")
+        _ip(*self.exec_prefix(), "tc", "qdisc", "del", "dev", "eth0", "root")
+        self.cut_now = False
+
+    def close(self) -> None:
+        """Delete the namespace (and with it both ends of the pair); its processes must be gone first."""
+        if self._created:
+            subprocess.run(["ip", "netns", "del", self.ns], check=False, capture_output=True, timeout=30)
+            self._created = False
+
+
 class ChaosStack:
-    """etcd + NATS + frontend + `workers` mocker processes; close() stops everything it started."""
+    """etcd + NATS + frontend + `workers` mocker processes; close() stops everything it started.
+    With `remote_worker`, the last of them runs on a WorkerHost (`self.remote`), with its own
+    `remote_lease_ttl` (default: `lease_ttl`)."""
 
     def __init__(self, run_dir: Path, *, workers: int = 3, speedup_ratio: float = 0.2,
-                 frontend_args: tuple[str, ...] = (), lease_ttl: float = 10.0):
+                 frontend_args: tuple[str, ...] = (), lease_ttl: float = 10.0, remote_worker: bool = False,
+                 remote_lease_ttl: float | None = None):
         if not (DEFAULT_MODEL_PATH / "config.json").exists():
             raise RuntimeError(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
         self.run_dir = run_dir
@@ -152,6 +219,9 @@ class ChaosStack:
         self.speedup_ratio = speedup_ratio
         self.frontend_args = frontend_args
         self.lease_ttl = lease_ttl
+        self.remote_lease_ttl = remote_lease_ttl or lease_ttl
+        self.host = WorkerHost() if remote_worker else None
+        self.remote: Process | None = None
         self.namespace = f"chaos-{os.getpid()}-{int(time.time())}"
         self._services = contextlib.ExitStack()
         self.etcd: ServiceHandle | None = None
@@ -165,13 +235,20 @@ class ChaosStack:
 
     def start(self) -> None:
         try:
-            self.etcd = self._services.enter_context(start_etcd())
-            self.nats = self._services.enter_context(start_nats())
+            listen = "127.0.0.1"
+            if self.host is not None:
+                self.host.create()
+                listen = self.host.gateway
+            self.etcd = self._services.enter_context(start_etcd(host=listen))
+            self.nats = self._services.enter_context(start_nats(host=listen))
             env = {**os.environ, "ETCD_ENDPOINTS": self.etcd.url, "NATS_SERVER": self.nats.url,
                    "PYTHONUNBUFFERED": "1"}
             self.supervisor = Supervisor(self.run_dir, stop_timeout=DEFAULT_STOP_TIMEOUT, env=env)
             self.start_frontend()
-            self.workers = [self.start_worker() for _ in range(self.n_workers)]
+            local = self.n_workers - (self.host is not None)
+            self.workers = [self.start_worker() for _ in range(local)]
+            if self.host is not None:
+                self.remote = self.start_remote_worker()
             self.wait_all_serving(60)
         except BaseException:
             self.close()
@@ -183,14 +260,18 @@ class ChaosStack:
                 if proc.alive():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGCONT)
+            if self.host is not None and self.host.cut_now:
+                self.host.restore()  # a worker cut off cannot deregister
             self.supervisor.stop_all()
         self._services.close()
+        if self.host is not None:
+            self.host.close()
 
-    def _start(self, name: str, module: str, *args: str) -> Process:
+    def _start(self, name: str, module: str, *args: str, prefix: tuple[str, ...] = ()) -> Process:
         assert self.supervisor is not None
         self._started += 1
-        return self.supervisor.start(f"{name}-{self._started}", [sys.executable, "-m", module, *args],
-                                     cwd=REPO)
+        return self.supervisor.start(f"{name}-{self._started}",
+                                     [*prefix, sys.executable, "-m", module, *args], cwd=REPO)
 
     def start_frontend(self) -> Process:
         self.frontend = self._start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
@@ -199,11 +280,37 @@ class ChaosStack:
         wait_until(lambda: http_ok(f"{self.base_url}/live"), 30, "the frontend", [self.frontend])
         return self.frontend
 
+    def _worker_args(self, lease_ttl: float) -> tuple[str, ...]:
+        return ("--model-path", str(DEFAULT_MODEL_PATH), "--served-model-name", MODEL, "--speedup-ratio",
+                str(self.speedup_ratio), "--migration-limit", str(MIGRATION_LIMIT), "--lease-ttl",
+                str(lease_ttl), "--namespace", self.namespace)
+
     def start_worker(self) -> Process:
-        return self._start("mocker", "dynamo_lite.mocker", "--model-path", str(DEFAULT_MODEL_PATH),
-                           "--served-model-name", MODEL, "--speedup-ratio", str(self.speedup_ratio),
-                           "--migration-limit", str(MIGRATION_LIMIT), "--lease-ttl", str(self.lease_ttl),
-                           "--namespace", self.namespace)
+        return self._start("mocker", "dynamo_lite.mocker", *self._worker_args(self.lease_ttl))
+
+    def start_remote_worker(self) -> Process:
+        """A mocker on the WorkerHost, started there as an operator would (`ip netns exec`)."""
+        assert self.host is not None
+        return self._start("remote-mocker", "dynamo_lite.mocker", *self._worker_args(self.remote_lease_ttl),
+                           "--advertise-host", self.host.address, "--metrics-endpoint-port",
+                           str(REMOTE_SIDE_PORT), prefix=tuple(self.host.exec_prefix()))
+
+    def remote_completed(self) -> float:
+        """Requests the remote worker completed so far (its side port's counters, summed over the
+        instance ids it registered under)."""
+        assert self.host is not None
+        text = httpx.get(f"http://{self.host.address}:{REMOTE_SIDE_PORT}/metrics", timeout=5).text
+        return metric_sum(text, "dynamo_lite_worker_requests_total", outcome="completed")
+
+    def remote_instance_ids(self) -> set[int]:
+        """Instance ids the frontend routes to on the WorkerHost (its lease id: a new one after it
+        re-registered)."""
+        assert self.host is not None
+        try:
+            instances = healthy_instances(self.base_url, MODEL)
+        except httpx.HTTPError:
+            return set()
+        return {i["instance_id"] for i in instances if i["address"].startswith(f"{self.host.address}:")}
 
     def migrations(self) -> float:
         """The frontend's migrations so far (since it started)."""
@@ -247,6 +354,16 @@ class ChaosStack:
     def restart_nats(self, downtime: float) -> None:
         assert self.nats is not None
         self.nats.restart(downtime)
+
+    def cut_network(self, seconds: float) -> None:
+        """Cut the WorkerHost off for `seconds`: its streams must fail over (heartbeat timeout) and it
+        must serve again on its own afterwards (re-registered if its lease expired meanwhile)."""
+        assert self.host is not None
+        self.host.cut()
+        try:
+            time.sleep(seconds)
+        finally:
+            self.host.restore()
 
     def restart_frontend(self, load: Load) -> int:
         """SIGKILL the frontend, start a new one on the same port; the streams in flight on the old one

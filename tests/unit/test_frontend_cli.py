@@ -65,3 +65,14 @@ def test_a_taken_http_port_is_one_line_naming_the_flag_and_a_clean_exit():
     assert f"127.0.0.1:{port} is already in use" in lines[0]
     assert "--http-port / DYN_HTTP_PORT" in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_header_read_timeout_flag_env_twin_and_range(monkeypatch, capsys):
+    monkeypatch.delenv("DYN_HEADER_READ_TIMEOUT", raising=False)
+    assert parse_config([]).header_read_timeout == 20.0
+    monkeypatch.setenv("DYN_HEADER_READ_TIMEOUT", "3.5")
+    assert parse_config([]).header_read_timeout == 3.5
+    assert parse_config(["--header-read-timeout", "0"]).header_read_timeout == 0.0  # off
+    monkeypatch.setenv("DYN_HEADER_READ_TIMEOUT", "-1")
+    assert main([]) == 2
+    assert "DYN_HEADER_READ_TIMEOUT" in capsys.readouterr().err
