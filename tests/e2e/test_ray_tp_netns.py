@@ -59,8 +59,8 @@ print(json.dumps({{"nodes": nodes, "ranks": ranks}}))
 
 
 def _ray_start(procs: NsProcs, name: str, ns: str, temp_dir: str, *args: str) -> None:
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    procs.start(name, ns, [ray_cli, "start", "--block", *args, "--disable-usage-stats", "--temp-dir", temp_dir,
+    # As launch/cluster.sh runs Ray's CLI: through the interpreter, not a bin/ray on PATH.
+    procs.start(name, ns, [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, "--disable-usage-stats", "--temp-dir", temp_dir,
                            "--object-store-memory", str(100 * 2**20)],
                 env={"RAY_USAGE_STATS_ENABLED": "0"})
 
