@@ -59,11 +59,11 @@ def start_workers(stack: Stack, args: ServeArgs, engines: Sequence[EngineSpec]) 
         extra = ["--served-model-name", *args.served_model_names, *extra]
     if args.namespace is not None:
         extra += ["--namespace", args.namespace]
+    extra += side_port_args(args.side_port, 0)  # the first worker's: Stack gives each next one the next port
     procs = {}
-    for index, spec in enumerate(engines):
+    for spec in engines:
         p = spec.placement
-        procs[spec.name] = stack.start_worker(spec.name, p.omp_bind(), spec.role,
-                                              [*extra, *side_port_args(args.side_port, index)],
+        procs[spec.name] = stack.start_worker(spec.name, p.omp_bind(), spec.role, extra,
                                               env=p.env(), cpus=p.cpus or None)
     return procs
 

@@ -3,25 +3,44 @@ DYN_METRICS_ENDPOINT_PORT) given is the first engine's, the next engines get +1 
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
+from dynamo_lite.launch.settings import LaunchSettings
+from dynamo_lite.launch.stack import ENGINES, Stack
 from dynamo_lite.serve.args import parse_args
 from dynamo_lite.serve.placement import Placement
 from dynamo_lite.serve.side_ports import ENV
 from dynamo_lite.serve.start import EngineSpec, start_workers
-from tests.unit.test_serve_start import FakeStack
+
+
+class RecordingSupervisor:
+    """What Stack.start_worker asks to start, started nowhere."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.argvs = env, {}
+
+    def say(self, _: str) -> None:
+        pass
+
+    def start(self, name, argv, *, env=None, cpus=None):
+        self.argvs[name] = list(argv)
 
 
 def ports_passed(argv: list[str]) -> dict[str, list[str]]:
-    """The side-port arguments each engine's start_worker call got."""
+    """The side ports each engine's command line gets, from serve's arguments through the Stack."""
     args = parse_args(argv)
-    stack = FakeStack()
+    environ = dict(os.environ)
+    supervisor = RecordingSupervisor(environ)
+    stack = Stack(LaunchSettings.from_env(environ, sys.executable), supervisor, ENGINES["mocker"])
     start_workers(stack, args, [EngineSpec(name, role, Placement(cpus=(i,)))
                                 for i, (name, role) in enumerate(args.engine_names())])
     out = {}
-    for name, _, _, extra, _, _ in stack.calls:
-        flags = [i for i, a in enumerate(extra) if a.startswith("--metrics-endpoint-port")]
-        out[name] = [extra[i + 1] for i in flags]
+    for name, command in supervisor.argvs.items():
+        flags = [i for i, a in enumerate(command) if a == "--metrics-endpoint-port"]
+        out[name] = [command[i + 1] for i in flags]
     return out
 
 
