@@ -53,6 +53,7 @@ def complete(port: str) -> dict:
 @pytest.mark.parametrize("script, names", [
     ("agg.sh", ["etcd", "nats", "frontend", "worker"]),
     ("disagg_router.sh", ["etcd", "nats", "frontend", "prefill0", "decode0"]),
+    ("dep.sh", ["etcd", "nats", "frontend", "worker"]),  # one worker of DP_SIZE (2) data-parallel ranks
 ])
 def test_script_serves_and_sigint_stops_everything_newest_first(launch_env, tmp_path, script, names):
     launch_env.update(PREFILL_WORKERS="1", DECODE_WORKERS="1")
