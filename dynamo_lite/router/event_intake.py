@@ -233,12 +233,12 @@ class KvEventIntake:
                 except TimeoutError as e:
                     result = "timeout"
                     log = logger.warning if attempt == 1 else logger.debug
-                    log("kv router: resync of worker %x (attempt %d) failed: %s; retrying in %.1fs", worker_id,
-                        attempt, e, delay)
+                    log("kv router: resync of worker %s (attempt %d) failed: %s; retrying in %.1fs",
+                        dp_ranks.label(worker_id), attempt, e, delay)
                 except (DynamoLiteError, msgspec.DecodeError, ValueError, OSError) as e:
                     result = "error"
-                    logger.warning("kv router: resync of worker %x (attempt %d) failed: %r; retrying in %.1fs",
-                                   worker_id, attempt, e, delay)
+                    logger.warning("kv router: resync of worker %s (attempt %d) failed: %r; retrying in "
+                                   "%.1fs", dp_ranks.label(worker_id), attempt, e, delay)
                 else:
                     if not self._is_live(worker_id) or self._closed:
                         return  # removed while we waited: do not revive its blocks
