@@ -9,6 +9,10 @@ Invariants:
   or while yielding; the shell turns it into an ErrorFrame.
 - `kv_events()` yields lists of KV events (content-hashed, protocol.messages) in the order the
   engine produced them, until shutdown. Engines without prefix-cache events yield nothing.
+- A data-parallel engine (`info.data_parallel_size` N > 1) runs N ranks, each with its own KV cache:
+  `rank_kv_events()` yields (rank, events) and `rank_loads()` one load per rank; `generate()` runs a
+  request on `request.dp_rank` when set (else on a rank of its choice) and refuses a rank out of range.
+  The defaults describe a single rank 0.
 - `shutdown()` is safe to call twice.
 """
 
@@ -32,6 +36,7 @@ class EngineInfo:
     total_kv_blocks: int
     model_aliases: tuple[str, ...] = ()  # more names clients may use (vLLM's --served-model-name a b)
     runner: str = "generate"  # "pooling": an embedding model (ModelCard.runner)
+    data_parallel_size: int = 1  # ranks behind this engine (InstanceRecord.data_parallel_size)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
+
+    async def rank_kv_events(self) -> AsyncIterator[tuple[int, list[KvEvent]]]:
+        """kv_events() tagged with the data-parallel rank they come from (one rank: always 0)."""
+        async for events in self.kv_events():
+            yield 0, events
+
+    def rank_loads(self) -> list[EngineLoad]:
+        """The load of each data-parallel rank, rank 0 first (one rank: load())."""
+        return [self.load()]
 
     def transfer_totals(self) -> TransferTotals:
         """Running totals of KV transfers (engines without a KV connector move none)."""

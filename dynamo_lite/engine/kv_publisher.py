@@ -76,68 +76,88 @@ class RelayedBlockSet:
         return events
 
 
+class _RankStream:
+    """One data-parallel rank's stream: its announced blocks and its sequence number."""
+
+    def __init__(self) -> None:
+        self.blocks = RelayedBlockSet()
+        self.seq = 0
+
+
 class KvEventPublisher:
     """Publishes one worker's KV event batches and load reports for one served model.
 
     `worker_id` is the instance id the batches carry; `reregister` changes it (a new lease is a new
     worker to every router) together with the sequence, so no batch goes out between the two.
+
+    A data-parallel worker (`data_parallel_size` N > 1) publishes N streams: each rank's batches carry
+    its `dp_rank` and its own seq, each rank has its own block set, resync subject and load report, as
+    if it were a worker of its own (router/dp_ranks.py is the routers' side of it).
     """
 
-    def __init__(self, events: EventBus, namespace: str, model: str):
+    def __init__(self, events: EventBus, namespace: str, model: str, data_parallel_size: int = 1):
         self._events = events
         self._namespace = namespace
         self._kv_subject = keys.kv_events_subject(namespace, model)
         self._load_subject = keys.load_subject(namespace, model)
         self.worker_id = 0
-        self._blocks = RelayedBlockSet()
-        self._seq = 0
+        self._ranks = [_RankStream() for _ in range(max(1, data_parallel_size))]
         self._lock = asyncio.Lock()
         self._failing = False
-        self._resync_sub: Subscription | None = None
+        self._resync_subs: list[Subscription] = []
         # Running totals for the side port's /metrics (engine.worker_metrics).
         self.batches_published = self.events_published = self.publish_failures = 0
         self.load_reports = self.resyncs_served = 0
 
-    def relayed_blocks(self) -> set[int]:
-        """Content hashes of the blocks announced so far (what a resync sends)."""
-        return set(self._blocks.blocks)
+    @property
+    def data_parallel_size(self) -> int:
+        return len(self._ranks)
+
+    def relayed_blocks(self, dp_rank: int | None = None) -> set[int]:
+        """Content hashes of the blocks announced so far (what a resync sends): of one rank, or of all."""
+        ranks = self._ranks if dp_rank is None else [self._ranks[dp_rank]]
+        return {block for rank in ranks for block in rank.blocks.blocks}
 
     async def relay(self, engine: Engine) -> None:
         """Publish every list of events the engine yields, until it stops or this task is cancelled."""
         try:
-            async for events in engine.kv_events():
+            async for dp_rank, events in engine.rank_kv_events():
                 async with self._lock:
-                    await self._publish_batch(events)
+                    await self._publish_batch(dp_rank, events)
         except Exception:
             # Routers notice the silence only as stale routing; make the cause visible.
             logger.exception("KV event relay stopped")
 
     async def reregister(self, register: Callable[[], Awaitable[int]]) -> None:
-        """Run `register` (returns the new instance id), start the sequence afresh and announce every
+        """Run `register` (returns the new instance id), start the sequences afresh and announce every
         block: a router that missed nothing still learns every block of the "new" worker. Under the
         publish lock, so no batch goes out between the id change and the new sequence."""
         async with self._lock:
             self.worker_id = await register()
-            self._seq = 0
-            await self._publish_batch(None)
+            for dp_rank, rank in enumerate(self._ranks):
+                rank.seq = 0
+                await self._publish_batch(dp_rank, None)
         await self.stop_resync()
         await self.serve_resync()
 
-    async def _publish_batch(self, events: list[KvEvent] | None) -> None:
-        """Publish the next batch (events=None: a snapshot of every block) with the next seq. Hold the lock."""
+    async def _publish_batch(self, dp_rank: int, events: list[KvEvent] | None) -> None:
+        """Publish the rank's next batch (events=None: a snapshot of its blocks) with its next seq. Hold the
+        lock."""
+        rank = self._ranks[dp_rank]
         if events is None:
-            events = self._blocks.snapshot()
+            events = rank.blocks.snapshot()
         else:
-            self._blocks.apply(events)
-        self._seq += 1
-        batch = KvEventBatch(worker_id=self.worker_id, seq=self._seq, events=events, timestamp=time.time())
+            rank.blocks.apply(events)
+        rank.seq += 1
+        batch = KvEventBatch(worker_id=self.worker_id, seq=rank.seq, events=events, timestamp=time.time(),
+                             dp_rank=dp_rank)
         if await self._publish(self._kv_subject, msgpack_encoder.encode(batch)):
             self.batches_published += 1
             self.events_published += len(events)
 
     @property
     def relayed_block_count(self) -> int:
-        return len(self._blocks.blocks)
+        return sum(len(rank.blocks.blocks) for rank in self._ranks)
 
     async def _publish(self, subject: str, data: bytes) -> bool:
         """Publish; an event-plane outage is logged (once per outage) and never stops serving. False if
@@ -159,37 +179,46 @@ class KvEventPublisher:
         """Publish the engine's load every `interval` seconds until cancelled."""
         while True:
             try:
-                load = engine.load()
+                loads = engine.rank_loads()
             except Exception:
                 logger.exception("engine.load() failed; skipping this load report")
             else:
-                report = LoadReport(worker_id=self.worker_id, active_blocks=load.active_blocks,
-                                    total_blocks=load.total_blocks, running_requests=load.running_requests,
-                                    waiting_requests=load.waiting_requests, timestamp=time.time())
-                if await self._publish(self._load_subject, msgpack_encoder.encode(report)):
-                    self.load_reports += 1
+                for dp_rank, load in enumerate(loads):
+                    report = LoadReport(worker_id=self.worker_id, active_blocks=load.active_blocks,
+                                        total_blocks=load.total_blocks,
+                                        running_requests=load.running_requests,
+                                        waiting_requests=load.waiting_requests, timestamp=time.time(),
+                                        dp_rank=dp_rank)
+                    if await self._publish(self._load_subject, msgpack_encoder.encode(report)):
+                        self.load_reports += 1
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ resync responder
 
-    async def _answer_resync(self, _request: bytes) -> bytes:
-        # No await between reading seq and the block set: the snapshot is exactly the state after
-        # batch `seq` (a batch being published now has already been applied and numbered).
-        batch = KvEventBatch(worker_id=self.worker_id, seq=self._seq, events=self._blocks.snapshot(),
-                             timestamp=time.time())
-        self.resyncs_served += 1
-        return msgpack_encoder.encode(batch)
+    def _resync_answerer(self, dp_rank: int) -> Callable[[bytes], Awaitable[bytes]]:
+        rank = self._ranks[dp_rank]
+
+        async def answer(_request: bytes) -> bytes:
+            # No await between reading seq and the block set: the snapshot is exactly the state after
+            # batch `seq` (a batch being published now has already been applied and numbered).
+            batch = KvEventBatch(worker_id=self.worker_id, seq=rank.seq, events=rank.blocks.snapshot(),
+                                 timestamp=time.time(), dp_rank=dp_rank)
+            self.resyncs_served += 1
+            return msgpack_encoder.encode(batch)
+
+        return answer
 
     async def serve_resync(self) -> None:
-        """Answer resync requests on this worker's subject (logged, not raised, if the bus refuses)."""
-        subject = keys.resync_subject(self._namespace, self.worker_id)
-        try:
-            self._resync_sub = await self._events.serve(subject, self._answer_resync)
-        except Exception as e:
-            logger.warning("cannot serve resync on %s (routers will not resync from us): %r", subject, e)
+        """Answer resync requests on each rank's subject (logged, not raised, if the bus refuses)."""
+        for dp_rank in range(len(self._ranks)):
+            subject = keys.resync_subject(self._namespace, self.worker_id, dp_rank)
+            try:
+                self._resync_subs.append(await self._events.serve(subject, self._resync_answerer(dp_rank)))
+            except Exception as e:
+                logger.warning("cannot serve resync on %s (routers will not resync from us): %r", subject, e)
 
     async def stop_resync(self) -> None:
-        if self._resync_sub is not None:
+        subscriptions, self._resync_subs = self._resync_subs, []
+        for subscription in subscriptions:
             with contextlib.suppress(Exception):
-                await self._resync_sub.close()
-            self._resync_sub = None
+                await subscription.close()

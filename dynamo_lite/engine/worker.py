@@ -126,8 +126,8 @@ class WorkerShell:
         self._info = await self._engine.start()
         await self._register()
         if self._events is not None:
-            publisher = self._publisher = KvEventPublisher(self._events, self._config.namespace,
-                                                           self._info.model_name)
+            publisher = self._publisher = KvEventPublisher(
+                self._events, self._config.namespace, self._info.model_name, self._info.data_parallel_size)
             publisher.worker_id = self.instance_id
             await publisher.serve_resync()
             self._tasks.append(asyncio.create_task(publisher.relay(self._engine), name="kv-event-relay"))
@@ -136,8 +136,9 @@ class WorkerShell:
         self._tasks.append(asyncio.create_task(self._keep_registered(), name="lease-monitor"))
         self._tasks.append(asyncio.create_task(self._watch_engine(), name="engine-monitor"))
         assert self._record is not None
-        logger.info("worker %x serving %s at %s (%s)", self.instance_id, self._info.model_name,
-                    self._address, self._config.role)
+        ranks = self._info.data_parallel_size
+        logger.info("worker %x serving %s at %s (%s%s)", self.instance_id, self._info.model_name,
+                    self._address, self._config.role, f", {ranks} data-parallel ranks" if ranks > 1 else "")
         return self._record
 
     async def shutdown(self) -> None:
@@ -180,6 +181,10 @@ class WorkerShell:
 
     def _handle(self, request: Request) -> AsyncIterator[Reply]:
         if isinstance(request, GenerateRequest):
+            ranks = self._info.data_parallel_size if self._info is not None else 1
+            if request.dp_rank is not None and not 0 <= request.dp_rank < ranks:
+                raise InvalidRequestError(f"dp_rank {request.dp_rank} is out of range: this worker has "
+                                          f"{ranks} data-parallel rank(s)", param="dp_rank")
             return self._generate(request)
         if isinstance(request, TokenizerFilesRequest):
             return self._tokenizer_files()
@@ -263,7 +268,7 @@ class WorkerShell:
                                 model=info.model_name, host=config.advertise_host, pid=os.getpid(),
                                 role=config.role, hostname=socket.gethostname(),
                                 versions=fingerprint.component_versions(),
-                                model_digest=digest)
+                                model_digest=digest, data_parallel_size=info.data_parallel_size)
         card = ModelCard(name=info.model_name, path=info.model_path, context_length=info.context_length,
                          kv_block_size=info.kv_block_size, total_kv_blocks=info.total_kv_blocks,
                          migration_limit=config.migration_limit, engine=config.engine_kind,

@@ -360,7 +360,7 @@ class OpenAIService:
             return errors.dynamo_error_response(e)
         addresses = {r.instance_id: r.address for r in self.deps.watcher.instances(served.name)}
         for row in [*explanation["workers"], *(explanation.get("prefill") or {}).get("workers", [])]:
-            row["worker"] = f"{row['worker_id']:x}"
+            row.setdefault("worker", f"{row['worker_id']:x}")  # the kv router labels DP ranks "{id}-dp{rank}"
             row["address"] = addresses.get(row["worker_id"])
         return _json({"model": served.name, "prompt_tokens": len(plan.prompt_ids), **explanation})
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
+import msgspec
+
 from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.stages import StageTimer
@@ -100,6 +102,8 @@ class Attempt:
         self.worker = worker
         self.decision = decision
         self.name = f"{_POOL_NAME[pool]} {worker.instance_id:x}"
+        if decision.dp_rank is not None:
+            self.name += f" rank {decision.dp_rank}"
         self.sent_at = 0.0  # time.monotonic() when frames() sent the request
         self._dispatcher = dispatcher
         self._counted = False  # in the pool's in-flight count
@@ -124,6 +128,8 @@ class Attempt:
         if not self._counted:
             self._counted = True
             dispatcher._count(self.pool, self.model, self.worker.instance_id, +1)
+        if self.decision.dp_rank is not None:  # the rank of a data-parallel worker the router chose
+            request = msgspec.structs.replace(request, dp_rank=self.decision.dp_rank)
         self.sent_at = time.monotonic()
         dispatcher.stages.sent(_timeline_id(self.pool, self.request_id), self.sent_at)
         stream = dispatcher.client.stream(self.worker.address, request,

@@ -44,6 +44,7 @@ class LaunchSettings:
     decode_cpus: str
     prefill_workers: str         # kept as text: the topology checks it and names the variable
     decode_workers: str
+    dp_size: str                 # dep.sh: data-parallel ranks of its worker (checked by the topology)
     cpu_count: str
 
     @classmethod
@@ -77,6 +78,7 @@ class LaunchSettings:
             omp_bind=get("VLLM_CPU_OMP_THREADS_BIND", lone_worker_cpus(sorted(os.sched_getaffinity(0)))),
             prefill_cpus=get("PREFILL_CPUS", "0"), decode_cpus=get("DECODE_CPUS", "1"),
             prefill_workers=get("PREFILL_WORKERS", "2"), decode_workers=get("DECODE_WORKERS", "1"),
+            dp_size=get("DP_SIZE", "2"),
             cpu_count=get("CPU_COUNT", str(len(os.sched_getaffinity(0)))),  # what `nproc` says
         )
 

@@ -104,6 +104,38 @@ def disagg_router(stack: Stack, opts: Options) -> None:
               f"decode pool of {decode})")
 
 
+def dep(stack: Stack, opts: Options) -> None:
+    """A kv-mode frontend and one worker with DP_SIZE data-parallel ranks (one instance; the router picks
+    the rank of each request), rank r's engine core pinned to core r (modulo CPU_COUNT)."""
+    s = stack.settings
+    ranks, cores = dp_size(s)
+    if ranks > cores:
+        stack.say(f"warning: {ranks} data-parallel ranks on {cores} cores: some share a core and slow each "
+                  "other down (on CPU engines, use at most one rank per core)")
+    stack.start_etcd()
+    stack.start_nats()
+    stack.pick_http_port()
+    stack.start_frontend("--router-mode", "kv")
+    # vLLM's CPU build reads one "|"-separated core list per data-parallel rank.
+    bind = "|".join(str(rank % cores) for rank in range(ranks))
+    stack.start_worker("worker", bind, "agg", ("--data-parallel-size", str(ranks), *opts.worker_args))
+    timeout = opts.wait(600)
+    stack.say(f"waiting (up to {timeout:g}s) for the worker's {ranks} ranks to serve {s.served_model_name}; "
+              f"log: {stack.sup.run_dir}/worker.log")
+    stack.wait_health({None: 1}, timeout)
+    stack.say(f"ready: {stack.url}/v1  (model {s.served_model_name}, kv routing over {ranks} "
+              "data-parallel ranks)")
+
+
+def dp_size(settings: LaunchSettings) -> tuple[int, int]:
+    """DP_SIZE and CPU_COUNT, checked."""
+    if not settings.dp_size.isdigit() or int(settings.dp_size) < 1:
+        raise LaunchError(f"DP_SIZE must be a whole number >= 1 (got {settings.dp_size!r})")
+    if not settings.cpu_count.isdigit() or int(settings.cpu_count) < 1:
+        raise LaunchError("CPU_COUNT must be >= 1")
+    return int(settings.dp_size), int(settings.cpu_count)
+
+
 def pool_sizes(settings: LaunchSettings) -> tuple[int, int, int]:
     """PREFILL_WORKERS, DECODE_WORKERS and CPU_COUNT, checked."""
     prefill, decode, cpu_count = settings.prefill_workers, settings.decode_workers, settings.cpu_count
@@ -173,10 +205,12 @@ def ask(url: str, model: str, question: str, reply_file: Path, api_key: str | No
 
 TOPOLOGIES: dict[str, Callable[[Stack, Options], None]] = {
     "agg": agg, "agg_router": agg_router, "disagg": disagg, "disagg_router": disagg_router, "run": run,
+    "dep": dep,
 }
 
 # What each topology checks before anything starts (so a mistake leaves no run dir and no process).
 PRECHECKS: dict[str, Callable[[LaunchSettings], object]] = {
     "agg": check_model, "agg_router": check_model, "disagg": check_model, "run": check_model,
     "disagg_router": lambda s: (pool_sizes(s), check_model(s)),
+    "dep": lambda s: (dp_size(s), check_model(s)),
 }

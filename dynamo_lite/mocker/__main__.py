@@ -49,13 +49,17 @@ def _exit_with_error(message: str) -> NoReturn:
 
 async def serve(config: MockerConfig) -> None:
     # The worker shell pulls in etcd/NATS clients; import here so --help stays instant.
+    from dynamo_lite.engine.base import Engine
     from dynamo_lite.engine.worker import serve_workers
+    from dynamo_lite.mocker.data_parallel import DataParallelMockerEngine
     from dynamo_lite.mocker.engine import MockerEngine
 
     facts = await asyncio.to_thread(load_model_facts, config)
-    engines = [MockerEngine(config, facts=facts) for _ in range(config.num_workers)]
-    logger.info("starting %d mocker worker(s) for %s (%s)", config.num_workers, facts.served_model_name,
-                config.role)
+    engines: list[Engine] = [DataParallelMockerEngine(config, facts=facts) if config.data_parallel_size > 1
+                             else MockerEngine(config, facts=facts) for _ in range(config.num_workers)]
+    logger.info("starting %d mocker worker(s) for %s (%s%s)", config.num_workers, facts.served_model_name,
+                config.role, f", {config.data_parallel_size} data-parallel ranks each"
+                if config.data_parallel_size > 1 else "")
     await serve_workers(engines, [config] * config.num_workers, discovery_url=config.discovery_url,
                         event_bus_url=config.event_plane_url, client_name="mocker")
 

@@ -35,8 +35,12 @@ class MockerConfig(WorkerShellConfig):
     served_model_name: str = option("", "Model name clients use (default: the --model-path value as given)")
     num_workers: int = option(1, "Simulated workers in this process, each registered as its own instance",
                               minimum=1)
+    data_parallel_size: int = option(1, "Data-parallel ranks per simulated worker: one instance whose ranks "
+                                     "each have their own KV cache and events (vLLM's --data-parallel-size)",
+                                     minimum=1)
     block_size: int = option(16, "Tokens per KV block", minimum=1)
-    num_gpu_blocks_override: int = option(16384, "KV blocks per simulated worker", minimum=1)
+    num_gpu_blocks_override: int = option(16384, "KV blocks per simulated worker (per rank with "
+                                          "--data-parallel-size)", minimum=1)
     max_num_seqs: int = option(256, "Most requests running at once per worker", minimum=1)
     max_num_batched_tokens: int = option(8192, "Most tokens computed per step (prefill is chunked to fit)",
                                          minimum=1)

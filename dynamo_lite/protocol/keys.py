@@ -9,6 +9,7 @@ NATS:
     {ns}.kv_events.{model}               -> KvEventBatch
     {ns}.load.{model}                    -> LoadReport
     {ns}.resync.{id:x}                   -> request-reply: KvResyncRequest -> KvEventBatch (all blocks)
+    {ns}.resync.{id:x}.{rank}            -> the same for data-parallel rank > 0 of the worker
 """
 
 from __future__ import annotations
@@ -62,5 +63,6 @@ def load_subject(namespace: str, model: str) -> str:
     return f"{namespace}.load.{_subject_token(model)}"
 
 
-def resync_subject(namespace: str, instance_id: int) -> str:
-    return f"{namespace}.resync.{instance_id:x}"
+def resync_subject(namespace: str, instance_id: int, dp_rank: int = 0) -> str:
+    # Rank 0 keeps the plain subject, so a worker without data parallelism answers as it always did.
+    return f"{namespace}.resync.{instance_id:x}" + (f".{dp_rank}" if dp_rank else "")

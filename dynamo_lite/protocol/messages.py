@@ -50,6 +50,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     hostname: str = ""
     versions: dict[str, str] = {}
     model_digest: str = ""
+    # Data-parallel ranks behind this one address (vLLM's --data-parallel-size, the mocker's): each rank has
+    # its own KV cache and events, and a router may name the rank a request runs on (GenerateRequest.dp_rank).
+    data_parallel_size: int = 1
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +127,9 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, tag="generate")
     # Migration: how many of token_ids' last tokens an earlier attempt generated. A structured output's
     # grammar has produced them already, so the engine advances it past them (vllm/structured_resume.py).
     resumed_tokens: int = 0
+    # The data-parallel rank to run on (0..InstanceRecord.data_parallel_size-1), as the KV router chose it;
+    # None lets the engine balance its ranks itself.
+    dp_rank: int | None = None
 
 
 # The files a frontend needs to tokenize and render chat; a worker sends whichever of these exist.
@@ -258,6 +264,9 @@ class KvEventBatch(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     events: list[KvEvent]
     timestamp: float = 0.0  # time.time() at the engine, for event-lag metrics
+    # The data-parallel rank whose cache the events describe: each rank of a worker is its own stream,
+    # numbered by its own seq and resynced on its own subject (keys.resync_subject).
+    dp_rank: int = 0
 
 
 class KvResyncRequest(msgspec.Struct, frozen=True):
@@ -273,6 +282,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     running_requests: int
     waiting_requests: int
     timestamp: float = 0.0
+    dp_rank: int = 0  # the data-parallel rank this load is of (KvEventBatch.dp_rank)
 
 
 # Shared encoders/decoders: building them once is much cheaper than per message.

@@ -23,6 +23,9 @@ from dynamo_lite.protocol.messages import InstanceRecord, LoadReport
 class RouteDecision:
     worker_id: int
     overlap_blocks: int = 0  # prompt blocks the router predicts are cached on that worker
+    # The data-parallel rank of that worker to run on (a KV router routing a DP worker); None: the
+    # engine picks one itself.
+    dp_rank: int | None = None
 
 
 class Router(abc.ABC):

@@ -10,6 +10,10 @@
   retried with backoff while the worker is live; they never stop the intake.
 - the last LoadReport per worker is kept (and exported as metrics).
 
+Workers are keyed by router/dp_ranks.py's rank keys: a batch or load report of data-parallel rank r of
+instance i belongs to the key of (i, r), and that rank is resynced on its own subject. The live workers map
+holds the key of every rank.
+
 The intake neither routes nor watches discovery. Its owner (router/kv_routing.py) shares its routers by
 model and its live workers (id -> model) read-only, and says when a model or worker appears or goes.
 """
@@ -29,6 +33,7 @@ from dynamo_lite.events.base import EventBus, Subscription
 from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.errors import DynamoLiteError
 from dynamo_lite.protocol.messages import KvResyncRequest, LoadReport, kv_batch_decoder, load_decoder, msgpack_encoder
+from dynamo_lite.router import dp_ranks
 from dynamo_lite.router.kv_router import KvRouter
 from dynamo_lite.router.metrics import KvRouterMetrics, worker_label
 
@@ -162,6 +167,9 @@ class KvEventIntake:
         router = self._routers.get(model)
         if router is None:
             return
+        if batch.dp_rank:  # the router knows the rank as a worker of its own
+            batch = msgspec.structs.replace(batch,
+                                            worker_id=dp_ranks.rank_key(batch.worker_id, batch.dp_rank))
         dropped_before = router.indexer.dropped_events
         in_sync = router.apply_batch(batch)
         if metrics is not None:
@@ -183,6 +191,9 @@ class KvEventIntake:
         except msgspec.DecodeError as e:
             logger.warning("kv router: dropped an undecodable load report for %s: %s", model, e)
             return
+        if report.dp_rank:
+            report = msgspec.structs.replace(report,
+                                             worker_id=dp_ranks.rank_key(report.worker_id, report.dp_rank))
         if not self._is_live(report.worker_id):
             return  # a report in flight from a worker that is gone, or not discovered yet
         self.load_reports[report.worker_id] = report
@@ -195,12 +206,13 @@ class KvEventIntake:
         if self._bus is None or self._closed or worker_id in self._resyncing:
             return
         task = asyncio.get_running_loop().create_task(self._resync(model, worker_id),
-                                                      name=f"kv-resync-{worker_id:x}")
+                                                      name=f"kv-resync-{dp_ranks.label(worker_id)}")
         self._resyncing[worker_id] = task
 
     async def _resync(self, model: str, worker_id: int) -> None:
         settings, metrics = self._resync_settings, self.metrics
-        subject = keys.resync_subject(self._namespace, worker_id)
+        instance_id, dp_rank = dp_ranks.split_rank_key(worker_id)
+        subject = keys.resync_subject(self._namespace, instance_id, dp_rank)
         request = msgpack_encoder.encode(KvResyncRequest())
         delay = settings.backoff
         attempt = 0
@@ -213,17 +225,20 @@ class KvEventIntake:
                 try:
                     snapshot = kv_batch_decoder.decode(
                         await self._bus.request(subject, request, settings.timeout))
-                    if snapshot.worker_id != worker_id:
-                        raise ValueError(f"answer names worker {snapshot.worker_id:x}")
+                    if (snapshot.worker_id, snapshot.dp_rank) != (instance_id, dp_rank):
+                        raise ValueError(f"answer names worker {snapshot.worker_id:x} "
+                                         f"rank {snapshot.dp_rank}")
+                    if dp_rank:
+                        snapshot = msgspec.structs.replace(snapshot, worker_id=worker_id)
                 except TimeoutError as e:
                     result = "timeout"
                     log = logger.warning if attempt == 1 else logger.debug
-                    log("kv router: resync of worker %x (attempt %d) failed: %s; retrying in %.1fs", worker_id,
-                        attempt, e, delay)
+                    log("kv router: resync of worker %s (attempt %d) failed: %s; retrying in %.1fs",
+                        dp_ranks.label(worker_id), attempt, e, delay)
                 except (DynamoLiteError, msgspec.DecodeError, ValueError, OSError) as e:
                     result = "error"
-                    logger.warning("kv router: resync of worker %x (attempt %d) failed: %r; retrying in %.1fs",
-                                   worker_id, attempt, e, delay)
+                    logger.warning("kv router: resync of worker %s (attempt %d) failed: %r; retrying in "
+                                   "%.1fs", dp_ranks.label(worker_id), attempt, e, delay)
                 else:
                     if not self._is_live(worker_id) or self._closed:
                         return  # removed while we waited: do not revive its blocks

@@ -35,6 +35,7 @@ from itertools import repeat
 from dynamo_lite.protocol.errors import NoWorkerAvailableError
 from dynamo_lite.protocol.hashing import block_hashes
 from dynamo_lite.protocol.messages import KvEventBatch
+from dynamo_lite.router import dp_ranks
 from dynamo_lite.router.active_blocks import ActiveBlockTracker
 from dynamo_lite.router.base import RouteDecision
 from dynamo_lite.router.cost import (WorkerCost, lowest_cost, prompt_block_count, select_worker,
@@ -101,8 +102,10 @@ class KvRouter:
         self.tracker.add_request(request_id, chosen.worker_id, hashes[chosen.overlap_blocks:], extra_blocks)
         if self.approximate and hashes:
             self._remember_routed(chosen.worker_id, hashes)
-        logger.debug("route %s -> %x: overlap %d/%d blocks, active %d, cost %.1f", request_id,
-                     chosen.worker_id, chosen.overlap_blocks, len(hashes), chosen.active_blocks, chosen.cost)
+        if logger.isEnabledFor(logging.DEBUG):  # the hot path: build no label unless it is logged
+            logger.debug("route %s -> %s: overlap %d/%d blocks, active %d, cost %.1f", request_id,
+                         dp_ranks.label(chosen.worker_id), chosen.overlap_blocks, len(hashes),
+                         chosen.active_blocks, chosen.cost)
         return RouteDecision(chosen.worker_id, chosen.overlap_blocks)
 
     def first_token(self, request_id: str) -> None:
@@ -165,11 +168,12 @@ class KvRouter:
                 stream.pending.popleft()
             return not self._resync_due(stream)
         if batch.seq <= stream.last_seq:
-            logger.debug("worker %x: ignored old batch seq %d (at %d)", worker_id, batch.seq, stream.last_seq)
+            logger.debug("worker %s: ignored old batch seq %d (at %d)", dp_ranks.label(worker_id), batch.seq,
+                         stream.last_seq)
             return True
         if batch.seq != stream.last_seq + 1:
-            logger.warning("worker %x: KV event gap (seq %d after %d), resync needed",
-                           worker_id, batch.seq, stream.last_seq)
+            logger.warning("worker %s: KV event gap (seq %d after %d), resync needed",
+                           dp_ranks.label(worker_id), batch.seq, stream.last_seq)
             return self._fall_behind(stream, batch)
         self._apply_events(batch)
         stream.last_seq = batch.seq
@@ -181,8 +185,8 @@ class KvRouter:
         self._removed.pop(worker_id, None)  # it answered, so it is alive
         stream = self._streams.setdefault(worker_id, _EventStream())
         if stream.last_seq is not None and snapshot.seq < stream.last_seq:
-            logger.debug("worker %x: ignored resync at seq %d (already at %d)",
-                         worker_id, snapshot.seq, stream.last_seq)
+            logger.debug("worker %s: ignored resync at seq %d (already at %d)",
+                         dp_ranks.label(worker_id), snapshot.seq, stream.last_seq)
             return True
         self.indexer.clear_worker(worker_id)
         self._apply_events(snapshot)
@@ -193,8 +197,8 @@ class KvRouter:
             if batch.seq <= stream.last_seq:
                 continue
             if batch.seq != stream.last_seq + 1:
-                logger.warning("worker %x: gap after resync (seq %d after %d)", worker_id, batch.seq,
-                               stream.last_seq)
+                logger.warning("worker %s: gap after resync (seq %d after %d)", dp_ranks.label(worker_id),
+                               batch.seq, stream.last_seq)
                 stream.last_seq = None
                 stream.pending.extend(pending[index:])
                 stream.resync_asked_at = self._clock()
@@ -202,7 +206,7 @@ class KvRouter:
                 return False
             self._apply_events(batch)
             stream.last_seq = batch.seq
-        logger.info("worker %x: resynced at seq %d, %d blocks", worker_id, stream.last_seq,
+        logger.info("worker %s: resynced at seq %d, %d blocks", dp_ranks.label(worker_id), stream.last_seq,
                     self.indexer.block_count(worker_id))
         return True
 
@@ -218,8 +222,8 @@ class KvRouter:
     def _apply_events(self, batch: KvEventBatch) -> None:
         dropped = self.indexer.apply_events(batch.worker_id, batch.events)
         if dropped:
-            logger.warning("worker %x: batch seq %d: dropped %d of %d events", batch.worker_id, batch.seq,
-                           dropped, len(batch.events))
+            logger.warning("worker %s: batch seq %d: dropped %d of %d events",
+                           dp_ranks.label(batch.worker_id), batch.seq, dropped, len(batch.events))
 
     def _fall_behind(self, stream: _EventStream, batch: KvEventBatch) -> bool:
         stream.last_seq = None

@@ -8,6 +8,10 @@ The service follows the watcher (Router.follow) for workers coming and going: a 
 ended, connection failure) loses its blocks at once. KV events and load reports reach the routers
 through the event intake (router/event_intake.py) once a bus is attached; until then routing weighs
 the load the routers track themselves.
+
+Data-parallel workers (InstanceRecord.data_parallel_size > 1): every rank is a worker of its own to the
+routers and the intake (router/dp_ranks.py's rank keys), so route() weighs each rank's cache and load and
+its decision names the instance and the rank (RouteDecision.dp_rank) the request must run on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dynamo_lite.discovery.watcher import InstanceWatcher
 from dynamo_lite.events.base import EventBus
 from dynamo_lite.protocol.errors import NoWorkerAvailableError
 from dynamo_lite.protocol.messages import InstanceRecord, LoadReport
+from dynamo_lite.router import dp_ranks
 from dynamo_lite.router.base import RouteDecision, Router
 from dynamo_lite.router.event_intake import KvEventIntake, ResyncSettings
 from dynamo_lite.router.kv_router import KvRouter
@@ -54,7 +59,8 @@ class KvRoutingService(Router):
         self.metrics = metrics
         self._rng = rng
         self._routers: dict[str, KvRouter] = {}
-        self._worker_model: dict[int, str] = {}  # the live workers
+        self._worker_model: dict[int, str] = {}  # the live workers, by rank key (router/dp_ranks.py)
+        self._dp_size: dict[int, int] = {}  # instance id -> its data-parallel size, where above 1
         self._request_router: dict[str, KvRouter] = {}
         self.intake = KvEventIntake(
             settings.namespace, self._routers, self._worker_model,
@@ -92,12 +98,18 @@ class KvRoutingService(Router):
         router = self._router(model)
         if router is None:
             raise NoWorkerAvailableError(f"no model card known for model {model}")
-        decision = router.route(request_id, token_ids, workers)
+        ranked = self._dp_size and any(worker in self._dp_size for worker in workers)
+        candidates = dp_ranks.expand(workers, self._dp_size) if ranked else workers
+        decision = router.route(request_id, token_ids, candidates)
         self._request_router[request_id] = router
         if self.metrics is not None:
             self.metrics.decisions.labels(model, worker_label(decision.worker_id)).inc()
             self.metrics.overlap_blocks.labels(model).observe(decision.overlap_blocks)
-        return decision
+        if not ranked:
+            return decision
+        instance_id, rank = dp_ranks.split_rank_key(decision.worker_id)
+        dp_rank = rank if instance_id in self._dp_size else None
+        return RouteDecision(instance_id, decision.overlap_blocks, dp_rank=dp_rank)
 
     def first_token(self, request_id: str) -> None:
         router = self._request_router.get(request_id)
@@ -110,18 +122,23 @@ class KvRoutingService(Router):
             router.finished(request_id)
 
     def worker_added(self, record: InstanceRecord) -> None:
-        self._worker_model[record.instance_id] = record.model
-        if self._router(record.model) is not None:
-            self.intake.worker_added(record.model, record.instance_id)
+        if record.data_parallel_size > 1:
+            self._dp_size[record.instance_id] = record.data_parallel_size
+        has_router = self._router(record.model) is not None
+        for key in dp_ranks.rank_keys(record.instance_id, record.data_parallel_size):
+            self._worker_model[key] = record.model
+            if has_router:
+                self.intake.worker_added(record.model, key)
 
     def worker_removed(self, worker_id: int) -> None:
-        model = self._worker_model.pop(worker_id, None)
-        if model is None:
-            return  # never added (or removed already: a failed worker's lease may end later)
-        router = self._routers.get(model)
-        if router is not None:
-            router.worker_removed(worker_id)
-        self.intake.worker_removed(model, worker_id)
+        for key in dp_ranks.rank_keys(worker_id, self._dp_size.pop(worker_id, 1)):
+            model = self._worker_model.pop(key, None)
+            if model is None:
+                return  # never added (or removed already: a failed worker's lease may end later)
+            router = self._routers.get(model)
+            if router is not None:
+                router.worker_removed(key)
+            self.intake.worker_removed(model, key)
         logger.info("kv router: forgot worker %x of %s", worker_id, model)
 
     def explain(self, model: str, token_ids: Sequence[int], workers: Sequence[int]) -> dict:
@@ -129,13 +146,22 @@ class KvRoutingService(Router):
         router = self._router(model)
         if router is None or not workers:
             raise NoWorkerAvailableError(f"no worker is available for model {model}")
-        explanation = router.explain(token_ids, workers)
+        explanation = router.explain(token_ids, dp_ranks.expand(workers, self._dp_size))
         explanation["kv_events"] = self.events_attached
         for row in explanation["workers"]:
-            row["worker"] = worker_label(row["worker_id"])
-            report = self.load_reports.get(row["worker_id"])
+            key = row["worker_id"]
+            row["worker"] = worker_label(key)
+            report = self.load_reports.get(key)
             if report is not None:
                 row["reported_active_blocks"] = report.active_blocks
+            row["worker_id"], rank = dp_ranks.split_rank_key(key)
+            if row["worker_id"] in self._dp_size:
+                row["dp_rank"] = rank
+        if explanation["choice"] is not None:
+            choice, rank = dp_ranks.split_rank_key(explanation["choice"])
+            explanation["choice"] = choice
+            if choice in self._dp_size:
+                explanation["choice_dp_rank"] = rank
         return explanation
 
     def block_size(self, model: str) -> int:

@@ -1,6 +1,7 @@
 """Prometheus metrics of the KV router, registered on a CollectorRegistry passed in (the frontend's).
 
-Worker ids are labelled in hex, as in the logs and etcd keys.
+Worker ids are labelled in hex, as in the logs and etcd keys; a data-parallel rank above 0 as
+"{id}-dp{rank}" (router/dp_ranks.py).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from dynamo_lite.protocol.messages import LoadReport
+from dynamo_lite.router import dp_ranks
 
 PREFIX = "dynamo_lite_router"
 OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -15,7 +17,7 @@ LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 
 def worker_label(worker_id: int) -> str:
-    return f"{worker_id:x}"
+    return dp_ranks.label(worker_id)
 
 
 class KvRouterMetrics:

@@ -63,6 +63,8 @@ class SchedulerStatsRecorder(StatLoggerBase):
 
     def __init__(self, vllm_config: Any = None, engine_index: int = 0):
         self.latest: SchedulerStats | None = None
+        # Data parallelism: the engine cores' stats come with their rank (engine_idx).
+        self.latest_by_rank: dict[int, SchedulerStats] = {}
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
         self.transfers = 0
@@ -70,6 +72,7 @@ class SchedulerStatsRecorder(StatLoggerBase):
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         if scheduler_stats is not None:
             self.latest = scheduler_stats
+            self.latest_by_rank[engine_idx] = scheduler_stats
             data = scheduler_stats.kv_connector_stats
             if data:
                 self.transfer_bytes += int(sum(data.get("bytes_transferred") or ()))
@@ -244,12 +247,13 @@ class VllmEngine(Engine):
         model_config, cache_config = vllm_config.model_config, vllm_config.cache_config
         names = served_names(args.served_model_name, args.model)
         total_blocks = cache_config.num_gpu_blocks or 0  # filled in by the engine core's handshake
-        self._subscriber.translator.resize(total_blocks)
+        self._subscriber.resize(total_blocks)
         self._info = EngineInfo(model_name=names[0], model_path=model_config.model,
                                 context_length=model_config.max_model_len,
                                 kv_block_size=cache_config.block_size, total_kv_blocks=total_blocks,
                                 model_aliases=names[1:],
-                                runner="pooling" if model_config.runner_type == "pooling" else "generate")
+                                runner="pooling" if model_config.runner_type == "pooling" else "generate",
+                                data_parallel_size=vllm_config.parallel_config.data_parallel_size)
         logger.info("vLLM engine ready: %s (context %d, %d KV blocks of %d tokens, prefix caching %s)",
                     self._info.model_name, self._info.context_length, total_blocks,
                     cache_config.block_size, cache_config.enable_prefix_caching)
@@ -290,7 +294,9 @@ class VllmEngine(Engine):
         # aclosing: when our consumer stops (aclose or cancellation), vLLM's generator is closed at
         # once, and its GeneratorExit/CancelledError handler aborts the request in the engine core.
         try:
-            async with contextlib.aclosing(llm.generate(prompt, params, request.request_id)) as outputs:
+            # dp_rank: the data-parallel rank the KV router chose (None: vLLM balances its ranks itself).
+            async with contextlib.aclosing(llm.generate(prompt, params, request.request_id,
+                                                        data_parallel_rank=request.dp_rank)) as outputs:
                 async for output in outputs:
                     # Parallel sampling (n > 1) in DELTA mode: each RequestOutput carries the deltas of
                     # one or more children (CompletionOutput.index); output.finished once all are done.
@@ -359,18 +365,31 @@ class VllmEngine(Engine):
         return EmbedReply(embeddings=list(embeddings), prompt_tokens=sum(map(len, request.prompts)))
 
     async def kv_events(self) -> AsyncIterator[list[KvEvent]]:
+        async for _rank, events in self.rank_kv_events():
+            yield events
+
+    async def rank_kv_events(self) -> AsyncIterator[tuple[int, list[KvEvent]]]:
         if not self._events_enabled:
             return
-        async with contextlib.aclosing(self._subscriber.events()) as batches:
-            async for events in batches:
-                yield events
+        async with contextlib.aclosing(self._subscriber.rank_events()) as batches:
+            async for rank_events in batches:
+                yield rank_events
+
+    def rank_loads(self) -> list[EngineLoad]:
+        """Each data-parallel rank's load from its own engine core's scheduler stats."""
+        ranks = self._info.data_parallel_size if self._info else 1
+        if ranks == 1:
+            return [self.load()]
+        return [self._load_from(self._stats.latest_by_rank.get(rank)) for rank in range(ranks)]
 
     def load(self) -> EngineLoad:
         """From the scheduler stats the engine core sends each step, cross-checked with the requests this
         process still tracks: the core sends no stats when it goes idle (e.g. after an abort), so the
         last stats can claim work that has ended."""
+        return self._load_from(self._stats.latest)
+
+    def _load_from(self, stats: SchedulerStats | None) -> EngineLoad:
         total = self._info.total_kv_blocks if self._info else 0
-        stats = self._stats.latest
         unfinished = unfinished_requests(self._llm) if self._llm is not None else 0
         if stats is None or unfinished == 0:
             return EngineLoad(active_blocks=0, total_blocks=total, running_requests=0, waiting_requests=0)

@@ -23,6 +23,13 @@ shows the gap. We then ask the publisher's replay socket (a ROUTER holding its l
 batches, vllm's KVEventsConfig.replay_endpoint) for the missing ones and translate them before the
 batch that showed the gap, so neither our block set nor the routers' view misses them.
 
+Data parallelism (--data-parallel-size N): every rank's engine core has its own publisher, on the
+configured endpoint with the rank added to its port (vLLM's offset_endpoint_port), its own sequence
+numbers, and it stamps its batches with data_parallel_rank. One SUB socket takes all N publishers (it
+binds, or connects to, every rank's endpoint); gaps are found per rank and each batch is yielded with its
+rank. Replay stays off then (vLLM refuses ipc endpoints per rank), so a lost batch stays lost (logged).
+Each rank has its own translator: engine hashes are per-process, so per rank.
+
 The map never needs invalidation: an engine hash always denotes the same token prefix, so an entry is
 a cached value of a pure function. It is an LRU bounded at a few times the KV cache size, so it holds
 every block that can be cached at once.
@@ -148,6 +155,25 @@ def _is_bind_endpoint(endpoint: str) -> bool:
     return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
+def _bind_consecutive_ports(sock: zmq.asyncio.Socket, count: int, attempts: int = 20) -> str:
+    """Bind `sock` on `count` consecutive free loopback ports (vLLM's rank r publisher connects to the
+    base port + r); returns the base endpoint. A port taken by someone else makes it try another base."""
+    for _ in range(attempts):
+        sock.bind("tcp://127.0.0.1:0")
+        base = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        port = int(base.rsplit(":", 1)[1])
+        bound = [base]
+        try:
+            for rank in range(1, count):
+                sock.bind(f"tcp://127.0.0.1:{port + rank}")
+                bound.append(f"tcp://127.0.0.1:{port + rank}")
+            return base
+        except zmq.ZMQError:
+            for endpoint in bound:
+                sock.unbind(endpoint)
+    raise OSError(f"found no {count} consecutive free ports for the KV event subscriber")
+
+
 def _reachable(bind_endpoint: str) -> str:
     """Where to connect to reach a socket bound at a wildcard address: this host's loopback."""
     return bind_endpoint.replace("*", "127.0.0.1").replace("[::]", "[::1]")
@@ -168,12 +194,22 @@ class KvEventSubscriber:
         self._topic = DEFAULT_TOPIC
         self._closed = False
         self._consuming = False
-        self._last_seq: int | None = None
+        self._last_seq: dict[int, int] = {}  # per data-parallel rank
         self._decoder: msgspec.msgpack.Decoder | None = None
         self._replay_endpoint: str | None = None
         self._replay_socket: zmq.asyncio.Socket | None = None
-        self.translator = KvEventTranslator()
+        self.data_parallel_size = 1
+        self.translators = [KvEventTranslator()]  # one per data-parallel rank
         self.lost_batches = 0  # batches neither received nor replayed
+
+    @property
+    def translator(self) -> KvEventTranslator:
+        """Rank 0's translator (the only one without data parallelism)."""
+        return self.translators[0]
+
+    def resize(self, total_blocks: int) -> None:
+        for translator in self.translators:
+            translator.resize(total_blocks)
 
     def configure(self, engine_args: Any) -> bool:
         """Set up the socket and engine_args.kv_events_config. False when events are disabled by the user."""
@@ -190,19 +226,20 @@ class KvEventSubscriber:
             logger.warning("prefix caching is off (--no-enable-prefix-caching): no KV events to relay")
             return False
         self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        ranks = self.data_parallel_size = max(1, getattr(engine_args, "data_parallel_size", 1) or 1)
+        self.translators = [KvEventTranslator() for _ in range(ranks)]
         self._context = zmq.asyncio.Context()
         sock = self._context.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.LINGER, 0)
         if user is None:
             sock.setsockopt(zmq.SUBSCRIBE, DEFAULT_TOPIC.encode())
-            sock.bind("tcp://127.0.0.1:0")
-            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            endpoint = _bind_consecutive_ports(sock, ranks)
             # The publisher binds its replay socket. A name of our own in Linux's abstract socket
             # namespace cannot be taken by another process the way a free TCP port could between our
             # choice and its bind, and leaves no file behind when the engine is killed.
             # (vLLM suffixes an endpoint per data-parallel rank and refuses ipc ones then: replay stays off.)
-            if getattr(engine_args, "data_parallel_size", 1) in (None, 1):
+            if ranks == 1:
                 self._replay_endpoint = f"ipc://@dynamo-lite-kv-replay-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             engine_args.kv_events_config = KVEventsConfig(
                 enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint,
@@ -210,13 +247,16 @@ class KvEventSubscriber:
         else:
             self._topic = user.topic
             sock.setsockopt(zmq.SUBSCRIBE, user.topic.encode())
-            if _is_bind_endpoint(user.endpoint):
-                endpoint = _reachable(user.endpoint)
-                sock.connect(endpoint)
-            else:
-                endpoint = user.endpoint
-                sock.bind(endpoint)
-            if user.replay_endpoint:
+            from vllm.distributed.kv_events import ZmqEventPublisher
+
+            endpoint = user.endpoint
+            for rank in range(ranks):  # each rank's publisher is on the endpoint offset by its rank
+                rank_endpoint = ZmqEventPublisher.offset_endpoint_port(user.endpoint, rank)
+                if _is_bind_endpoint(user.endpoint):
+                    sock.connect(_reachable(rank_endpoint))
+                else:
+                    sock.bind(rank_endpoint)
+            if user.replay_endpoint and ranks == 1:
                 self._replay_endpoint = _reachable(user.replay_endpoint)
             engine_args.kv_events_config = dataclasses.replace(user)
         self._socket = sock
@@ -225,7 +265,13 @@ class KvEventSubscriber:
         return True
 
     async def events(self) -> AsyncIterator[list[KvEvent]]:
-        """Translated, non-empty event lists in engine order, until close()."""
+        """Translated, non-empty event lists in engine order, until close() (all ranks' together)."""
+        async for _rank, events in self.rank_events():
+            yield events
+
+    async def rank_events(self) -> AsyncIterator[tuple[int, list[KvEvent]]]:
+        """(data-parallel rank, translated non-empty event list), each rank's in engine order, until
+        close()."""
         sock, decoder = self._socket, self._decoder
         if sock is None or decoder is None:
             return
@@ -240,29 +286,37 @@ class KvEventSubscriber:
                                    len(frames))
                     continue
                 seq = int.from_bytes(frames[1], "big", signed=True)
-                last = self._last_seq
+                batch = self._decode(seq, frames[2], decoder)
+                rank = (batch.data_parallel_rank or 0) if batch is not None else 0
+                if not 0 <= rank < self.data_parallel_size:
+                    logger.warning("dropping KV event batch %d of data-parallel rank %d (the engine has %d)",
+                                   seq, rank, self.data_parallel_size)
+                    continue
+                last = self._last_seq.get(rank)
                 if last is not None and seq > last + 1:
                     for missed_seq, payload in await self._replay(last + 1, seq):
-                        if events := self._translate(missed_seq, payload, decoder):
-                            yield events
+                        missed = self._decode(missed_seq, payload, decoder)
+                        if missed is not None and (events := self.translators[rank].translate(missed.events)):
+                            yield rank, events
                 elif last is not None and seq <= last:
                     logger.warning("KV event batch %d after %d: the publisher restarted its numbering",
                                    seq, last)
-                self._last_seq = seq
-                if events := self._translate(seq, frames[2], decoder):
-                    yield events
+                self._last_seq[rank] = seq
+                if batch is not None and (events := self.translators[rank].translate(batch.events)):
+                    yield rank, events
         finally:
             self._consuming = False
             if self._closed:
                 self._close_socket()
 
-    def _translate(self, seq: int, payload: bytes, decoder: msgspec.msgpack.Decoder) -> list[KvEvent]:
+    @staticmethod
+    def _decode(seq: int, payload: bytes, decoder: msgspec.msgpack.Decoder) -> Any:
+        """vLLM's KVEventBatch, or None (logged) when the payload does not decode."""
         try:
-            batch = decoder.decode(payload)
+            return decoder.decode(payload)
         except msgspec.DecodeError as e:
             logger.warning("dropping undecodable KV event batch %d: %s", seq, e)
-            return []
-        return self.translator.translate(batch.events)
+            return None
 
     async def _replay(self, first: int, end: int) -> list[tuple[int, bytes]]:
         """Batches first..end-1 from the publisher's replay buffer, in order; what it no longer holds is

@@ -70,6 +70,7 @@ def complete(port: str) -> dict:
 @pytest.mark.parametrize("script, names", [
     ("agg.sh", ["etcd", "nats", "frontend", "worker"]),
     ("disagg_router.sh", ["etcd", "nats", "frontend", "prefill0", "decode0"]),
+    ("dep.sh", ["etcd", "nats", "frontend", "worker"]),  # one worker of DP_SIZE (2) data-parallel ranks
 ])
 def test_script_serves_and_sigint_stops_everything_newest_first(launch_env, tmp_path, script, names):
     side_port = free_port_pair()  # each worker's /ready: this port for the first, the next for the second

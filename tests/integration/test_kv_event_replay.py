@@ -133,3 +133,48 @@ async def test_batches_the_replay_buffer_no_longer_holds_are_counted_lost():
 def stored(index: int) -> BlockStored:
     return BlockStored(block_hashes=[CHAIN[index]], parent_block_hash=CHAIN[index - 1] if index else None,
                        token_ids=TOKENS[index * BLOCK:(index + 1) * BLOCK], block_size=BLOCK)
+
+
+async def test_each_data_parallel_rank_publishes_on_its_own_port_and_events_carry_the_rank():
+    """--data-parallel-size 2: the worker's config gives vLLM one endpoint; rank r's publisher connects
+    to its port + r (vLLM's offset_endpoint_port), stamps its batches with its rank and numbers them on
+    its own. The subscriber takes both, tags each list with its rank and finds gaps per rank."""
+    from vllm.distributed.kv_events import EventPublisherFactory
+
+    subscriber = KvEventSubscriber()
+    args = SimpleNamespace(kv_events_config=None, enable_prefix_caching=True, data_parallel_size=2)
+    assert subscriber.configure(args)
+    config = args.kv_events_config
+    assert config.replay_endpoint is None  # vLLM refuses per-rank ipc replay endpoints
+    publishers = [EventPublisherFactory.create(config, data_parallel_rank=rank) for rank in (0, 1)]
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def gather() -> None:
+        async for item in subscriber.rank_events():
+            queue.put_nowait(item)
+
+    task = asyncio.ensure_future(gather())
+    try:
+        for rank, publisher in enumerate(publishers):  # until each rank's subscription is through
+            for _ in range(50):
+                publisher.publish(cleared_batch())
+                with contextlib.suppress(TimeoutError):
+                    assert await asyncio.wait_for(queue.get(), 0.2) == (rank, [AllBlocksCleared()])
+                    break
+            else:
+                pytest.fail(f"no batch from rank {rank}'s publisher reached the subscriber")
+        # The same prompt on both ranks: each rank's translator chains its own engine hashes.
+        publishers[1].publish(stored_batch(0))
+        assert await asyncio.wait_for(queue.get(), 5) == (1, [stored(0)])
+        publishers[0].publish(stored_batch(0))
+        assert await asyncio.wait_for(queue.get(), 5) == (0, [stored(0)])
+        publishers[1].publish(stored_batch(1))
+        assert await asyncio.wait_for(queue.get(), 5) == (1, [stored(1)])
+        assert subscriber.lost_batches == 0  # interleaved ranks' numbers are no gap
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for publisher in publishers:
+            publisher.shutdown()
+        subscriber.close()
