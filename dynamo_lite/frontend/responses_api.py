@@ -128,7 +128,9 @@ def _refuse_unknown(data: dict) -> None:
         if name not in ResponsesRequest.model_fields:
             raise InvalidRequestError(f"'{name}' is not supported by this server (it would be ignored)",
                                       param=name)
-    for index, tool in enumerate(data.get("tools") or []):
+    tools = data.get("tools")
+    # Only a list is looked into here; any other type gets pydantic's 400 when the request is parsed.
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
         if isinstance(tool, dict) and tool.get("type") != "function":
             raise InvalidRequestError(f"tools of type '{tool.get('type')}' are not supported (function only)",
                                       param=f"tools[{index}].type")
