@@ -31,6 +31,26 @@ class Stack:
         return proc, f"http://127.0.0.1:{port}"
 
 
+def require_default_model() -> None:
+    """Fail (not skip) a test whose stack needs the default model folder when it is missing."""
+    if not (DEFAULT_MODEL_PATH / "config.json").exists():
+        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
+
+
+@pytest.fixture
+def embedded_group(tmp_path):
+    """A ProcGroup on the embedded planes (no etcd, no NATS: neither ETCD_ENDPOINTS nor NATS_SERVER), with a
+    discovery directory and runtime directory of this test's own and no plane secret inherited from the
+    environment. Its processes are stopped when the test ends."""
+    group = ProcGroup(tmp_path, {"ETCD_ENDPOINTS": "", "NATS_SERVER": "", "PYTHONUNBUFFERED": "1",
+                                 "DYN_DISCOVERY_DIR": str(tmp_path / "discovery"),
+                                 "XDG_RUNTIME_DIR": str(tmp_path / "run"), "DYN_PLANE_SECRET": ""})
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
 def _new_group(tmp_path_factory, etcd_endpoint: str, nats_url: str, name: str) -> ProcGroup:
     run_dir: Path = tmp_path_factory.mktemp(name)
     # An empty nats_url puts every process on the embedded event bus (its peers found through etcd).
