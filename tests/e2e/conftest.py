@@ -104,28 +104,3 @@ def vllm_stack(tmp_path_factory, etcd_endpoint, nats_url):
                           startup_timeout=240)
     finally:
         group.stop()
-
-
-@pytest.fixture(scope="module")
-def vllm_pair_stack(tmp_path_factory, etcd_endpoint, nats_url):
-    """A kv-mode frontend + two real vLLM workers pinned to separate cores, shared by the session
-    (~60 s start, ~3 GB each). Separate from vllm_stack so tests there keep their single worker."""
-    if not (DEFAULT_MODEL_PATH / "config.json").exists():
-        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "vllm-pair")
-    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
-    try:
-        port = free_tcp_port()
-        frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
-                               "--http-port", str(port), "--namespace", namespace, "--router-mode", "kv")
-        workers = [group.start(f"worker{core}", "dynamo_lite.vllm", "--model", str(DEFAULT_MODEL_PATH),
-                               "--served-model-name", SERVED_MODEL_NAME, "--max-model-len", "2048",
-                               "--max-num-seqs", "8", "--namespace", namespace,
-                               extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)})
-                   for core in (0, 1)]
-        base_url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: len(healthy_instances(base_url, SERVED_MODEL_NAME)) >= 2, 300,
-                   f"2 {SERVED_MODEL_NAME} instances on {base_url}/health", [frontend, *workers])
-        yield Stack(base_url, SERVED_MODEL_NAME, namespace, group, frontend, workers)
-    finally:
-        group.stop()
