@@ -202,9 +202,10 @@ def netns_stack(tmp_path_factory):
             health = http(net.hub, "GET", "/health", timeout=5)
             return {i["role"] for i in health["body"].get("instances", [])} if health["status"] == 200 else set()
 
-        wait_for(lambda: "prefill" in roles(), 300, "the prefill worker", procs)
+        # Both engines start together, each on its own core (the worker restores its engine's affinity
+        # after NIXL's init moved it: vllm/cpu_pinning.py).
         procs.start("decode", net.decode, common, {**env, **ucx, "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        wait_for(lambda: "decode" in roles(), 300, "the decode worker", procs)
+        wait_for(lambda: {"prefill", "decode"} <= roles(), 300, "the prefill and the decode worker", procs)
         yield net, procs
     finally:
         procs.stop()
