@@ -13,7 +13,8 @@ cd "${ROOT}"
 
 bash scripts/setup.sh --full  # the tests start real etcd and NATS
 
-args=(-q -ra "$@")
+# --durations=25: every CI log names the slowest tests (setup and teardown count), so a slow new one shows.
+args=(-q -ra --durations=25 "$@")
 # Without arguments, name tests/ explicitly; with them, pytest's testpaths (tests) still applies when
 # the arguments hold no path.
 (( $# == 0 )) && args=(tests "${args[@]}")

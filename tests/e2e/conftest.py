@@ -31,6 +31,26 @@ class Stack:
         return proc, f"http://127.0.0.1:{port}"
 
 
+def require_default_model() -> None:
+    """Fail (not skip) a test whose stack needs the default model folder when it is missing."""
+    if not (DEFAULT_MODEL_PATH / "config.json").exists():
+        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
+
+
+@pytest.fixture
+def embedded_group(tmp_path):
+    """A ProcGroup on the embedded planes (no etcd, no NATS: neither ETCD_ENDPOINTS nor NATS_SERVER), with a
+    discovery directory and runtime directory of this test's own and no plane secret inherited from the
+    environment. Its processes are stopped when the test ends."""
+    group = ProcGroup(tmp_path, {"ETCD_ENDPOINTS": "", "NATS_SERVER": "", "PYTHONUNBUFFERED": "1",
+                                 "DYN_DISCOVERY_DIR": str(tmp_path / "discovery"),
+                                 "XDG_RUNTIME_DIR": str(tmp_path / "run"), "DYN_PLANE_SECRET": ""})
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
 def _new_group(tmp_path_factory, etcd_endpoint: str, nats_url: str, name: str) -> ProcGroup:
     run_dir: Path = tmp_path_factory.mktemp(name)
     # An empty nats_url puts every process on the embedded event bus (its peers found through etcd).
@@ -82,30 +102,5 @@ def vllm_stack(tmp_path_factory, etcd_endpoint, nats_url):
                           model=SERVED_MODEL_NAME,
                           worker_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"},
                           startup_timeout=240)
-    finally:
-        group.stop()
-
-
-@pytest.fixture(scope="module")
-def vllm_pair_stack(tmp_path_factory, etcd_endpoint, nats_url):
-    """A kv-mode frontend + two real vLLM workers pinned to separate cores, shared by the session
-    (~60 s start, ~3 GB each). Separate from vllm_stack so tests there keep their single worker."""
-    if not (DEFAULT_MODEL_PATH / "config.json").exists():
-        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "vllm-pair")
-    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
-    try:
-        port = free_tcp_port()
-        frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
-                               "--http-port", str(port), "--namespace", namespace, "--router-mode", "kv")
-        workers = [group.start(f"worker{core}", "dynamo_lite.vllm", "--model", str(DEFAULT_MODEL_PATH),
-                               "--served-model-name", SERVED_MODEL_NAME, "--max-model-len", "2048",
-                               "--max-num-seqs", "8", "--namespace", namespace,
-                               extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)})
-                   for core in (0, 1)]
-        base_url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: len(healthy_instances(base_url, SERVED_MODEL_NAME)) >= 2, 300,
-                   f"2 {SERVED_MODEL_NAME} instances on {base_url}/health", [frontend, *workers])
-        yield Stack(base_url, SERVED_MODEL_NAME, namespace, group, frontend, workers)
     finally:
         group.stop()

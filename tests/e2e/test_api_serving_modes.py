@@ -5,7 +5,8 @@ kinds of request go through a kv-mode frontend over two vLLM workers (pinned to 
 allow one migration each: JSON-schema answers and forced tool calls stay valid whichever worker the
 router picks, and a streamed answer whose worker is killed mid-stream continues on the other worker
 as one unbroken answer, the tool-call parser still reading it. The disaggregated mode has the same
-checks in tests/e2e/test_disagg_e2e.py, on its stack.
+checks in tests/e2e/test_disagg_e2e.py, on its stack. The same two workers also show KV-aware routing
+over real vLLM (a shared prefix lands on the worker that cached it) before the migration test kills one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dynamo_lite.protocol.messages import WorkerStatsRequest
 from dynamo_lite.transport.client import RequestClient
 from tests.e2e.conftest import _new_group
 from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, healthy_instances, metric_sum, wait_until
+from tests.e2e.test_kv_routing_e2e import completed_per_worker
 from tests.services import free_tcp_port
 
 pytestmark = pytest.mark.vllm
@@ -50,22 +52,30 @@ class RoutedStack:
     def metric(self, name: str) -> float:
         return metric_sum(httpx.get(f"{self.base_url}/metrics", timeout=5).text, name)
 
-    def start_worker(self, core: int) -> None:
-        """A worker on `core`, waited for until the frontend lists it (one at a time, so the new address
-        names its process)."""
-        live = set(self.workers)  # the frontend lists exactly these now
-        # float32: in bfloat16 the survivor's one-pass prefill of prompt + generated tokens and the dead
-        # worker's token-by-token decode round differently, and greedy answers drift apart after a
-        # near tie (seen ~90 tokens after the seam), which would hide what this test checks.
-        proc = self.group.start(f"worker{core}-{len(self.workers)}", "dynamo_lite.vllm", "--model",
-                                str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
-                                "--max-model-len", "2048", "--max-num-seqs", "8", "--namespace", self.namespace,
-                                "--migration-limit", "1", "--enforce-eager", "--dtype", "float32",
-                                extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)})
-        wait_until(lambda: len(healthy_instances(self.base_url, SERVED_MODEL_NAME)) == len(live) + 1, 300,
-                   f"worker on core {core} on {self.base_url}/health", [self.frontend, proc])
-        (address,) = {i["address"] for i in healthy_instances(self.base_url, SERVED_MODEL_NAME)} - live
-        self.workers[address], self.cores[address] = proc, core
+    def start_workers(self, *cores: int) -> None:
+        """One worker per core, started together (each engine pinned to its own core, so they load side by
+        side), waited for until the frontend lists them all; the pid in each instance record names its
+        process."""
+        started: dict[int, tuple[object, int]] = {}  # pid -> (its process, its core)
+        for core in cores:
+            # float32: in bfloat16 the survivor's one-pass prefill of prompt + generated tokens and the dead
+            # worker's token-by-token decode round differently, and greedy answers drift apart after a
+            # near tie (seen ~90 tokens after the seam), which would hide what this test checks.
+            proc = self.group.start(f"worker{core}-{len(self.workers) + len(started)}", "dynamo_lite.vllm",
+                                    "--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
+                                    "--max-model-len", "2048", "--max-num-seqs", "8", "--namespace",
+                                    self.namespace, "--migration-limit", "1", "--enforce-eager", "--dtype",
+                                    "float32",
+                                    extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core)})
+            started[proc.pid] = (proc, core)
+        expected = len(self.workers) + len(started)
+        wait_until(lambda: len(healthy_instances(self.base_url, SERVED_MODEL_NAME)) == expected, 300,
+                   f"workers on cores {list(cores)} on {self.base_url}/health",
+                   [self.frontend, *(proc for proc, _ in started.values())])
+        for instance in healthy_instances(self.base_url, SERVED_MODEL_NAME):
+            if instance["pid"] in started:
+                self.workers[instance["address"]], self.cores[instance["address"]] = started[instance["pid"]]
+        assert len(self.workers) == expected, (self.workers, healthy_instances(self.base_url, SERVED_MODEL_NAME))
 
     def replace_dead_workers(self) -> None:
         for address, proc in list(self.workers.items()):
@@ -89,8 +99,7 @@ def stack(tmp_path_factory, etcd_endpoint, nats_url):
                                str(port), "--namespace", namespace, "--router-mode", "kv",
                                "--tool-call-parser", "hermes")
         routed = RoutedStack(base_url, group, namespace, frontend)
-        for core in (0, 1):
-            routed.start_worker(core)
+        routed.start_workers(0, 1)
         yield routed
     finally:
         group.stop()
@@ -118,6 +127,47 @@ def test_forced_tool_call_is_valid_streamed_and_whole(stack):
     arguments = "".join(tc.function.arguments or "" for chunk in client.chat.completions.create(**body, stream=True)
                         for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices)
     assert json.loads(arguments) == whole
+
+
+LONG_CONTEXT = " ".join(f"Fact {i}: the {i}th lighthouse on the northern coast is painted in stripes of colour "
+                        f"number {i % 7}, and its keeper logs the tides every {i % 5 + 1} hours." for i in range(30))
+
+
+def test_vllm_pair_routes_a_shared_prefix_to_the_worker_that_cached_it(stack):
+    """KV-aware routing over real vLLM (tests/e2e/test_kv_routing_e2e.py has the mocker fleet): a prompt
+    sharing a long prefix with an earlier one lands on the worker that cached it and reports cached
+    tokens. Before the migration test below, which kills one of the two workers."""
+    first = [{"role": "system", "content": LONG_CONTEXT}, {"role": "user", "content": "Which lighthouse is first?"}]
+    second = [{"role": "system", "content": LONG_CONTEXT}, {"role": "user", "content": "Who logs the tides?"}]
+    before = completed_per_worker(stack.base_url, SERVED_MODEL_NAME)
+    assert len(before) == 2
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=120,
+                   json={"model": SERVED_MODEL_NAME, "messages": first, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 3 * 128  # several of vLLM's 128-token CPU blocks
+    after_first = completed_per_worker(stack.base_url, SERVED_MODEL_NAME)
+    (first_worker,) = [a for a in after_first if after_first[a] - before[a] == 1]
+
+    def explained() -> dict:
+        response = httpx.post(f"{stack.base_url}/debug/route", json={"model": SERVED_MODEL_NAME, "messages": second},
+                              timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def indexed() -> dict | None:
+        explanation = explained()
+        return explanation if max(w["overlap_blocks"] for w in explanation["workers"]) >= 3 else None
+
+    # KV events travel vLLM -> worker -> NATS -> frontend: wait until the router has them.
+    explanation = wait_until(indexed, 30, "the router to index the first prompt's blocks")
+    choice_row = next(w for w in explanation["workers"] if w["worker_id"] == explanation["choice"])
+    assert choice_row["address"] == first_worker and choice_row["overlap_blocks"] >= 3
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=120,
+                   json={"model": SERVED_MODEL_NAME, "messages": second, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 3 * 128
+    after_second = completed_per_worker(stack.base_url, SERVED_MODEL_NAME)
+    assert after_second[first_worker] - after_first[first_worker] == 1
 
 
 async def _active_worker(addresses: list[str]) -> str | None:

@@ -82,21 +82,22 @@ def stack(tmp_path_factory, etcd_endpoint, nats_url):
         common = ["--model", str(DEFAULT_MODEL_PATH), "--served-model-name", SERVED_MODEL_NAME,
                   "--max-model-len", "2048", "--max-num-seqs", "8", "--namespace", namespace,
                   "--connector", "nixl"]
-        # One engine at a time: while it initialises, vLLM's NIXL worker moves an engine's main thread to
-        # the last core, so two engines starting together fight over it.
+        # All three engines start together: prefill A alone on core 0, the decode worker and prefill B
+        # on core 1. While an engine initialises, vLLM's NIXL worker moves its main thread to the last
+        # core; the worker puts it back on its own cores once the engine is up (vllm/cpu_pinning.py).
         prefill = group.start("prefill", "dynamo_lite.vllm", *common, "--is-prefill-worker",
                               extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"})
         s = DisaggStack(group, namespace, frontend, f"http://127.0.0.1:{port}",
                         f"http://127.0.0.1:{reference_port}", prefill)
-        (first,) = wait_until(lambda: s.instances("prefill"), 300, "prefill worker A on /health", [frontend, prefill])
-        s.prefill_address = first["address"]
         s.decode = group.start("decode", "dynamo_lite.vllm", *common,
                                extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        wait_until(lambda: s.instances("decode"), 300, "the decode worker on /health", [frontend, prefill, s.decode])
         s.prefill_b = group.start("prefill-b", "dynamo_lite.vllm", *common, "--is-prefill-worker",
                                   extra_env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        wait_until(lambda: len(s.instances("prefill")) == 2, 300, "prefill worker B on /health",
-                   [frontend, prefill, s.decode, s.prefill_b])
+        wait_until(lambda: len(s.instances("prefill")) == 2 and s.instances("decode"), 300,
+                   "2 prefill workers and the decode worker on /health", [frontend, prefill, s.decode, s.prefill_b])
+        # Prefill worker A is the one whose instance record carries its process's pid.
+        (first,) = [i for i in s.instances("prefill") if i["pid"] == prefill.pid]
+        s.prefill_address = first["address"]
         yield s
     finally:
         group.stop()

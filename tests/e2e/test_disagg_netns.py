@@ -85,6 +85,9 @@ class Net:
             _run("ip", "netns", "del", ns, check=False)
 
 
+SERVICES = {"etcd", "nats"}  # NsProcs names of the control planes: stopped after what uses them
+
+
 class NsProcs:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -109,17 +112,23 @@ class NsProcs:
                 raise AssertionError(f"{name} exited ({popen.returncode}):\n{self.log_tail(name)}")
 
     def stop(self) -> None:
-        for name, popen in reversed(self.procs):
-            if popen.poll() is None:
-                popen.send_signal(signal.SIGTERM)
-                try:
-                    popen.wait(20)
-                except subprocess.TimeoutExpired:
-                    pass
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(popen.pid, signal.SIGKILL)  # its engine processes too (own session)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(10)
+        """SIGTERM, up to 20 s, then SIGKILL of the process group. In two waves: the workers and the
+        frontend together (each vLLM engine takes seconds to stop, so one after the other they took the
+        sum of those), then etcd and NATS, which the workers still need while they deregister."""
+        apps = [popen for name, popen in reversed(self.procs) if name not in SERVICES]
+        services = [popen for name, popen in reversed(self.procs) if name in SERVICES]
+        for wave in (apps, services):
+            for popen in wave:
+                if popen.poll() is None:
+                    popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            for popen in wave:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(max(0.0, deadline - time.monotonic()))
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)  # its engine processes too (own session)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(10)
 
 
 def in_ns(ns: str, code: str, timeout: float = 320) -> object:
@@ -193,9 +202,10 @@ def netns_stack(tmp_path_factory):
             health = http(net.hub, "GET", "/health", timeout=5)
             return {i["role"] for i in health["body"].get("instances", [])} if health["status"] == 200 else set()
 
-        wait_for(lambda: "prefill" in roles(), 300, "the prefill worker", procs)
+        # Both engines start together, each on its own core (the worker restores its engine's affinity
+        # after NIXL's init moved it: vllm/cpu_pinning.py).
         procs.start("decode", net.decode, common, {**env, **ucx, "VLLM_CPU_OMP_THREADS_BIND": "1"})
-        wait_for(lambda: "decode" in roles(), 300, "the decode worker", procs)
+        wait_for(lambda: {"prefill", "decode"} <= roles(), 300, "the prefill and the decode worker", procs)
         yield net, procs
     finally:
         procs.stop()

@@ -8,26 +8,12 @@ import time
 import uuid
 
 import httpx
-import pytest
 
+from tests.e2e.conftest import require_default_model
 from tests.e2e.harness import DEFAULT_MODEL_PATH, ProcGroup, healthy_instances, metric_sum, wait_until
 from tests.services import free_tcp_port
 
 LEASE_TTL = 2.0
-
-
-@pytest.fixture
-def group(tmp_path):
-    if not (DEFAULT_MODEL_PATH / "config.json").exists():
-        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    # No ETCD_ENDPOINTS, no NATS_SERVER: the embedded planes, in a directory of this test's own.
-    g = ProcGroup(tmp_path, {"ETCD_ENDPOINTS": "", "NATS_SERVER": "", "PYTHONUNBUFFERED": "1",
-                             "DYN_DISCOVERY_DIR": str(tmp_path / "discovery"),
-                             "XDG_RUNTIME_DIR": str(tmp_path / "run")})
-    try:
-        yield g
-    finally:
-        g.stop()
 
 
 def start_frontend(group: ProcGroup, name: str, namespace: str):
@@ -37,7 +23,9 @@ def start_frontend(group: ProcGroup, name: str, namespace: str):
     return proc, f"http://127.0.0.1:{port}"
 
 
-def test_serving_worker_death_and_a_late_frontend_over_embedded_discovery(group):
+def test_serving_worker_death_and_a_late_frontend_over_embedded_discovery(embedded_group):
+    require_default_model()
+    group = embedded_group
     namespace = f"emb-{uuid.uuid4().hex[:8]}"
     frontend, url = start_frontend(group, "frontend", namespace)
     worker = group.start("mocker", "dynamo_lite.mocker", "--model-path", str(DEFAULT_MODEL_PATH),

@@ -17,7 +17,11 @@ from tests.e2e.harness import SERVED_MODEL_NAME
 
 pytestmark = pytest.mark.vllm
 
-POOLING_ARGS = ["--runner", "pooling", "--convert", "embed", "--max-model-len", "2048", "--max-num-seqs", "8"]
+# --enforce-eager: this project's worker's default on CPU (dynamo_lite/vllm/args.py), not vLLM's server's;
+# given to both, the two engines run the same configuration, and vLLM's server skips its inductor compile
+# (~45 s of this module's start on 2 cores).
+POOLING_ARGS = ["--runner", "pooling", "--convert", "embed", "--max-model-len", "2048", "--max-num-seqs", "8",
+                "--enforce-eager"]
 
 
 @pytest.fixture(scope="module")

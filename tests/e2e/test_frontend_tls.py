@@ -11,7 +11,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.e2e.harness import REPO, ProcGroup, wait_until
+from tests.e2e.harness import REPO, wait_until
 from tests.e2e.test_launch_scripts import gone, started_pids
 from tests.e2e.test_serve import serve, serve_env
 from tests.services import free_tcp_port
@@ -20,18 +20,8 @@ from tests.tls_material import make_tls_files
 __all__ = ["serve_env"]  # the fixture, shared
 
 
-@pytest.fixture
-def group(tmp_path):
-    g = ProcGroup(tmp_path, {"ETCD_ENDPOINTS": "", "NATS_SERVER": "", "PYTHONUNBUFFERED": "1",
-                             "DYN_DISCOVERY_DIR": str(tmp_path / "discovery"),
-                             "XDG_RUNTIME_DIR": str(tmp_path / "run")})
-    try:
-        yield g
-    finally:
-        g.stop()
-
-
-def test_https_with_a_certificate_made_here_and_a_clear_error_for_a_wrong_key(group, tmp_path):
+def test_https_with_a_certificate_made_here_and_a_clear_error_for_a_wrong_key(embedded_group, tmp_path):
+    group = embedded_group
     tls = make_tls_files(tmp_path / "tls")
     port = free_tcp_port()
     frontend = group.start("frontend", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port",

@@ -1,11 +1,13 @@
 """KV-aware routing end to end, processes started as a user starts them.
 
-(a) One mocker process simulating 8 workers, a kv-mode frontend and a round-robin frontend on the same
-    fleet. A shared-prefix workload (16 groups of requests sharing a long system prompt, shuffled, 8 at
-    a time) runs through each; the engine-reported cached-token fraction must be far higher with kv
-    routing, and kv routing must still spread the requests.
-(b) Two real vLLM workers (pinned to separate cores) behind a kv-mode frontend: a prompt sharing a
-    long prefix with an earlier one lands on the same worker and reports cached tokens.
+One mocker process simulating 8 workers, a kv-mode frontend and a round-robin frontend on the same
+fleet. A shared-prefix workload (16 groups of requests sharing a long system prompt, shuffled, 8 at a
+time) runs through each; the engine-reported cached-token fraction must be far higher with kv routing,
+and kv routing must still spread the requests.
+
+The same check with two real vLLM workers (a prompt sharing a long prefix with an earlier one lands on
+the worker that cached it) runs on the two-worker kv stack of tests/e2e/test_api_serving_modes.py, so
+that two engines start once for both.
 """
 
 from __future__ import annotations
@@ -119,46 +121,3 @@ def test_kv_routing_beats_round_robin_on_shared_prefixes(tmp_path_factory, etcd_
         assert wait_until(overlap, 30, "the late frontend to resync the fleet's blocks", [late]) >= 3
     finally:
         group.stop()
-
-
-# --------------------------------------------------------------------------- real vLLM
-
-
-LONG_CONTEXT = " ".join(f"Fact {i}: the {i}th lighthouse on the northern coast is painted in stripes of colour "
-                        f"number {i % 7}, and its keeper logs the tides every {i % 5 + 1} hours." for i in range(30))
-
-
-@pytest.mark.vllm
-def test_vllm_pair_routes_a_shared_prefix_to_the_worker_that_cached_it(vllm_pair_stack):
-    stack = vllm_pair_stack
-    first = [{"role": "system", "content": LONG_CONTEXT}, {"role": "user", "content": "Which lighthouse is first?"}]
-    second = [{"role": "system", "content": LONG_CONTEXT}, {"role": "user", "content": "Who logs the tides?"}]
-    before = completed_per_worker(stack.base_url, stack.model)
-    assert len(before) == 2
-    r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=120,
-                   json={"model": stack.model, "messages": first, "max_tokens": 4, "temperature": 0})
-    assert r.status_code == 200, r.text
-    assert r.json()["usage"]["prompt_tokens"] > 3 * 128  # several of vLLM's 128-token CPU blocks
-    after_first = completed_per_worker(stack.base_url, stack.model)
-    (first_worker,) = [a for a in after_first if after_first[a] - before[a] == 1]
-
-    def explained() -> dict:
-        response = httpx.post(f"{stack.base_url}/debug/route", json={"model": stack.model, "messages": second},
-                              timeout=10)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def indexed() -> dict | None:
-        explanation = explained()
-        return explanation if max(w["overlap_blocks"] for w in explanation["workers"]) >= 3 else None
-
-    # KV events travel vLLM -> worker -> NATS -> frontend: wait until the router has them.
-    explanation = wait_until(indexed, 30, "the router to index the first prompt's blocks")
-    choice_row = next(w for w in explanation["workers"] if w["worker_id"] == explanation["choice"])
-    assert choice_row["address"] == first_worker and choice_row["overlap_blocks"] >= 3
-    r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=120,
-                   json={"model": stack.model, "messages": second, "max_tokens": 4, "temperature": 0})
-    assert r.status_code == 200, r.text
-    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 3 * 128
-    after_second = completed_per_worker(stack.base_url, stack.model)
-    assert after_second[first_worker] - after_first[first_worker] == 1

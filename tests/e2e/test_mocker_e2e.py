@@ -76,12 +76,18 @@ def indexed_blocks(base_url: str, model: str) -> dict[str, float]:
             for labels, value in metric_samples(text, "dynamo_lite_router_indexed_blocks", model=model)}
 
 
+# Short, so that the wait for its expiry after the kill is short too (etcd's minimum lease TTL is 3 s at
+# its default timing).
+KILLED_LEASE_TTL = 3.0
+
+
 def test_killed_worker_disappears_within_lease_ttl_with_its_blocks(tmp_path_factory, etcd_endpoint, nats_url):
     group = _new_group(tmp_path_factory, etcd_endpoint, nats_url, "mocker-kill")
     try:
         stack = start_stack(group, "dynamo_lite.mocker",
                             ["--model-path", str(DEFAULT_MODEL_PATH), "--served-model-name", "doomed",
-                             "--num-workers", "1", "--speedup-ratio", "50"], model="doomed", router_mode="kv")
+                             "--num-workers", "1", "--speedup-ratio", "50", "--lease-ttl", str(KILLED_LEASE_TTL)],
+                            model="doomed", router_mode="kv")
         (worker_id,) = [i["instance_id"] for i in healthy_instances(stack.base_url, "doomed")]
         r = httpx.post(f"{stack.base_url}/v1/completions", json={"model": "doomed", "prompt": "hello " * 100,
                                                                  "max_tokens": 4}, timeout=30)
@@ -92,7 +98,7 @@ def test_killed_worker_disappears_within_lease_ttl_with_its_blocks(tmp_path_fact
 
         stack.workers[0].kill()  # SIGKILL: no deregistration, only the lease can expire
         killed_at = time.monotonic()
-        lease_ttl = 10.0
+        lease_ttl = KILLED_LEASE_TTL
         wait_until(lambda: not healthy_instances(stack.base_url, "doomed"), lease_ttl + 1.0,
                    "the killed worker to vanish from /health", [stack.frontend])
         assert time.monotonic() - killed_at <= lease_ttl + 1.0

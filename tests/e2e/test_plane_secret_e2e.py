@@ -7,25 +7,12 @@ from __future__ import annotations
 import uuid
 
 import httpx
-import pytest
 
-from tests.e2e.harness import DEFAULT_MODEL_PATH, ProcGroup, healthy_instances, metric_sum, wait_until
+from tests.e2e.conftest import require_default_model
+from tests.e2e.harness import DEFAULT_MODEL_PATH, healthy_instances, metric_sum, wait_until
 from tests.services import free_tcp_port
 
 SECRET = "e2e-plane-secret-0123456789abcdef"
-
-
-@pytest.fixture
-def group(tmp_path):
-    if not (DEFAULT_MODEL_PATH / "config.json").exists():
-        pytest.fail(f"default model missing at {DEFAULT_MODEL_PATH}: run scripts/setup.sh")
-    g = ProcGroup(tmp_path, {"ETCD_ENDPOINTS": "", "NATS_SERVER": "", "PYTHONUNBUFFERED": "1",
-                             "DYN_DISCOVERY_DIR": str(tmp_path / "discovery"),
-                             "XDG_RUNTIME_DIR": str(tmp_path / "run"), "DYN_PLANE_SECRET": ""})
-    try:
-        yield g
-    finally:
-        g.stop()
 
 
 def chat(url: str) -> httpx.Response:
@@ -34,7 +21,9 @@ def chat(url: str) -> httpx.Response:
         "max_tokens": 4})
 
 
-def test_same_secret_serves_and_a_wrong_secret_is_refused_with_clear_errors(group, tmp_path):
+def test_same_secret_serves_and_a_wrong_secret_is_refused_with_clear_errors(embedded_group, tmp_path):
+    require_default_model()
+    group = embedded_group
     namespace = f"sec-{uuid.uuid4().hex[:8]}"
     secret_file = tmp_path / "plane.secret"
     secret_file.write_text(SECRET + "\n")

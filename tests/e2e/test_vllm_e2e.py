@@ -1,13 +1,23 @@
-"""The real path: official openai client -> frontend -> etcd discovery -> vLLM worker (default model)."""
+"""The real path: official openai client -> frontend -> etcd discovery -> vLLM worker (default model).
+
+The module's last test kills the worker's vLLM engine core: the worker must deregister and exit non-zero
+(for a supervisor). It runs on this module's stack, after everything else, so that it costs no engine
+start of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from dynamo_lite.planes import connect_discovery
+from dynamo_lite.protocol import keys
 from dynamo_lite.protocol.messages import WorkerStatsRequest
 from dynamo_lite.transport.client import RequestClient
 from tests.e2e.harness import DEFAULT_MODEL_PATH, healthy_instances, wait_until
@@ -144,3 +154,42 @@ def test_malformed_json_gets_400(vllm_stack):
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400
     assert r.json()["error"]["message"]
+
+
+def registered(etcd_endpoint: str, namespace: str) -> int:
+    """How many instance records the namespace holds in etcd."""
+
+    async def count() -> int:
+        discovery = await connect_discovery(etcd_endpoint)
+        try:
+            items, _ = await discovery.get_prefix(keys.instances_prefix(namespace))
+            return len(items)
+        finally:
+            await discovery.close()
+
+    return asyncio.run(count())
+
+
+def engine_core_pid(pid: int) -> int:
+    """The child process vLLM V1 runs its engine core in (titled VLLM::EngineCore), of worker `pid`."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            title = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"EngineCore" in title:
+                found.append(int(child))
+    assert len(found) == 1, f"engine core processes of {pid}: {found}"
+    return found[0]
+
+
+def test_killed_engine_core_makes_the_worker_deregister_and_exit_non_zero(vllm_stack, etcd_endpoint):
+    """Last in the module: it ends the module's worker (the fixture's teardown stops the rest)."""
+    (worker,) = vllm_stack.workers
+    assert registered(etcd_endpoint, vllm_stack.namespace) == 1
+    os.kill(engine_core_pid(worker.pid), signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: not worker.alive(), 60, "the worker to exit after its engine core died")
+    assert worker.returncode not in (0, None), worker.log_tail()
+    assert time.monotonic() - killed_at < 60
+    assert registered(etcd_endpoint, vllm_stack.namespace) == 0  # it revoked its lease on the way out
+    assert "the engine died" in worker.log_tail(60)

@@ -23,9 +23,8 @@ from dynamo_lite.protocol.errors import WorkerFailedError
 from dynamo_lite.protocol.messages import GenerateFrame, GenerateRequest, Request, SamplingOptions
 from dynamo_lite.transport.client import RequestClient
 from dynamo_lite.transport.server import RequestServer
-from tests.integration.test_frontend_app import (REPLY, REPLY_IDS, PreferRouter, ScriptedEngine, chat_body,
-                                                 chat_prompt_ids, model_dir, running_stack, scripted_frames,
-                                                 sse_events)
+from tests.integration.test_frontend_app import (PreferRouter, assert_migrates_after_4_tokens, model_dir,
+                                                 running_stack, scripted_frames)
 
 __all__ = ["model_dir"]  # a fixture, used by name below
 
@@ -183,20 +182,6 @@ async def test_a_hung_worker_migrates_its_stream_and_stays_excluded(model_dir, s
     async with running_stack(router, heartbeat_timeout=0.5) as stack:
         hung = RequestServer(hanging_worker_handler(4), "127.0.0.1", 0, heartbeat_interval=0)
         stack.servers.append(hung)
-        router.preferred = await stack.register(f"127.0.0.1:{await hung.start()}", str(model_dir),
-                                                migration_limit=1)
-        engine = ScriptedEngine(model_dir)
-        await stack.add_worker(engine, migration_limit=1)
-        response = await stack.http.post("/v1/chat/completions", json=chat_body(stream=stream, max_tokens=50))
-        assert response.status_code == 200, response.text
-        if stream:
-            chunks = sse_events(response.text)[:-1]
-            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-        else:
-            text = response.json()["choices"][0]["message"]["content"]
-        assert text == REPLY  # whole: the hung worker's 4 tokens, then the rest from the other one
-        moved = engine.requests[0]
-        assert moved.token_ids == chat_prompt_ids("Say hello") + REPLY_IDS[:4]
+        # The hung worker's 4 tokens, then the rest from the other one, as after a worker's death.
+        await assert_migrates_after_4_tokens(stack, router, model_dir, f"127.0.0.1:{await hung.start()}", stream)
         assert router.preferred not in [r.instance_id for r in stack.watcher.instances()]
-        metrics = (await stack.http.get("/metrics")).text
-        assert 'dynamo_lite_frontend_migrations_total{model="tiny"} 1.0' in metrics

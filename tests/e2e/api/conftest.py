@@ -8,7 +8,10 @@ stopped when the package's tests end, before other modules start engines of thei
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -16,6 +19,8 @@ import pytest
 from tests.e2e.conftest import Stack, _new_group, start_stack
 from tests.e2e.harness import DEFAULT_MODEL_PATH, SERVED_MODEL_NAME, Proc, wait_until
 from tests.services import free_tcp_port
+
+T = TypeVar("T")
 
 # Engine arguments both sides get, so that they run the same engine configuration. --enforce-eager is
 # this project's worker's default on CPU (dynamo_lite/vllm/args.py) but not vLLM's server's: a compiled
@@ -47,6 +52,19 @@ class ApiPair:
     def urls(self) -> dict[str, str]:
         """{"ours": ..., "vllm": ...}: the same request goes to both."""
         return {"ours": self.ours.base_url, "vllm": self.reference_url}
+
+    def on_both(self, call: Callable[[str], T]) -> dict[str, T]:
+        """{"ours": call(our url), "vllm": call(vLLM's url)}, the two calls made at the same time: each
+        engine runs on its own core, so a differential request costs one answer's time, not two. An
+        exception in either call is raised here.
+
+        For single-choice requests only (the logprobs module, with its n > 1 requests, asks one side
+        after the other): with the two servers busy at once, whether an engine takes a request's n
+        children in one step or over two depends on timing, which moves their logprobs (one run here
+        saw a seeded n = 3 completion's logprobs differ past the 1e-3 tolerance)."""
+        with ThreadPoolExecutor(2) as pool:
+            futures = {side: pool.submit(call, url) for side, url in self.urls().items()}
+            return {side: future.result() for side, future in futures.items()}
 
 
 def _reference_ready(url: str) -> bool:

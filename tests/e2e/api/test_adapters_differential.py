@@ -39,8 +39,7 @@ def _responses_request(model: str) -> dict:
 
 
 def test_responses_greedy_equal(api_pair):
-    answers = {side: _openai(url).responses.create(**_responses_request(api_pair.model))
-               for side, url in api_pair.urls().items()}
+    answers = api_pair.on_both(lambda url: _openai(url).responses.create(**_responses_request(api_pair.model)))
     ours, vllm = answers["ours"], answers["vllm"]
     assert ours.output_text == vllm.output_text and "Paris" in ours.output_text
     assert ours.status == vllm.status
@@ -51,10 +50,8 @@ def test_responses_greedy_equal(api_pair):
 
 
 def test_responses_stream_events_equal(api_pair):
-    runs = {}
-    for side, url in api_pair.urls().items():
-        events = list(_openai(url).responses.create(**_responses_request(api_pair.model), stream=True))
-        runs[side] = events
+    runs = api_pair.on_both(
+        lambda url: list(_openai(url).responses.create(**_responses_request(api_pair.model), stream=True)))
     types = {side: _event_types(events) for side, events in runs.items()}
     assert types["ours"] == types["vllm"]
     assert types["ours"][0] == "response.created" and types["ours"][-1] == "response.completed"
@@ -75,8 +72,7 @@ def _messages_request(model: str) -> dict:
 
 
 def test_messages_greedy_equal(api_pair):
-    answers = {side: _anthropic(url).messages.create(**_messages_request(api_pair.model))
-               for side, url in api_pair.urls().items()}
+    answers = api_pair.on_both(lambda url: _anthropic(url).messages.create(**_messages_request(api_pair.model)))
     ours, vllm = answers["ours"], answers["vllm"]
     assert [block.type for block in ours.content] == [block.type for block in vllm.content] == ["text"]
     assert ours.content[0].text == vllm.content[0].text and "Paris" in ours.content[0].text
@@ -89,9 +85,8 @@ def test_messages_greedy_equal(api_pair):
 
 
 def test_messages_stream_events_equal(api_pair):
-    runs = {}
-    for side, url in api_pair.urls().items():
-        runs[side] = list(_anthropic(url).messages.create(**_messages_request(api_pair.model), stream=True))
+    runs = api_pair.on_both(
+        lambda url: list(_anthropic(url).messages.create(**_messages_request(api_pair.model), stream=True)))
     types = {side: _event_types(events) for side, events in runs.items()}
     assert types["ours"] == types["vllm"]
     assert types["ours"][0] == "message_start" and types["ours"][-1] == "message_stop"

@@ -16,9 +16,10 @@ QUESTION = [{"role": "user", "content": "Describe Paris in one sentence."}]
 
 
 def _both(api_pair, path: str, body: dict) -> dict[str, dict]:
+    replies = api_pair.on_both(lambda url: httpx.post(f"{url}{path}", json={"model": api_pair.model, **body},
+                                                      timeout=120))
     answers = {}
-    for side, url in api_pair.urls().items():
-        r = httpx.post(f"{url}{path}", json={"model": api_pair.model, **body}, timeout=120)
+    for side, r in replies.items():
         assert r.status_code == 200, f"{side}: {r.status_code} {r.text}"
         answers[side] = r.json()["choices"][0]
     return answers
@@ -93,7 +94,7 @@ def test_stop_reason_is_vllms_whole_and_streamed(api_pair, path):
         whole = _both(api_pair, path, body)
         mine = (whole["ours"]["finish_reason"], whole["ours"]["stop_reason"])
         assert mine == (whole["vllm"]["finish_reason"], whole["vllm"]["stop_reason"]), fields
-        streamed = {side: _finish_chunk(api_pair, url, path, body) for side, url in api_pair.urls().items()}
+        streamed = api_pair.on_both(lambda url: _finish_chunk(api_pair, url, path, body))  # noqa: B023 - called here
         assert streamed["ours"]["stop_reason"] == streamed["vllm"]["stop_reason"] == mine[1], fields
         seen.add(type(mine[1]))
     assert seen >= {str, int}, "no stop string or stop token reached: not tested"

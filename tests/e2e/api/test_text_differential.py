@@ -9,9 +9,10 @@ pytestmark = pytest.mark.vllm
 
 
 def _both(api_pair, path: str, body: dict) -> dict[str, dict]:
+    replies = api_pair.on_both(lambda url: httpx.post(f"{url}{path}", json={"model": api_pair.model, **body},
+                                                      timeout=120))
     answers = {}
-    for side, url in api_pair.urls().items():
-        r = httpx.post(f"{url}{path}", json={"model": api_pair.model, **body}, timeout=120)
+    for side, r in replies.items():
         assert r.status_code == 200, f"{side}: {r.status_code} {r.text}"
         answers[side] = r.json()
     return answers

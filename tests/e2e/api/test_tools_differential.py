@@ -26,9 +26,8 @@ CHOICES = {"required": "required",
            "named": {"type": "function", "function": {"name": "get_weather"}}}
 
 
-def _clients(api_pair) -> dict[str, openai.OpenAI]:
-    return {side: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
-            for side, url in api_pair.urls().items()}
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
 
 
 def _calls(message_or_deltas) -> list[tuple[str, dict]]:
@@ -49,11 +48,9 @@ def _streamed_calls(stream) -> tuple[list[tuple[str, dict]], str]:
 
 @pytest.mark.parametrize("choice", CHOICES)
 def test_forced_tool_calls_equal_and_valid(api_pair, choice):
-    answers = {}
-    for side, client in _clients(api_pair).items():
-        completion = client.chat.completions.create(model=api_pair.model, messages=MESSAGES, tools=TOOLS,
-                                                    tool_choice=CHOICES[choice], temperature=0, max_tokens=120)
-        answers[side] = completion.choices[0]
+    answers = api_pair.on_both(lambda url: _client(url).chat.completions.create(
+        model=api_pair.model, messages=MESSAGES, tools=TOOLS, tool_choice=CHOICES[choice], temperature=0,
+        max_tokens=120).choices[0])
     ours, vllm = answers["ours"], answers["vllm"]
     assert ours.message.tool_calls and _calls(ours.message.tool_calls) == _calls(vllm.message.tool_calls)
     assert ours.finish_reason == vllm.finish_reason == ("tool_calls" if choice == "required" else "stop")
@@ -65,7 +62,7 @@ def test_forced_tool_calls_equal_and_valid(api_pair, choice):
 
 @pytest.mark.parametrize("choice", CHOICES)
 def test_streamed_forced_tool_calls_equal_the_whole_answer(api_pair, choice):
-    client = _clients(api_pair)["ours"]
+    client = _client(api_pair.ours.base_url)
     whole = client.chat.completions.create(model=api_pair.model, messages=MESSAGES, tools=TOOLS,
                                            tool_choice=CHOICES[choice], temperature=0, max_tokens=120)
     stream = client.chat.completions.create(model=api_pair.model, messages=MESSAGES, tools=TOOLS,
@@ -82,22 +79,18 @@ def test_a_tool_result_in_the_conversation_is_answered_alike(api_pair):
                     "id": "call_abc", "type": "function",
                     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
                 {"role": "tool", "tool_call_id": "call_abc", "content": "21 degrees, sunny"}]
-    texts = {}
-    for side, client in _clients(api_pair).items():
-        completion = client.chat.completions.create(model=api_pair.model, messages=messages, tools=TOOLS,
-                                                    tool_choice="none", temperature=0, max_tokens=30)
-        texts[side] = completion.choices[0].message.content
+    texts = api_pair.on_both(lambda url: _client(url).chat.completions.create(
+        model=api_pair.model, messages=messages, tools=TOOLS, tool_choice="none", temperature=0,
+        max_tokens=30).choices[0].message.content)
     assert texts["ours"] == texts["vllm"] and texts["ours"]
 
 
 def test_auto_tool_choice_answers_alike(api_pair):
     # SmolLM2's template shows no tools, so the model answers in prose: the hermes parser on both sides
     # must leave it as content, with no calls.
-    answers = {}
-    for side, client in _clients(api_pair).items():
-        completion = client.chat.completions.create(model=api_pair.model, messages=MESSAGES, tools=TOOLS,
-                                                    tool_choice="auto", temperature=0, max_tokens=30)
-        answers[side] = completion.choices[0]
+    answers = api_pair.on_both(lambda url: _client(url).chat.completions.create(
+        model=api_pair.model, messages=MESSAGES, tools=TOOLS, tool_choice="auto", temperature=0,
+        max_tokens=30).choices[0])
     assert answers["ours"].message.content == answers["vllm"].message.content
     assert not answers["ours"].message.tool_calls and not answers["vllm"].message.tool_calls
     assert answers["ours"].finish_reason == answers["vllm"].finish_reason
