@@ -83,7 +83,7 @@ class RoutedStack:
                 del self.workers[address]
                 wait_until(lambda: address not in {i["address"] for i in healthy_instances(
                     self.base_url, SERVED_MODEL_NAME)}, 60, f"{address} gone from {self.base_url}/health", [])
-                self.start_worker(self.cores.pop(address))
+                self.start_workers(self.cores.pop(address))
 
 
 @pytest.fixture(scope="module")
