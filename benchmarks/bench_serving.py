@@ -2,14 +2,16 @@
 
 Non-streaming chat requests of ~400 prompt tokens and 64 output tokens (ignore_eos), 32
 connections for 20 s. Prints requests/s and p50/p99 latency, next to a baseline measured in the same
-run: the bare HTTP stack answering a canned reply (benchmarks/http_floor.py). For reference, NVIDIA
-Dynamo 1.6.1's Rust frontend with its mocker reached 483 req/s (p50 64 ms, p99 109 ms) in this setup
-on this machine kind.
+run: the bare HTTP stack answering a canned reply (benchmarks/http_floor.py), and with --dynamo-python
+NVIDIA Dynamo 1.6.1's Rust frontend with its own mocker (`python -m dynamo.frontend` + `python -m
+dynamo.mocker --num-workers 2`, same speedup, router mode and request) on etcd + NATS. Without it, the
+table prints an earlier reference figure of Dynamo on this machine kind (483 req/s, p50 64, p99 109 ms).
 
     .venv/bin/python benchmarks/bench_serving.py [--duration 20] [--connections 32] [--profile]
-        [--planes etcd-nats|embedded|both] [--router-mode round-robin|kv]
+        [--planes etcd-nats|embedded|both] [--router-mode round-robin|kv] [--dynamo-python PY]
 
 --planes both (the default) measures on etcd + NATS, then on the embedded planes (no servers).
+The Dynamo venv: see benchmarks/bench_trace.py.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--planes", choices=["etcd-nats", "embedded", "both"], default="both",
                         help="discovery + event planes to measure on (both: one after the other, same run)")
     parser.add_argument("--router-mode", default="round-robin", choices=["round-robin", "kv"])
+    parser.add_argument("--dynamo-python", help="python of an ai-dynamo 1.6.1 venv: also measure Dynamo")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: run scripts/setup.sh")
@@ -88,20 +91,63 @@ def main() -> None:
                 env = {"DYN_DISCOVERY_DIR": str(run_dir / "discovery")}
             floor, results[plane] = measure(args, run_dir / plane, env, with_floor=baseline is None)
             baseline = baseline or floor
+    dynamo = None
+    if args.dynamo_python:
+        with start_etcd() as etcd, start_nats() as nats:
+            dynamo = measure_dynamo(args, run_dir / "dynamo", {"ETCD_ENDPOINTS": etcd.url, "NATS_SERVER": nats.url})
 
     print(f"\n{'setup':<46}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}")
     rows = [("HTTP floor (canned reply, same run)", baseline)]
     rows += [(f"dynamo_lite + 2 mockers, {plane} planes", r) for plane, r in results.items()]
     for name, r in rows:
         print(f"{name:<46}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['non_2xx']:>9}")
-    ref = DYNAMO_REFERENCE
-    print(f"{'Dynamo 1.6.1 (reference, same setup)':<46}{ref['rps']:>9.1f}{ref['p50_ms']:>9.1f}{ref['p99_ms']:>9.1f}")
+    if dynamo:
+        ref, ref_name = dynamo, "Dynamo 1.6.1 + 2 mockers (same run)"
+        print(f"{ref_name:<46}{ref['rps']:>9.1f}{ref['p50_ms']:>9.1f}{ref['p99_ms']:>9.1f}{ref['non_2xx']:>9}")
+    else:
+        ref, ref_name = DYNAMO_REFERENCE, "Dynamo 1.6.1 (earlier reference, same setup)"
+        print(f"{ref_name:<46}{ref['rps']:>9.1f}{ref['p50_ms']:>9.1f}{ref['p99_ms']:>9.1f}")
     for plane, result in results.items():
         print(f"\n{plane}: frontend / HTTP floor: {result['rps'] / baseline['rps']:.2f}x   "
-              f"frontend / Dynamo reference: {result['rps'] / ref['rps']:.2f}x")
+              f"frontend / {'Dynamo' if dynamo else 'Dynamo reference'}: {result['rps'] / ref['rps']:.2f}x req/s, "
+              f"p99 {result['p99_ms']:.0f} vs {ref['p99_ms']:.0f} ms")
     if len(results) == 2:
         print(f"embedded / etcd-nats: {results['embedded']['rps'] / results['etcd-nats']['rps']:.2f}x req/s")
     print(f"logs: {run_dir}")
+
+
+def chat_body(args: argparse.Namespace) -> dict:
+    return {"model": "mock-model", "messages": [{"role": "user", "content": prompt_of_tokens(args.prompt_tokens)}],
+            "max_tokens": args.output_tokens, "ignore_eos": True}
+
+
+def measure_dynamo(args: argparse.Namespace, run_dir: Path, plane_env: dict[str, str]) -> dict:
+    """Dynamo's frontend + its mocker (2 workers) on the same request, driven the same way."""
+    from benchmarks.bench_trace import BenchGroup  # Dynamo's argv starts from its own venv's python
+
+    group = BenchGroup(run_dir, {**plane_env, "DYN_LOG": "warning"})
+    try:
+        port = free_tcp_port()
+        py = args.dynamo_python
+        procs = [group.start_argv("dynamo-frontend", [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
+                                                      "--http-port", str(port), "--router-mode", args.router_mode]),
+                 group.start_argv("dynamo-mocker", [py, "-m", "dynamo.mocker", "--model-path",
+                                                    str(DEFAULT_MODEL_PATH), "--model-name", "mock-model",
+                                                    "--num-workers", "2", "--speedup-ratio", "100000"])]
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = chat_body(args)
+
+        def answers() -> bool:
+            try:
+                return httpx.post(url, json=body, timeout=10).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, 120, "Dynamo's frontend and mocker", procs, interval=1)
+        time.sleep(5)  # Dynamo serves on the first worker it sees; let the second register
+        return wrk_run(url, body, args.connections, args.duration)
+    finally:
+        group.stop()
 
 
 def measure(args: argparse.Namespace, run_dir: Path, plane_env: dict[str, str],
@@ -119,9 +165,7 @@ def measure(args: argparse.Namespace, run_dir: Path, plane_env: dict[str, str],
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: len(healthy_instances(base, "mock-model")) == 2, 60, "2 mocker workers",
                    [frontend, mocker])
-        body = {"model": "mock-model", "messages": [{"role": "user",
-                                                     "content": prompt_of_tokens(args.prompt_tokens)}],
-                "max_tokens": args.output_tokens, "ignore_eos": True}
+        body = chat_body(args)
         check = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30).json()
         print(f"request: {check['usage']['prompt_tokens']} prompt tokens, "
               f"{check['usage']['completion_tokens']} output tokens")

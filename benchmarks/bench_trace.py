@@ -130,13 +130,7 @@ class BenchGroup(ProcGroup):
     """ProcGroup that can also start a non-`-m` argv (Dynamo's venv python)."""
 
     def start_argv(self, name: str, argv: list[str]) -> Proc:
-        log_path = self.run_dir / f"{name}.log"
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(argv, cwd=self.run_dir, env={**os.environ, **self.env}, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        proc = Proc(name, popen, log_path)
-        self.procs.append(proc)
-        return proc
+        return self.supervisor.start(name, argv, cwd=self.run_dir)
 
 
 def models_ready(base: str, workers: int, system: str) -> bool:
