@@ -56,11 +56,11 @@ def measure(group: ProcGroup, name: str, module: str, argv: list[str], env: dict
                 "messages": [{"role": "user", "content": prompt_of_tokens(args.prompt_tokens)}]}
         usage = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()["usage"]
         # A short warm-up run: the first requests of an engine pay for lazy allocations.
-        wrk_run(f"{base}/v1/chat/completions", body, args.connections, 5)
-        result = wrk_run(f"{base}/v1/chat/completions", body, args.connections, args.duration)
+        wrk_run(f"{base}/v1/chat/completions", body, args.connections, 5, timeout_s=120)
+        result = wrk_run(f"{base}/v1/chat/completions", body, args.connections, args.duration, timeout_s=120)
         result["usage"] = usage
         print(f"{name:<34}{result['rps']:>8.2f} req/s  p50 {result['p50_ms']:>6.0f} ms  p99 {result['p99_ms']:>6.0f} ms"
-              f"  non-2xx {result['non_2xx']}  ({usage['prompt_tokens']} -> {usage['completion_tokens']} tokens)",
+              f"  non-2xx {result['non_2xx']}  timeouts {result['timeouts']}  ({usage['prompt_tokens']} -> {usage['completion_tokens']} tokens)",
               flush=True)
         return result
     finally:

@@ -45,12 +45,13 @@ def prompt_of_tokens(n_tokens: int) -> str:
     return " ".join(words[i % len(words)] for i in range(n_tokens - 45))
 
 
-def wrk_run(url: str, body: dict, connections: int, duration: int, threads: int = 2) -> dict:
+def wrk_run(url: str, body: dict, connections: int, duration: int, threads: int = 2, timeout_s: int = 2) -> dict:
+    """wrk's figures; a reply slower than `timeout_s` (wrk's default: 2 s) counts as a timeout, not a latency."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                      f"wrk.body = {json.dumps(json.dumps(body))}\n")
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
-                          "--latency", "-s", script.name, url], capture_output=True, text=True,
+                          "--timeout", f"{timeout_s}s", "--latency", "-s", script.name, url], capture_output=True, text=True,
                          timeout=duration + 60, check=True).stdout
     Path(script.name).unlink()
 
@@ -59,9 +60,11 @@ def wrk_run(url: str, body: dict, connections: int, duration: int, threads: int 
         return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    timeouts = re.search(r"Socket errors:.*timeout (\d+)", out)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "p50_ms": latency_ms("50"), "p99_ms": latency_ms("99"),
-            "non_2xx": int(errors.group(1)) if errors else 0, "raw": out}
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "timeouts": int(timeouts.group(1)) if timeouts else 0, "raw": out}
 
 
 def main() -> None:
