@@ -1,8 +1,9 @@
 """MockerEngine: one simulated worker behind the Engine interface.
 
-A background task runs scheduler steps back to back while there is work. After each step it waits
-out the step's simulated time (timing.py), then hands each request its new token and publishes the
-step's KV events. Sleeps are only taken once the simulated clock is at least MIN_SLEEP_SECONDS ahead
+A background task runs scheduler steps back to back while there is work. For each step it waits
+until the step's tokens are due (timing.py: the end of the step, or with --timing dynamo the end of its
+prefill part), hands each request its new token, publishes the step's KV events, and waits out the
+rest of the step before planning the next. Sleeps are only taken once the simulated clock is at least MIN_SLEEP_SECONDS ahead
 of the wall clock (the debt carries over), so sub-millisecond steps cost no timer wake-up and
 --speedup-ratio 100000 runs as fast as Python allows while the average rate stays right; such
 steps run back to back for up to STEP_SLICE_SECONDS between yields to the event loop. A busy engine's
@@ -292,15 +293,24 @@ class MockerEngine(Engine):
                 for request in out.admitted:
                     request.sink.admitted = started  # type: ignore[union-attr]
                 busy_until = started + seconds
-                delay = busy_until - now
+                tokens_at = started + self._timing.token_seconds(out)  # at or before busy_until
+                slept = False
+                delay = tokens_at - now
                 if delay >= MIN_SLEEP_SECONDS:
                     await asyncio.sleep(delay)
+                    slept = True
                     self._deliver(out, loop.time())
-                    self._publish_events()
+                else:
+                    self._deliver(out, tokens_at)
+                self._publish_events()
+                # What is left of the step after its tokens went out (--timing dynamo's decode pass).
+                remaining = busy_until - loop.time()
+                if remaining >= MIN_SLEEP_SECONDS:
+                    await asyncio.sleep(remaining)
+                    slept = True
+                if slept:
                     slice_start = loop.time()
                     continue
-                self._deliver(out, busy_until)
-                self._publish_events()
                 if now - slice_start >= STEP_SLICE_SECONDS:
                     await asyncio.sleep(0)
                     slice_start = loop.time()

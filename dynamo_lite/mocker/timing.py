@@ -19,6 +19,13 @@ default polynomial perf model, lib/mocker in ai-dynamo/dynamo), so both systems 
   the pool's capacity (blocks x block size), at most 1.
 
 A step with both prefill chunks and decodes pays both. Everything is divided by --speedup-ratio.
+
+When the tokens of a step reach their streams (`token_seconds`): `native` at the end of the step, as a
+real engine returns its sampled tokens. `dynamo` after the step's prefill part, before its decode pass,
+because Dynamo's mocker sends each token's output signal and then sleeps out the decode pass: a lone
+uncached prompt's TTFT there is its prefill polynomial alone (measured with bench_trace.py on Dynamo
+1.6.1: 16 000 tokens at --speedup-ratio 0.6 in 554-556 ms against 550 ms of prefill, where a decode pass
+is another 9.6 ms), and a decoding request's next token is one whole step after its last.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ class StepTimeModel:
             seconds += self.decode_seconds_per_step + self.decode_seconds_per_sequence * step.decode_requests
         return seconds / self.speedup_ratio
 
+    def token_seconds(self, step: StepOutput) -> float:
+        """Seconds into the step at which its sampled tokens are delivered: its end."""
+        return self.step_seconds(step)
+
 
 @dataclass(frozen=True)
 class DynamoStepTimeModel:
@@ -74,6 +85,10 @@ class DynamoStepTimeModel:
         if step.sampled_requests:
             seconds += self.decode_seconds(step.sampled_context_tokens)
         return seconds / self.speedup_ratio
+
+    def token_seconds(self, step: StepOutput) -> float:
+        """Seconds into the step at which its sampled tokens are delivered: after its prefill part."""
+        return self.prefill_seconds(step.prefill_tokens) / self.speedup_ratio
 
 
 def timing_model(name: str, *, speedup_ratio: float, capacity_tokens: int) -> StepTimeModel | DynamoStepTimeModel:

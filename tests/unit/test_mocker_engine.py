@@ -14,7 +14,7 @@ from dynamo_lite.mocker.config import MockerConfig, load_model_facts
 from dynamo_lite.mocker import engine as engine_module
 from dynamo_lite.mocker.engine import MockerEngine
 from dynamo_lite.mocker.scheduler import StepOutput
-from dynamo_lite.mocker.timing import StepTimeModel
+from dynamo_lite.mocker.timing import DynamoStepTimeModel, StepTimeModel
 from dynamo_lite.protocol.errors import ConfigError, EngineError, InvalidRequestError
 from dynamo_lite.protocol.hashing import block_hashes
 from dynamo_lite.protocol.messages import BlockStored, GenerateFrame, GenerateRequest, SamplingOptions, StructuredOutput
@@ -225,8 +225,9 @@ class _LateClock:
         self.late = late
 
     async def sleep(self, delay: float, result=None):
+        for _ in range(3):  # let the other tasks run first, in no time (a consumer reads what was delivered)
+            await asyncio.sleep(0)
         self.now += max(0.0, delay) + self.late
-        await asyncio.sleep(0)  # let the other tasks run, in no time
         return result
 
 
@@ -264,6 +265,34 @@ async def test_a_loop_that_wakes_late_does_not_slow_the_simulated_gpu(model_dir,
     assert len(tokens_of(frames)) == 21
     assert engine.stats.simulated_seconds == pytest.approx(20 * 10e-3)
     assert clock.now == pytest.approx(20 * 10e-3 + 2e-3)
+
+
+async def test_dynamo_timing_delivers_a_step_s_tokens_after_its_prefill_before_its_decode_pass(model_dir, monkeypatch):
+    # As Dynamo's mocker does: a lone prompt's first token comes when its prefill is done (its TTFT is the
+    # prefill alone), and every later token one whole step after the one before.
+    clock = _LateClock(late=0.0)
+    loop = _LoopOnClock(asyncio.get_running_loop(), clock)
+    fake_asyncio = types.SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio)
+                                            if not name.startswith("__")})
+    fake_asyncio.sleep = clock.sleep
+    fake_asyncio.get_running_loop = lambda: loop
+    monkeypatch.setattr(engine_module, "asyncio", fake_asyncio)
+    timing = DynamoStepTimeModel(capacity_tokens=64 * 16)
+    engine = MockerEngine(make_config(model_dir, speedup_ratio=1.0), timing=timing)
+    await asyncio.wait_for(engine.start(), TIMEOUT)
+    arrivals = []
+    try:
+        async def run():
+            async for frame in engine.generate(request(max_tokens=4)):
+                arrivals.extend(clock.now for _ in frame.token_ids)
+        await asyncio.wait_for(run(), TIMEOUT)
+    finally:
+        await asyncio.wait_for(engine.shutdown(), TIMEOUT)
+    prefill = timing.prefill_seconds(len(PROMPT))
+    decodes = [timing.decode_seconds(len(PROMPT) + k) for k in range(4)]  # the pass after token k + 1
+    assert arrivals == pytest.approx([prefill, prefill + decodes[0], prefill + sum(decodes[:2]),
+                                      prefill + sum(decodes[:3])])
+    assert engine.stats.simulated_seconds == pytest.approx(prefill + sum(decodes))
 
 
 def test_step_time_model_adds_prefill_and_decode_costs_and_divides_by_the_speedup():
