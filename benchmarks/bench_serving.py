@@ -181,13 +181,19 @@ def measure(args: argparse.Namespace, run_dir: Path, plane_env: dict[str, str],
                                args.connections, args.duration)
             floor.stop()
         spy = None
-        if args.profile and shutil.which("py-spy"):
-            spy = subprocess.Popen(["py-spy", "record", "-o", str(run_dir / "frontend.svg"), "-d",
-                                    str(args.duration), "-p", str(frontend.pid)])
+        # py-spy comes with the bench extra into the venv, which need not be on PATH.
+        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if args.profile and not py_spy:
+            print("--profile: py-spy is not installed (pip install py-spy); measuring without it")
+        if args.profile and py_spy:
+            # Folded stacks (one line per stack, its sample count last): grep-able, and speedscope or
+            # flamegraph.pl draw them.
+            spy = subprocess.Popen([py_spy, "record", "--format", "raw", "-o", str(run_dir / "frontend.folded"),
+                                    "-d", str(args.duration), "-p", str(frontend.pid)])
         result = wrk_run(f"{base}/v1/chat/completions", body, args.connections, args.duration)
         if spy:
             spy.wait(args.duration + 30)
-            print(f"profile: {run_dir / 'frontend.svg'}")
+            print(f"profile: {run_dir / 'frontend.folded'}")
     finally:
         group.stop()
     return baseline, result

@@ -25,7 +25,7 @@ from dynamo_lite.protocol.messages import (
     TokenizerFiles, TokenizerFilesRequest, WorkerStats, WorkerStatsRequest, json_encoder)
 from dynamo_lite.protocol.errors import ConfigError, EngineDiedError, InvalidRequestError
 from dynamo_lite.runtime import fingerprint
-from dynamo_lite.runtime.lifecycle import drain, install_shutdown_signals
+from dynamo_lite.runtime.lifecycle import drain, freeze_startup_heap, install_shutdown_signals
 from dynamo_lite.transport.server import RequestServer
 
 logger = logging.getLogger(__name__)
@@ -339,6 +339,7 @@ async def run_workers(engines: list[Engine], configs: list[WorkerShellConfig], d
             logger.info("shutdown requested while starting")
         else:
             starting.result()  # raises if an engine failed to start
+            freeze_startup_heap()
             await asyncio.wait((stopping, *dying), return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in (starting, stopping, *dying):

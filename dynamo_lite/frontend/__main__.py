@@ -34,7 +34,7 @@ from dynamo_lite.runtime.presence import FRONTEND
 from dynamo_lite.protocol.errors import ConfigError
 from dynamo_lite.protocol.messages import InstanceRecord
 from dynamo_lite.runtime.config import add_config_arguments, config_from_args, env_name, flag_name
-from dynamo_lite.runtime.lifecycle import install_shutdown_signals
+from dynamo_lite.runtime.lifecycle import freeze_startup_heap, install_shutdown_signals
 from dynamo_lite.runtime.logging import configure_logging
 from dynamo_lite.transport.client import RequestClient
 
@@ -164,6 +164,7 @@ async def serve(config: FrontendConfig) -> None:
                     config.http_port)
         if config.api_key:
             logger.info("API key required on /v1 (%d key(s) configured)", len(config.api_key))
+        freeze_startup_heap()
         serving = asyncio.create_task(server.serve(sockets=sockets))
         stopping = asyncio.create_task(shutdown.wait())
         await asyncio.wait((serving, stopping), return_when=asyncio.FIRST_COMPLETED)

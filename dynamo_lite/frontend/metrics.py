@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as _Counter
+from prometheus_client import Gauge as _Gauge
+from prometheus_client import Histogram as _Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "dynamo_lite_frontend"
@@ -17,6 +20,34 @@ UNKNOWN_MODEL = "unknown"  # the model label of requests that never resolved to 
 STAGE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _MemoLabels:
+    """labels(*values) looked up in a dict first: prometheus_client validates, converts and locks on every
+    call (~2 µs), and the frontend asks for the same few children several times per request. Children are
+    never removed here, so a memoized child stays the registered one."""
+
+    def labels(self, *values):
+        try:
+            return self._memo[values]
+        except AttributeError:
+            self._memo = {}
+        except KeyError:
+            pass
+        child = self._memo[values] = super().labels(*values)
+        return child
+
+
+class Counter(_MemoLabels, _Counter):
+    pass
+
+
+class Gauge(_MemoLabels, _Gauge):
+    pass
+
+
+class Histogram(_MemoLabels, _Histogram):
+    pass
 
 
 class FrontendMetrics:

@@ -7,10 +7,19 @@ deregister first (so routers stop sending), drain in-flight work within a timeou
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
 logger = logging.getLogger(__name__)
+
+
+def freeze_startup_heap() -> None:
+    """Move everything allocated while starting (modules, tokenizer, templates, engine state) out of
+    the garbage collector's reach, as `vllm serve` does once it is up. Otherwise every full collection
+    walks that heap again while requests wait: the pauses show as the serving path's p99."""
+    gc.collect()
+    gc.freeze()
 
 
 def install_shutdown_signals(shutdown: asyncio.Event) -> None:
