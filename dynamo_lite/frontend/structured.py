@@ -20,6 +20,9 @@ from dynamo_lite.protocol.messages import StructuredOutput
 
 # The constraints of vLLM's StructuredOutputsParams, exactly one of which a request may set.
 CONSTRAINTS = ("json_", "regex", "choice", "grammar", "json_object")
+# vLLM's StructuredOutputsParams carries these too, but its xgrammar and guidance backends read them
+# from the engine's --structured-outputs-config alone: a request's copy would be accepted and ignored.
+ENGINE_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
 
 
 def forced_tool_schema(request: SamplingFields) -> str | None:
@@ -78,9 +81,13 @@ def structured_output_of(request: SamplingFields) -> StructuredOutput | None:
         raise InvalidRequestError(
             "structured_outputs needs exactly one of json, regex, choice, grammar, json_object "
             f"(got {', '.join(name.rstrip('_') for name in given) or 'none'})", param="structured_outputs")
-    options = {"disable_any_whitespace": field.disable_any_whitespace,
-               "disable_additional_properties": field.disable_additional_properties,
-               "whitespace_pattern": field.whitespace_pattern}
+    for name in ENGINE_OPTIONS:
+        if getattr(field, name) not in (None, False):
+            raise InvalidRequestError(
+                f"structured_outputs.{name} is a setting of the workers' grammar engine, not of a "
+                "request: set it on the workers with --structured-outputs-config "
+                f"'{{\"backend\": \"xgrammar\", \"{name}\": ...}}'",
+                param=f"structured_outputs.{name}")
     if field.json_ is not None:
         schema = field.json_
         if isinstance(schema, str):
@@ -89,7 +96,7 @@ def structured_output_of(request: SamplingFields) -> StructuredOutput | None:
             except msgspec.DecodeError as e:
                 raise InvalidRequestError(f"structured_outputs.json is not JSON: {e}",
                                           param="structured_outputs.json") from e
-        return StructuredOutput(json=check_json_schema(schema, "structured_outputs.json"), **options)
+        return StructuredOutput(json=check_json_schema(schema, "structured_outputs.json"))
     if field.json_object:
-        return StructuredOutput(json_object=True, **options)
-    return StructuredOutput(regex=field.regex, choice=field.choice, grammar=field.grammar, **options)
+        return StructuredOutput(json_object=True)
+    return StructuredOutput(regex=field.regex, choice=field.choice, grammar=field.grammar)

@@ -88,9 +88,6 @@ class StructuredOutput(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | None = None
-    disable_any_whitespace: bool = False
-    disable_additional_properties: bool = False
-    whitespace_pattern: str | None = None
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

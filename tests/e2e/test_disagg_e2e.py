@@ -307,8 +307,9 @@ def test_time_to_first_token_remote_and_local_prefill(stack, tokenizer):
     assert remote > 0 and local > 0
 
 
-def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float) -> None:
-    """Stream a completion and close the connection after `seconds`, at whatever stage it is."""
+def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float, tokens: int | None = None) -> None:
+    """Stream a completion and close the connection after `seconds`, at whatever stage it is, or once
+    `tokens` tokens have streamed (then it is decoding)."""
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
             with contextlib.suppress(TimeoutError):
@@ -316,8 +317,11 @@ def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float) -> None:
                     async with client.stream("POST", f"{base_url}/v1/completions", json={
                             "model": SERVED_MODEL_NAME, "prompt": prompt_ids, "max_tokens": 64,
                             "temperature": 0, "ignore_eos": True, "stream": True}) as response:
-                        async for _ in response.aiter_lines():
-                            pass
+                        streamed = 0
+                        async for line in response.aiter_lines():
+                            streamed += line.startswith("data: {")
+                            if streamed == tokens:
+                                return
 
     asyncio.run(run())
 
@@ -337,6 +341,10 @@ def test_cancelling_during_prefill_transfer_or_decode_leaves_every_engine_servin
     for seconds in (0.05, 0.2, 0.35, 0.5, 0.8, 1.2, 1.8, 2.5, 3.5, 5.0):
         hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {seconds} s", 25)),
                       seconds)
+    # Which stage a timed hang-up meets depends on the box's load; these meet the decode for sure.
+    for tokens in (2, 8):
+        hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {tokens} tokens", 25)),
+                      60, tokens)
     wait_until(lambda: all(worker_stats(stack, a).active_requests == 0 for a in workers), 60,
                "every worker to finish or abort the cancelled requests",
                [stack.prefill, stack.prefill_b, stack.decode])

@@ -452,6 +452,13 @@ BAD_REQUESTS = [
      400, "exactly one of", "structured_outputs"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {"json": "{not json"}}, 400,
      "not JSON", "structured_outputs.json"),
+    # vLLM reads these from its engine config alone; a request's copy would be ignored.
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {
+        "json_object": True, "disable_any_whitespace": True}}, 400,
+     '"disable_any_whitespace": ...', "structured_outputs.disable_any_whitespace"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "structured_outputs": {
+        "regex": "a+", "whitespace_pattern": " "}}, 400, "setting of the workers' grammar engine",
+     "structured_outputs.whitespace_pattern"),
     ("/v1/chat/completions", chat_body(stream=True, stream_options={"continuous_usage_stats": True}), 400,
      "stream_options.continuous_usage_stats", "stream_options.continuous_usage_stats"),
 ]
