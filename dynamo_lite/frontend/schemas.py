@@ -50,8 +50,8 @@ class ResponseFormat(BaseModel):
 
 class StructuredOutputsField(BaseModel):
     """vLLM's own `structured_outputs` field: exactly one constraint (json, regex, choice, grammar,
-    json_object). Its whitespace and additional-properties options are known so that they can be refused
-by name (structured.ENGINE_OPTIONS)."""
+    json_object). Its whitespace and additional-properties options are known so that they can be
+    refused by name (structured.ENGINE_OPTIONS)."""
 
     model_config = ConfigDict(extra="forbid")
     json_: dict[str, Any] | StrictStr | None = Field(None, alias="json")

@@ -76,18 +76,18 @@ def structured_output_of(request: SamplingFields) -> StructuredOutput | None:
     field = request.structured_outputs
     if field is None:
         return None
-    given = [name for name in CONSTRAINTS if getattr(field, name) not in (None, False)]
+    given = _set_fields(field, CONSTRAINTS)
     if len(given) != 1:
         raise InvalidRequestError(
             "structured_outputs needs exactly one of json, regex, choice, grammar, json_object "
             f"(got {', '.join(name.rstrip('_') for name in given) or 'none'})", param="structured_outputs")
-    for name in ENGINE_OPTIONS:
-        if getattr(field, name) not in (None, False):
-            raise InvalidRequestError(
-                f"structured_outputs.{name} is a setting of the workers' grammar engine, not of a "
-                "request: set it on the workers with --structured-outputs-config "
-                f"'{{\"backend\": \"xgrammar\", \"{name}\": ...}}'",
-                param=f"structured_outputs.{name}")
+    if refused := _set_fields(field, ENGINE_OPTIONS):
+        name = refused[0]
+        raise InvalidRequestError(
+            f"structured_outputs.{name} is a setting of the workers' grammar engine, not of a "
+            "request: set it on the workers with --structured-outputs-config "
+            f"'{{\"backend\": \"xgrammar\", \"{name}\": ...}}'",
+            param=f"structured_outputs.{name}")
     if field.json_ is not None:
         schema = field.json_
         if isinstance(schema, str):
@@ -100,3 +100,8 @@ def structured_output_of(request: SamplingFields) -> StructuredOutput | None:
     if field.json_object:
         return StructuredOutput(json_object=True)
     return StructuredOutput(regex=field.regex, choice=field.choice, grammar=field.grammar)
+
+
+def _set_fields(field, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that the request set to something other than their default."""
+    return [name for name in names if getattr(field, name) not in (None, False)]

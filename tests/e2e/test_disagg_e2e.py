@@ -307,9 +307,9 @@ def test_time_to_first_token_remote_and_local_prefill(stack, tokenizer):
     assert remote > 0 and local > 0
 
 
-def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float, tokens: int | None = None) -> None:
+def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float, chunks: int | None = None) -> None:
     """Stream a completion and close the connection after `seconds`, at whatever stage it is, or once
-    `tokens` tokens have streamed (then it is decoding)."""
+    `chunks` chunks of text have streamed (then it is decoding)."""
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
             with contextlib.suppress(TimeoutError):
@@ -320,7 +320,7 @@ def hang_up_after(base_url: str, prompt_ids: list[int], seconds: float, tokens: 
                         streamed = 0
                         async for line in response.aiter_lines():
                             streamed += line.startswith("data: {")
-                            if streamed == tokens:
+                            if streamed == chunks:
                                 return
 
     asyncio.run(run())
@@ -342,9 +342,9 @@ def test_cancelling_during_prefill_transfer_or_decode_leaves_every_engine_servin
         hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {seconds} s", 25)),
                       seconds)
     # Which stage a timed hang-up meets depends on the box's load; these meet the decode for sure.
-    for tokens in (2, 8):
-        hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {tokens} tokens", 25)),
-                      60, tokens)
+    for chunks in (2, 8):
+        hang_up_after(stack.base_url, chat_ids(tokenizer, long_text(f"cancellation after {chunks} chunks", 25)),
+                      60, chunks)
     wait_until(lambda: all(worker_stats(stack, a).active_requests == 0 for a in workers), 60,
                "every worker to finish or abort the cancelled requests",
                [stack.prefill, stack.prefill_b, stack.decode])
